@@ -1,0 +1,32 @@
+"""Backends behind the Sampler and Trainer interfaces (base.py), one module each.
+
+A backend's vendor SDK is imported only inside its module, and only when the config
+names that backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import LoraConfig, ModelConfig, TrainConfig
+from ..models import resolve_model
+from .base import Sampler, Trainer
+
+
+def make_sampler(model: ModelConfig, batch_size: int, adapter_dir: str | Path | None = None) -> Sampler:
+    if model.backend == "local":
+        from .local import LocalSampler
+
+        return LocalSampler.from_dir(resolve_model(model.model), model.device, batch_size, adapter_dir)
+    raise ValueError(f"backend {model.backend!r} cannot sample")
+
+
+def make_trainer(model: ModelConfig, lora: LoraConfig, train: TrainConfig, sample_batch_size: int = 16) -> Trainer:
+    if model.backend == "local":
+        from .local import LocalTrainer
+
+        return LocalTrainer(resolve_model(model.model), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                            target_modules=lora.target_modules, weight_decay=train.weight_decay,
+                            max_grad_norm=train.max_grad_norm, gradient_checkpointing=train.gradient_checkpointing,
+                            device=model.device, seed=train.seed, sample_batch_size=sample_batch_size)
+    raise ValueError(f"backend {model.backend!r} cannot train")

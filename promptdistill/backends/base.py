@@ -1,0 +1,78 @@
+"""The two small interfaces every backend implements; stages talk only to these.
+
+Sampler: turn conversations into completions. Trainer: Tinker's primitives
+(forward_backward, optim_step, save, sampler), so a recipe's training loop runs
+unchanged on the local backend or a remote one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..render import Datum, Message
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    max_tokens: int = 96
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (hit max_tokens)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Sampler(Protocol):
+    def sample(self, conversations: list[list[Message]], params: SamplingParams, seeds: list[int]) -> list[Completion]:
+        """One completion per conversation. `seeds[i]` seeds row i alone, so a row's
+        answer does not depend on which other rows share its batch."""
+        ...
+
+    def count_prompt_tokens(self, conversation: list[Message]) -> int: ...
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # sum over tokens of weight * nll: what was backpropagated
+    nll_sum: float  # unweighted nll over weighted (trainable) tokens
+    tokens: int  # number of trainable tokens
+
+
+class Trainer(Protocol):
+    def forward_backward(self, batch: list[Datum]) -> StepResult:
+        """Accumulate gradients of sum(weights * nll(target_tokens))."""
+        ...
+
+    def forward(self, batch: list[Datum]) -> StepResult:
+        """The same loss, no gradients (validation)."""
+        ...
+
+    def optim_step(self, lr: float) -> dict:
+        """Clip, step AdamW at `lr`, zero the gradients; returns {'grad_norm': ...}."""
+        ...
+
+    def save(self, path: str) -> None:
+        """Write a standard PEFT adapter dir."""
+        ...
+
+    def save_state(self, path: str) -> None:
+        """Adapter + optimiser + RNG state: everything needed to resume."""
+        ...
+
+    def load_state(self, path: str) -> None: ...
+
+    def sampler(self) -> Sampler:
+        """Sample from the current weights."""
+        ...

@@ -1,0 +1,270 @@
+"""Local backend: transformers + peft on this machine's CPU (or a CUDA GPU when present).
+
+Sampler: batched generation with our own decoding loop, so that the common prefix of a
+batch (the long system prompt) is run through the model once and its KV cache shared
+by every row, finished rows leave the batch, and each row draws from its own seeded
+generator. Trainer: a LoRA model and AdamW behind Tinker's primitives; the loss runs the
+output layer only at answer positions, since the 49k-word vocabulary dominates a small
+model's compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..render import Datum, Message, prompt_ids, stop_token_ids
+from .base import Completion, SamplingParams, StepResult
+
+MIN_SHARED_PREFIX = 16  # below this, sharing a prefix cache is not worth the copy
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str | Path | None = None):
+    """(model, tokenizer) in eval mode; with `adapter_dir`, the base model plus that LoRA adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = pick_device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tokenizer
+
+
+def _common_prefix_len(seqs: list[list[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+class LocalSampler:
+    def __init__(self, model, tokenizer, batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self._prefix: tuple[tuple[int, ...], object] | None = None  # (tokens, batch-1 KV cache)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", batch_size: int = 16,
+                 adapter_dir: str | Path | None = None) -> "LocalSampler":
+        model, tokenizer = load_causal_lm(model_dir, device, adapter_dir)
+        return cls(model, tokenizer, batch_size)
+
+    def count_prompt_tokens(self, conversation: list[Message]) -> int:
+        return len(prompt_ids(self.tokenizer, conversation))
+
+    def sample(self, conversations: list[list[Message]], params: SamplingParams, seeds: list[int]) -> list[Completion]:
+        prompts = [prompt_ids(self.tokenizer, c) for c in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
+        out: list[Completion | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            for i, c in zip(idx, self.generate([prompts[i] for i in idx], params, [seeds[i] for i in idx])):
+                out[i] = c
+        return out
+
+    def _prefix_cache(self, prefix: list[int], batch: int):
+        """KV cache of `prefix`, computed once and reused while batches share it."""
+        from transformers import DynamicCache
+
+        if self._prefix is None or self._prefix[0] != tuple(prefix):
+            cache = DynamicCache()
+            ids = torch.tensor([prefix], device=self.device)
+            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self._prefix = (tuple(prefix), cache)
+        cache = copy.deepcopy(self._prefix[1])
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_token=None) -> list[Completion]:
+        """Decode a batch. `on_token(row, token_id)` is called as tokens are produced (streaming)."""
+        from transformers import DynamicCache
+
+        self.model.eval()
+        batch = len(prompts)
+        shared = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+        if shared >= MIN_SHARED_PREFIX:
+            cache = self._prefix_cache(prompts[0][:shared], batch)
+        else:
+            shared, cache = 0, DynamicCache()
+        suffixes = [p[shared:] for p in prompts]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((batch, width), dtype=torch.long)
+        for r, s in enumerate(suffixes):  # left padding: every row's last token is aligned
+            ids[r, width - len(s):] = torch.tensor(s)
+            suffix_mask[r, width - len(s):] = 1
+        attention = torch.cat([torch.ones((batch, shared), dtype=torch.long), suffix_mask], 1).to(self.device)
+        positions = (shared + suffix_mask.cumsum(1) - 1).clamp(min=shared).to(self.device)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        next_pos = positions[:, -1:] + 1
+
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        seen = torch.zeros((batch, logits.shape[-1]), dtype=torch.bool, device=self.device)
+        produced: list[list[int]] = [[] for _ in range(batch)]
+        finish = ["length"] * batch
+        rows = list(range(batch))  # which original row each live batch position holds
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        for step in range(params.max_tokens):
+            tokens = choose_tokens(logits, seen, params, [generators[r] for r in rows])
+            for pos, r in enumerate(rows):
+                produced[r].append(int(tokens[pos]))
+                if on_token is not None:
+                    on_token(r, int(tokens[pos]))
+            done = torch.isin(tokens, stop)
+            for pos in done.nonzero().flatten().tolist():
+                finish[rows[pos]] = "stop"
+            if done.all() or step == params.max_tokens - 1:
+                break
+            if done.any():  # finished rows leave the batch: no more compute spent on them
+                keep = (~done).nonzero().flatten()
+                cache.batch_select_indices(keep)
+                rows = [rows[i] for i in keep.tolist()]
+                tokens, attention, next_pos, seen = tokens[keep], attention[keep], next_pos[keep], seen[keep]
+            seen[torch.arange(len(rows)), tokens] = True
+            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], 1)
+            logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_pos,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            next_pos = next_pos + 1
+        return [
+            Completion(
+                text=self.tokenizer.decode(produced[r], skip_special_tokens=True).strip(),
+                token_ids=produced[r],
+                prompt_tokens=len(prompts[r]),
+                finish_reason=finish[r],
+            )
+            for r in range(batch)
+        ]
+
+
+def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
+                  generators: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row: repetition penalty on tokens this row already produced (not the
+    prompt: a 600-token persona would otherwise be penalised), then greedy or top-p sampling."""
+    if params.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / params.temperature, -1)
+    if params.top_p < 1.0:
+        sorted_probs, sorted_idx = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+    probs_cpu = probs.cpu()
+    picks = [torch.multinomial(probs_cpu[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(picks).to(logits.device)
+
+
+class LocalTrainer:
+    """LoRA on a local model, AdamW on the LoRA weights only."""
+
+    def __init__(self, model_dir: str | Path, *, rank: int, alpha: float, dropout: float,
+                 target_modules: str | list[str], weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+                 gradient_checkpointing: bool = False, device: str = "auto", seed: int = 0, sample_batch_size: int = 16):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        random.seed(seed)
+        base, self.tokenizer = load_causal_lm(model_dir, device)
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, lora)
+        self.device = next(self.model.parameters()).device
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=0.0, weight_decay=weight_decay)
+        self.max_grad_norm = max_grad_norm
+        self.sample_batch_size = sample_batch_size
+        causal_lm = self.model.get_base_model()
+        self._decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+        self._output = causal_lm.get_output_embeddings()
+        self._softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+
+    def _loss(self, batch: list[Datum]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        width = max(len(d.input_tokens) for d in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        targets = torch.zeros_like(ids)
+        weights = torch.zeros((len(batch), width))
+        for r, d in enumerate(batch):  # right padding; padded positions carry weight 0
+            n = len(d.input_tokens)
+            ids[r, :n] = torch.tensor(d.input_tokens)
+            attention[r, :n] = 1
+            targets[r, :n] = torch.tensor(d.target_tokens)
+            weights[r, :n] = torch.tensor(d.weights)
+        ids, attention, targets, weights = (t.to(self.device) for t in (ids, attention, targets, weights))
+        hidden = self._decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+        scored = weights > 0
+        logits = self._output(hidden[scored]).float()  # only where the loss looks
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        nll = F.cross_entropy(logits, targets[scored], reduction="none")
+        return (nll * weights[scored]).sum(), nll.detach().sum(), int(scored.sum())
+
+    def forward_backward(self, batch: list[Datum]) -> StepResult:
+        self.model.train()
+        loss, nll_sum, tokens = self._loss(batch)
+        loss.backward()
+        return StepResult(loss=float(loss.detach()), nll_sum=float(nll_sum), tokens=tokens)
+
+    @torch.no_grad()
+    def forward(self, batch: list[Datum]) -> StepResult:
+        self.model.eval()
+        loss, nll_sum, tokens = self._loss(batch)
+        return StepResult(loss=float(loss), nll_sum=float(nll_sum), tokens=tokens)
+
+    def optim_step(self, lr: float) -> dict:
+        if self.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        else:
+            norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm}
+
+    def save(self, path: str | Path) -> None:
+        self.model.save_pretrained(str(path))
+
+    def save_state(self, path: str | Path) -> None:
+        self.save(path)
+        torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate()}, Path(path) / "trainer_state.pt")
+
+    def load_state(self, path: str | Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(str(Path(path) / "adapter_model.safetensors")))
+        state = torch.load(Path(path) / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+
+    def sampler(self) -> LocalSampler:
+        return LocalSampler(self.model, self.tokenizer, self.sample_batch_size)

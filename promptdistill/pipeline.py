@@ -1,0 +1,66 @@
+"""Runs stages in order against one run directory: skip what is done, refuse to mix
+results made from different inputs, time each stage and record it in the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig
+from .rundir import RunDir, Timer, atomic_write_text
+from .stages import generate, queries, train
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: Callable[[RunConfig, RunDir], dict]
+    run: Callable[[RunConfig, RunDir], str]
+    outputs: Callable[[RunDir], list[Path]]
+    resumable: tuple[str, ...] = ()  # inputs whose change means "more to do", not "conflict"
+
+
+STAGES = [
+    Stage("queries", queries.stage_inputs, queries.run, lambda r: [r.queries]),
+    Stage("generate", generate.stage_inputs, generate.run, lambda r: [r.teacher], resumable=("queries",)),
+    Stage("train", train.stage_inputs, train.run,
+          lambda r: [r.student / "adapter_model.safetensors", r.student / "adapter_config.json", r.metrics, r.checkpoints_log]),
+]
+BY_NAME = {s.name: s for s in STAGES}
+
+
+def open_run(cfg: RunConfig) -> RunDir:
+    run = RunDir(cfg.run_path)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.config, cfg.to_yaml())
+    return run
+
+
+def run_stage(cfg: RunConfig, name: str, force: bool = False) -> str:
+    stage = BY_NAME[name]
+    run = open_run(cfg)
+    if force:
+        later = STAGES[STAGES.index(stage):]
+        moved = run.move_aside([p for s in later for p in s.outputs(run)] + [run.student])
+        run.forget_stages([s.name for s in later])
+        if moved:
+            print(f"{name}: --force moved earlier outputs to {moved}")
+    inputs = stage.inputs(cfg, run)
+    if run.stage_done(name, inputs, stage.resumable):
+        summary = run.read_manifest()["stages"][name].get("summary", "")
+        print(f"{name}: already done, skipped ({summary})")
+        return summary
+    run.start_stage(name, inputs)
+    with Timer() as t:
+        summary = stage.run(cfg, run)
+    run.finish_stage(name, [p for p in stage.outputs(run) if p.exists()], t.seconds, summary)
+    print(summary, flush=True)
+    return summary
+
+
+def run_all(cfg: RunConfig, force: bool = False) -> None:
+    with Timer() as t:
+        for stage in STAGES:
+            run_stage(cfg, stage.name, force=force and stage is STAGES[0])
+    print(f"run: all stages done in {t.seconds:.1f}s; results in {cfg.run_path}/")

@@ -1,0 +1,147 @@
+"""Chat rendering and loss masks: the one place that knows about chat templates.
+
+The mask is found by rendering, never by guessing token ids: we render the prompt
+(with the generation prompt) and the full conversation, check that the first is a
+prefix of the second, locate the answer text and the end-of-turn marker that follows
+it, and mark exactly the tokens whose characters lie in that span. Then we check the
+result: no trainable token, or a trainable token outside the answer, is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Message = dict[str, str]
+
+
+class RenderError(ValueError):
+    """A conversation that cannot be rendered into a correct training example."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A rendered conversation: `tokens` and a 0/1 `mask` marking the answer tokens."""
+
+    id: str
+    tokens: list[int]
+    mask: list[int]
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(self.mask)
+
+
+@dataclass(frozen=True)
+class Datum:
+    """What a trainer consumes, in Tinker's shape: the model reads `input_tokens` and is
+    scored on predicting `target_tokens` (the inputs shifted by one), weighted by `weights`."""
+
+    input_tokens: list[int]
+    target_tokens: list[int]
+    weights: list[float]
+
+
+def render_text(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The rendered text already holds BOS and every special token the template wants.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
+    """Token ids of a conversation up to and including the assistant's generation prompt."""
+    return encode(tokenizer, render_text(tokenizer, messages, generation_prompt=True))
+
+
+def _special_strings(tokenizer) -> list[str]:
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted(set(added) | set(tokenizer.all_special_tokens), key=len, reverse=True)
+
+
+def _end_of_turn(tokenizer, tail: str, example_id: str) -> str:
+    """The special token that closes the assistant turn: the first one in `tail`."""
+    hits = [(tail.find(s), s) for s in _special_strings(tokenizer) if s and tail.find(s) >= 0]
+    if not hits:
+        raise RenderError(
+            f"example {example_id}: the chat template puts no special end-of-turn token after the answer "
+            f"(text after the answer: {tail[:40]!r}); the student could never learn to stop"
+        )
+    return min(hits)[1]
+
+
+def _answer_span(tokenizer, prompt: list[Message], answer: str, example_id: str) -> tuple[str, int, int, int]:
+    """Render; return (full text, where the answer turn starts, where its text starts,
+    where its end-of-turn token ends)."""
+    if not answer.strip():
+        raise RenderError(f"example {example_id}: the answer is empty")
+    head = render_text(tokenizer, prompt, generation_prompt=True)
+    full = render_text(tokenizer, prompt + [{"role": "assistant", "content": answer}], generation_prompt=False)
+    if not full.startswith(head):
+        raise RenderError(
+            f"example {example_id}: the chat template renders the conversation differently from its generation "
+            f"prompt, so the answer cannot be located (prompt ends {head[-40:]!r})"
+        )
+    content = answer.strip()  # several templates trim the message content
+    start = full.find(content, len(head))
+    if start < 0 or full[len(head):start].strip():
+        raise RenderError(f"example {example_id}: the answer text does not follow the generation prompt in the rendering")
+    content_end = start + len(content)
+    marker = _end_of_turn(tokenizer, full[content_end:], example_id)
+    end = full.index(marker, content_end) + len(marker)
+    return full, len(head), start, end
+
+
+def render_example(tokenizer, prompt: list[Message], answer: str, example_id: str) -> Example:
+    """Render prompt + answer and mask everything but the answer and its end-of-turn token."""
+    full, answer_start, content_start, end = _answer_span(tokenizer, prompt, answer, example_id)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    tokens, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [int(a >= answer_start and b <= end and b > a) for a, b in offsets]
+    example = Example(example_id, tokens, mask)
+    check_mask(example, offsets, answer_start, content_start, end)
+    return example
+
+
+def check_mask(example: Example, offsets: list[tuple[int, int]], answer_start: int, content_start: int, end: int) -> None:
+    """The mask must be one contiguous run of tokens that lies inside the answer turn and
+    covers the answer from its first character through the end-of-turn token."""
+    if example.n_trainable == 0:
+        raise RenderError(f"example {example.id}: the loss mask has no trainable token")
+    marked = [i for i, m in enumerate(example.mask) if m]
+    first, last = marked[0], marked[-1]
+    if offsets[first][0] < answer_start or offsets[last][1] > end:
+        raise RenderError(f"example {example.id}: trainable tokens outside the answer (characters {offsets[first][0]}..{offsets[last][1]})")
+    if len(marked) != last - first + 1 or offsets[first][0] > content_start or offsets[last][1] != end:
+        raise RenderError(
+            f"example {example.id}: trainable tokens do not cover the whole answer and its end-of-turn token "
+            f"(in this template a token may straddle the prompt/answer boundary)"
+        )
+
+
+def to_datum(example: Example, weight: float = 1.0) -> Datum:
+    return Datum(
+        input_tokens=example.tokens[:-1],
+        target_tokens=example.tokens[1:],
+        weights=[m * weight for m in example.mask[1:]],
+    )
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: EOS plus the template's end-of-turn marker."""
+    probe = [{"role": "user", "content": "Hi"}]
+    full, _, content_start, end = _answer_span(tokenizer, probe, "Hello there", "probe")
+    # Special by the tokenizer's added-token table, as in `_end_of_turn`: Llama 3's <|eot_id|>
+    # is a special added token without being EOS or in `all_special_ids`.
+    special = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(_special_strings(tokenizer)))
+    ids = set(encode(tokenizer, full[content_start + len("Hello there"):end])) & special
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def student_view(tokenizer) -> str:
+    """What a student with NO system prompt really reads: many templates insert a default
+    system prompt when none is given, and the student is trained and served with it."""
+    return render_text(tokenizer, [{"role": "user", "content": "{query}"}], generation_prompt=True)

@@ -1,0 +1,77 @@
+"""Stage 2, generate: the teacher answers every query WITH the system prompt.
+
+Rows are appended to teacher.jsonl batch by batch and keyed by a hash of (system
+prompt, query, model, sampling params), so an interrupted run resumes where it stopped
+and a re-run never duplicates a row. Each row is sampled from its own seed (derived from
+its key), so its answer does not depend on batching or on where a resume began.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tqdm import tqdm
+
+from ..backends import make_sampler
+from ..backends.base import SamplingParams
+from ..config import RunConfig
+from ..rundir import RunDir, StageError, Timer, append_jsonl, fmt_seconds, read_jsonl, sha256_text
+
+
+def sampling_params(cfg: RunConfig) -> SamplingParams:
+    s = cfg.sampling
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                          repetition_penalty=s.repetition_penalty, seed=s.seed)
+
+
+def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
+    return [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": query}]
+
+
+def row_key(cfg: RunConfig, query: str) -> str:
+    params = cfg.sampling.model_dump(exclude={"batch_size"})  # batching does not change an answer
+    return sha256_text(json.dumps([cfg.system_prompt, query, cfg.teacher.model, params], sort_keys=True))[:20]
+
+
+def row_seed(key: str, base_seed: int) -> int:
+    return (int(key[:12], 16) + base_seed) % (2**63)
+
+
+def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
+    queries = run.queries.read_text(encoding="utf-8") if run.queries.exists() else ""
+    return {"system_prompt": sha256_text(cfg.system_prompt)[:16], "teacher_model": cfg.teacher.model,
+            "sampling": cfg.sampling.model_dump(exclude={"batch_size"}), "queries": sha256_text(queries)[:16]}
+
+
+def run(cfg: RunConfig, run: RunDir) -> str:
+    queries = read_jsonl(run.queries)
+    if not queries:
+        raise StageError(f"{run.queries} is missing or empty; run `distill queries` first")
+    done = {r["key"] for r in read_jsonl(run.teacher, repair=True)}
+    todo = [q | {"key": row_key(cfg, q["query"])} for q in queries]
+    todo = [q for q in todo if q["key"] not in done]
+    if not todo:
+        return f"generate: all {len(queries)} teacher answers already in {run.teacher.name}"
+    with Timer() as t:
+        sampler = make_sampler(cfg.teacher, cfg.sampling.batch_size)
+        params = sampling_params(cfg)
+        todo.sort(key=lambda q: len(q["query"]))  # similar lengths share a batch: less padding
+        bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="generate", unit="answer", dynamic_ncols=True)
+        new_tokens = truncated = 0
+        size = cfg.sampling.batch_size
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            convs = [teacher_messages(cfg, q["query"]) for q in batch]
+            outs = sampler.sample(convs, params, [row_seed(q["key"], params.seed) for q in batch])
+            rows = [{"id": q["id"], "key": q["key"], "split": q["split"], "model": cfg.teacher.model,
+                     "messages": conv, "completion": out.text, "finish_reason": out.finish_reason,
+                     "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens}}
+                    for q, conv, out in zip(batch, convs, outs)]
+            append_jsonl(run.teacher, rows)
+            new_tokens += sum(o.completion_tokens for o in outs)
+            truncated += sum(o.finish_reason == "length" for o in outs)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated)
+        bar.close()
+    return (f"generate: {len(todo)} teacher answers ({len(done)} reused), {new_tokens} tokens in "
+            f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens")

@@ -1,0 +1,199 @@
+"""Stage 3, train: a LoRA student learns to give the teacher's answers WITHOUT the prompt.
+
+One readable loop over Tinker-style primitives (forward_backward, optim_step, save).
+Examples are rendered with the student's chat template and no system prompt; the loss
+is the mean negative log-likelihood of the answer tokens (and their end-of-turn token)
+over each optimiser step. Validation loss is measured before the first step, so the
+untrained model's figure sits in metrics.jsonl beside the trained ones. The data order
+is a pure function of (seed, step), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import re
+import shutil
+
+from tqdm import tqdm
+
+from ..backends import make_trainer
+from ..config import RunConfig
+from ..render import Datum, Example, RenderError, render_example, student_view, to_datum
+from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
+                      read_jsonl, sha256_text)
+from .generate import row_key
+
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def training_answer(row: dict) -> str | None:
+    """The teacher's answer as the student should learn it. An answer cut off at
+    max_tokens is trimmed back to its last full sentence (so the student still learns to
+    stop); one with no full sentence in its first half is dropped."""
+    text = row["completion"].strip()
+    if row.get("finish_reason") != "length":
+        return text or None
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    if not ends or ends[-1] < len(text) / 2:
+        return None
+    return text[: ends[-1]]
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
+    """Linear warm-up over `warmup` steps, then constant, linear or cosine decay to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return peak * (1 - progress)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def micro_batch(examples: list[Example], step: int, micro: int, batch_size: int, grad_accum: int, seed: int) -> list[Example]:
+    """The examples of micro-batch `micro` of optimiser step `step`: walk a fresh seeded
+    permutation of the data each epoch, so any step's batch can be recomputed on resume."""
+    first = (step * grad_accum + micro) * batch_size
+    return [examples[_epoch_order(len(examples), seed, i // len(examples))[i % len(examples)]]
+            for i in range(first, first + batch_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def weighted(batch: list[Example], total_tokens: int) -> list[Datum]:
+    # Each trainable token weighs 1/total over the whole optimiser step: a token mean,
+    # however the step is split into micro-batches.
+    return [to_datum(e, 1.0 / total_tokens) for e in batch]
+
+
+def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
+    nll = tokens = 0
+    for start in range(0, len(examples), batch_size):
+        result = trainer.forward([to_datum(e) for e in examples[start:start + batch_size]])
+        nll += result.nll_sum
+        tokens += result.tokens
+    return nll / tokens
+
+
+def load_split(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
+    """Teacher rows of the current queries, by split, with the answer to learn."""
+    queries = read_jsonl(run.queries)
+    by_key = {r["key"]: r for r in read_jsonl(run.teacher)}
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": [], "missing": [], "dropped": []}
+    for q in queries:
+        row = by_key.get(row_key(cfg, q["query"]))
+        if row is None:
+            splits["missing"].append(q)
+            continue
+        answer = training_answer(row)
+        if answer is None:
+            splits["dropped"].append(row)
+            continue
+        splits[q["split"]].append({"id": q["id"], "query": q["query"], "answer": answer, "key": row["key"]})
+    return splits
+
+
+def render_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example], int]:
+    examples, too_long = [], 0
+    for r in rows:
+        try:
+            ex = render_example(tokenizer, [{"role": "user", "content": r["query"]}], r["answer"], r["id"])
+        except RenderError as e:
+            raise StageError(str(e)) from None
+        if len(ex.tokens) > max_len:
+            too_long += 1
+            continue
+        examples.append(ex)
+    return examples, too_long
+
+
+def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
+    data = [(r["key"], r["completion"]) for r in read_jsonl(run.teacher) if r.get("split") in ("train", "val")]
+    return {"data": sha256_text(repr(sorted(data)))[:16], "student_model": cfg.student.model,
+            "lora": fingerprint(cfg.lora.model_dump()),
+            "train": fingerprint(cfg.train.model_dump(exclude={"eval_every", "save_every", "keep_checkpoints"}))}
+
+
+def total_steps(cfg: RunConfig, n_train: int) -> int:
+    t = cfg.train
+    if t.steps is not None:
+        return t.steps
+    return max(1, math.ceil(t.epochs * n_train / (t.batch_size * t.grad_accum)))
+
+
+def last_checkpoint(run: RunDir) -> dict | None:
+    rows = [r for r in read_jsonl(run.checkpoints_log, repair=True) if (run.root / r["path"] / "trainer_state.pt").exists()]
+    return rows[-1] if rows else None
+
+
+def run(cfg: RunConfig, run: RunDir) -> str:
+    t = cfg.train
+    splits = load_split(cfg, run)
+    if splits["missing"]:
+        raise StageError(f"{len(splits['missing'])} queries have no teacher answer yet; run `distill generate` first")
+    trainer = make_trainer(cfg.student, cfg.lora, t, cfg.sampling.batch_size)
+    print("student sees (no system prompt given): " + repr(student_view(trainer.tokenizer)))
+    train, too_long = render_all(trainer.tokenizer, splits["train"], t.max_seq_len)
+    val, val_too_long = render_all(trainer.tokenizer, splits["val"], t.max_seq_len)
+    if not train:
+        raise StageError(f"no training examples: {len(splits['dropped'])} answers dropped as truncated, {too_long} too long")
+    steps = total_steps(cfg, len(train))
+    start = 0
+    resume = last_checkpoint(run)
+    if resume is not None:
+        trainer.load_state(run.root / resume["path"])
+        start = resume["step"]
+        kept = [r for r in read_jsonl(run.metrics, repair=True) if r["step"] <= start]
+        atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        print(f"train: resuming from {resume['path']} (step {start} of {steps})")
+    else:
+        run.metrics.unlink(missing_ok=True)
+        run.checkpoints_log.unlink(missing_ok=True)
+
+    with Timer() as timer:
+        if start == 0 and val:
+            first = validation_loss(trainer, val, t.batch_size)
+            append_jsonl(run.metrics, [{"step": 0, "val_loss": first}])
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", dynamic_ncols=True)
+        for step in bar:
+            micro = [micro_batch(train, step, m, t.batch_size, t.grad_accum, t.seed) for m in range(t.grad_accum)]
+            total = sum(e.n_trainable for b in micro for e in b)
+            nll = 0.0
+            for batch in micro:
+                nll += trainer.forward_backward(weighted(batch, total)).nll_sum
+            lr = lr_at(step, steps, t.lr, t.warmup_steps, t.schedule)
+            info = trainer.optim_step(lr)
+            row = {"step": step + 1, "lr": lr, "train_loss": nll / total, "grad_norm": info["grad_norm"],
+                   "tokens": total, "seconds": round(timer.elapsed, 2)}
+            if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
+                row["val_loss"] = validation_loss(trainer, val, t.batch_size)
+            append_jsonl(run.metrics, [row])
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+            if (step + 1) % t.save_every == 0 and step + 1 < steps:
+                save_checkpoint(trainer, run, step + 1, t.keep_checkpoints)
+        bar.close()
+        trainer.save(run.student)
+    metrics = read_jsonl(run.metrics)
+    vals = [r["val_loss"] for r in metrics if "val_loss" in r]
+    val_text = f"val loss {vals[0]:.3f} -> {vals[-1]:.3f} (step 0 = untrained)" if vals else "no val split"
+    dropped = len(splits["dropped"])
+    return (f"train: {steps - start} steps on {len(train)} examples in {fmt_seconds(timer.seconds)}, {val_text}; "
+            f"{dropped} truncated answers dropped, {too_long + val_too_long} over max_seq_len")
+
+
+def save_checkpoint(trainer, run: RunDir, step: int, keep: int) -> None:
+    rel = f"student/checkpoints/step-{step:06d}"
+    trainer.save_state(run.root / rel)
+    append_jsonl(run.checkpoints_log, [{"step": step, "path": rel}])
+    # Older checkpoints are superseded; keep the last `keep` (like save_total_limit).
+    for old in sorted(run.checkpoints.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)

@@ -1,0 +1,218 @@
+"""Offline tiny tokenizers and models for the tests: no network, built in-process.
+
+`tiny_tokenizer(family)` gives a small byte-level BPE (trained here on a few sentences)
+with a chat family's special tokens and a jinja chat template modelled on the real
+family's template; `tiny_model(tokenizer)` a tiny seeded Llama; `save_tiny(dir)` both
+saved with `save_pretrained`, loadable with the Auto classes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+FAMILIES = ("chatml", "chatml_default_system", "llama3", "gemma")
+
+# The token that closes an assistant turn in each family.
+END_OF_TURN = {
+    "chatml": "<|im_end|>",
+    "chatml_default_system": "<|im_end|>",
+    "llama3": "<|eot_id|>",
+    "gemma": "<end_of_turn>",
+}
+
+SMOL_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+# Llama-3 / Qwen-2 style pre-tokenizer split (newlines get their own pieces, so the
+# "\n" that ends a role header never swallows the first spaces of an answer).
+_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_CORPUS = [
+    "You are a helpful AI assistant. Answer briefly and politely.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there! How are you today? I am fine, thank you.",
+    "Say hello to the user and explain what a system prompt is.",
+    "Beethoven wrote nine symphonies; the ninth ends with Ode to Joy.",
+    "user assistant system model\n\nanswer the question in one sentence.",
+    "Grüße aus München: Äpfel, Öl und Übung machen den Meister.",
+    "def f(x): return {'a': x < 3, 'b': [1, 2, 3]}",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and 2024, 1770, 42.",
+]
+
+# --- chat templates, modelled on the real families' templates ----------------------
+
+# Qwen/SmolLM ChatML without a default system prompt.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# SmolLM2-Instruct's template: a default system prompt when the first message is not one.
+CHATML_DEFAULT_SYSTEM = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + SMOL_DEFAULT_SYSTEM + "<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Meta-Llama-3-Instruct's template (content trimmed, BOS before the first turn).
+LLAMA3 = (
+    "{% set loop_messages = messages %}"
+    "{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Gemma-3's template: system merged into the first user turn, 'assistant' shown as 'model'.
+GEMMA = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    specials: tuple[str, ...]  # added as special tokens, in this order, ids 0..n-1
+    template: str
+    bos: str | None
+    eos: str
+    pad: str
+    unk: str | None = None
+    extra: tuple[str, ...] = ()  # registered with transformers as extra special tokens
+    bos_post_processor: bool = False  # tokenizer(text) prepends BOS, as Llama 3 / Gemma do
+
+
+_SPECS = {
+    # Qwen2.5-Instruct-like: no BOS, eos = <|im_end|>, pad = <|endoftext|>.
+    "chatml": _Spec(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), CHATML,
+                    bos=None, eos="<|im_end|>", pad="<|endoftext|>"),
+    # SmolLM2-Instruct-like.
+    "chatml_default_system": _Spec(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), CHATML_DEFAULT_SYSTEM,
+                                   bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", unk="<|endoftext|>"),
+    # Llama-3-like, with the original (base) eos <|end_of_text|>: <|eot_id|> is a special
+    # added token but neither eos nor a named special token, as in Meta's first release.
+    "llama3": _Spec(("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                     "<|eot_id|>", "<|finetune_right_pad_id|>"), LLAMA3,
+                    bos="<|begin_of_text|>", eos="<|end_of_text|>", pad="<|finetune_right_pad_id|>",
+                    bos_post_processor=True),
+    # Gemma-like: eos <eos>, the turn markers are extra special tokens.
+    "gemma": _Spec(("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), GEMMA,
+                   bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
+                   extra=("<start_of_turn>", "<end_of_turn>"), bos_post_processor=True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _backend(family: str, vocab_size: int = 400) -> Tokenizer:
+    spec = _SPECS[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(spec.specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    post = [processors.ByteLevel(trim_offsets=False)]
+    if spec.bos_post_processor:
+        bos_id = tok.token_to_id(spec.bos)
+        post.append(processors.TemplateProcessing(
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, bos_id)]))
+    tok.post_processor = processors.Sequence(post)
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """A tiny fast tokenizer of `family` (one of FAMILIES). Cached: do not mutate it."""
+    if family not in _SPECS:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    return _wrap(family, _SPECS[family].template)
+
+
+def _wrap(family: str, template: str) -> PreTrainedTokenizerFast:
+    spec = _SPECS[family]
+    kwargs = dict(bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, chat_template=template)
+    if spec.unk is not None:
+        kwargs["unk_token"] = spec.unk
+    if spec.extra:
+        kwargs["additional_special_tokens"] = list(spec.extra)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_backend(family).to_str()), **kwargs)
+
+
+def tiny_tokenizer_with_template(template: str, family: str = "chatml") -> PreTrainedTokenizerFast:
+    """A fresh (uncached) tiny tokenizer of `family` whose chat template is `template`."""
+    if family not in _SPECS:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    return _wrap(family, template)
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    """A tiny fp32 Llama over `tokenizer`'s vocabulary, seeded, in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.eval()
+    return model
+
+
+def save_tiny(tmp_path, family: str = "chatml", seed: int = 0) -> Path:
+    """Save a tiny tokenizer + model of `family` into a directory and return it."""
+    out = Path(tmp_path) / f"tiny-{family}"
+    tokenizer = tiny_tokenizer(family)
+    tokenizer.save_pretrained(out)
+    tiny_model(tokenizer, seed=seed).save_pretrained(out)
+    return out
