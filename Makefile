@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   virtualenv + CPU torch + package + embedded model, then the Beethoven pipeline
+#   make test   the same set-up, then the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DISTILL = $(VENV)/bin/distill
+# The CPU build of torch is installed first and pinned: a bare `torch` requirement with no
+# torch installed would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup model demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+model: setup
+	$(DISTILL) models fetch smollm2-135m
+
+demo: model
+	$(DISTILL) run examples/beethoven/config.yaml
+
+test: model
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

