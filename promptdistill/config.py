@@ -86,6 +86,26 @@ class TrainConfig(Strict):
         return self
 
 
+class EvalConfig(Strict):
+    classifier_train_size: int = Field(96, ge=8, description="train-split queries answered by the base model to train the persona classifier")
+    latency_queries: int = Field(12, ge=1, description="test queries timed one by one for latency")
+    bootstrap: int = Field(2000, ge=100)
+
+
+class Price(Strict):
+    input_per_1m: float = Field(ge=0, description="price per 1M input tokens")
+    output_per_1m: float = Field(ge=0, description="price per 1M output tokens")
+
+
+class PricingConfig(Strict):
+    source: str = Field(description="where these prices come from")
+    date: str = Field(description="when they were read")
+    currency: str = "USD"
+    teacher: Price
+    student: Price
+    training_per_1m_tokens: float = Field(ge=0, description="one-time: price per 1M trained tokens")
+
+
 class RunConfig(Strict):
     name: str = Field(min_length=1)
     run_dir: str | None = Field(None, description="default: runs/<name>")
@@ -97,6 +117,8 @@ class RunConfig(Strict):
     sampling: SamplingConfig = SamplingConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainConfig
+    eval: EvalConfig = EvalConfig()
+    pricing: PricingConfig | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "RunConfig":
@@ -165,8 +187,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read, override, validate and resolve a config file (or the config.yaml of a run dir)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "config.yaml"
+    run_dir = None
+    if path.is_dir():  # a run dir: its config, and the run lives where it now is
+        run_dir, path = str(path), path / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -179,6 +202,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}{where}: YAML syntax error: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    if run_dir is not None:
+        data["run_dir"] = run_dir
     data = apply_overrides(data, list(overrides))
     try:
         cfg = RunConfig.model_validate(data)

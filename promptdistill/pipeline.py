@@ -3,13 +3,14 @@ results made from different inputs, time each stage and record it in the manifes
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
 from .rundir import RunDir, Timer, atomic_write_text
-from .stages import generate, queries, train
+from .stages import evaluate, generate, queries, report, train
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ STAGES = [
     Stage("generate", generate.stage_inputs, generate.run, lambda r: [r.teacher], resumable=("queries",)),
     Stage("train", train.stage_inputs, train.run,
           lambda r: [r.student / "adapter_model.safetensors", r.student / "adapter_config.json", r.metrics, r.checkpoints_log]),
+    Stage("eval", evaluate.stage_inputs, evaluate.run, lambda r: [r.root / "eval.jsonl", r.root / "summary.json"]),
+    Stage("report", report.stage_inputs, report.run, report.outputs, resumable=("summary",)),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -63,4 +66,7 @@ def run_all(cfg: RunConfig, force: bool = False) -> None:
     with Timer() as t:
         for stage in STAGES:
             run_stage(cfg, stage.name, force=force and stage is STAGES[0])
-    print(f"run: all stages done in {t.seconds:.1f}s; results in {cfg.run_path}/")
+    summary = json.loads((cfg.run_path / "summary.json").read_text(encoding="utf-8"))
+    print(f"\nrun: all stages done in {t.seconds:.1f}s; report in {cfg.run_path / 'report.md'}\n")
+    print(report.first_paragraph(summary) + "\n")
+    print("\n".join(report.headline(summary)))

@@ -31,7 +31,8 @@ def test_example_config_resolves_prompt_file_and_paths():
 def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
     cfg = load_config(EXAMPLE)
     (tmp_path / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    assert load_config(tmp_path) == cfg  # a run dir is accepted in place of the file
+    # a run dir is accepted in place of the file, and the run lives where the dir now is
+    assert load_config(tmp_path) == cfg.model_copy(update={"run_dir": str(tmp_path)})
 
 
 def test_overrides_parse_yaml_values_and_nested_keys():

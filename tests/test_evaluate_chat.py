@@ -1,0 +1,108 @@
+"""eval and chat on a finished tiny run: a tiny model, hand-written teacher answers."""
+
+import io
+import json
+
+import pytest
+import yaml
+from tiny import save_tiny
+
+from promptdistill.config import load_config
+from promptdistill.pipeline import run_stage
+from promptdistill.rundir import RunDir, StageError, append_jsonl
+from promptdistill.stages.chat import chat
+from promptdistill.stages.generate import row_key, teacher_messages
+
+PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye, matey, hoist the sails!",
+          "Shiver me timbers, a storm!", "Yo ho, the rum be gone.", "Avast! Ye scallywag."]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalrun")
+    model = save_tiny(tmp)
+    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(24)]
+    (tmp / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    config = {"name": "tiny", "run_dir": str(tmp / "run"), "system_prompt": "You are a pirate. Talk like one.",
+              "teacher": {"model": str(model)}, "student": {"model": str(model)},
+              "queries": {"files": ["q.jsonl"], "train": 0.5, "val": 0.25, "test": 0.25},
+              "sampling": {"max_tokens": 8, "batch_size": 6},
+              "train": {"steps": 3, "batch_size": 4, "eval_every": 3},
+              "eval": {"classifier_train_size": 12, "latency_queries": 3, "bootstrap": 200},
+              "pricing": {"source": "test", "date": "2026-11-24", "teacher": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+                          "student": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "training_per_1m_tokens": 4.0}}
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(tmp / "config.yaml")
+    run_stage(cfg, "queries")
+    run = RunDir(cfg.run_path)
+    rows = []
+    for i, q in enumerate(json.loads(l) for l in run.queries.read_text().splitlines()):
+        rows.append({"id": q["id"], "key": row_key(cfg, q["query"]), "split": q["split"], "model": str(model),
+                     "messages": teacher_messages(cfg, q["query"]), "completion": PIRATE[i % len(PIRATE)],
+                     "finish_reason": "stop", "tokens": {"prompt": 40, "completion": 9}})
+    append_jsonl(run.teacher, rows)
+    run_stage(cfg, "train")
+    run_stage(cfg, "eval")
+    return cfg, run
+
+
+def test_eval_writes_rows_and_a_consistent_summary(finished_run):
+    cfg, run = finished_run
+    rows = [json.loads(l) for l in (run.root / "eval.jsonl").read_text().splitlines()]
+    summary = json.loads((run.root / "summary.json").read_text())
+    assert len(rows) == summary["n_test"] == 6
+    for row in rows:
+        assert set(row) >= {"id", "query", "teacher", "teacher_again", "student", "base", "similarity", "persona_prob", "nll"}
+        assert row["teacher"] in PIRATE
+        assert all(-1.0 <= v <= 1.0001 for v in row["similarity"].values())
+    for name in ("similarity", "likelihood", "persona"):
+        q = summary["quality"][name]
+        for who in ("student", "base", "ceiling"):
+            lo, hi = q[who]["ci95"]
+            assert lo <= q[who]["mean"] <= hi
+        gap = q["ceiling"]["mean"] - q["base"]["mean"]
+        if gap == 0:  # no room between floor and ceiling: retained is undefined (null), not 0 or 100%
+            assert q["retained"]["mean"] is None
+        else:
+            assert q["retained"]["mean"] == pytest.approx((q["student"]["mean"] - q["base"]["mean"]) / gap)
+    assert 0.0 <= summary["quality"]["persona"]["classifier"]["heldout_accuracy"] <= 1.0
+    tokens = summary["tokens"]
+    assert tokens["teacher_input"] == 40 and tokens["student_input"] < tokens["teacher_input"]
+    assert summary["latency"]["teacher"]["queries"] == 3 and summary["latency"]["student"]["ttft_ms_median"] > 0
+    assert summary["training"]["steps"] == 3 and summary["verdict"]
+
+
+def test_cost_follows_the_config_prices(finished_run):
+    _, run = finished_run
+    summary = json.loads((run.root / "summary.json").read_text())
+    t, cost = summary["tokens"], summary["cost"]
+    assert cost["per_1m_queries"]["teacher"] == pytest.approx(t["teacher_input"] * 1.0 + t["teacher_output"] * 2.0)
+    assert cost["one_time"]["generation"] == pytest.approx(24 * (40 * 1.0 + 9 * 2.0) / 1e6)
+    trained = sum(json.loads(l).get("tokens", 0) for l in (run.root / "metrics.jsonl").read_text().splitlines())
+    assert cost["one_time"]["training"] == pytest.approx(trained * 4.0 / 1e6)
+    saving = (cost["per_1m_queries"]["teacher"] - cost["per_1m_queries"]["student"]) / 1e6
+    if saving > 0:
+        assert cost["break_even_queries"] == pytest.approx(cost["one_time"]["total"] / saving)
+
+
+def test_chat_answers_piped_questions_with_and_without_compare(finished_run):
+    cfg, run = finished_run
+    out = io.StringIO()
+    assert chat(cfg, run, greedy=True, lines=io.StringIO("Where is the gold?\n\nWho are you?\n"), out=out) == 2
+    text = out.getvalue()
+    assert text.count("you> ") == 2 and text.count("student> ") == 2 and "teacher> " not in text
+    out = io.StringIO()
+    chat(cfg, run, compare=True, greedy=True, lines=io.StringIO("Where is the gold?\n"), out=out)
+    assert [l.split("> ")[0] for l in out.getvalue().splitlines() if "> " in l] == ["you", "student", "teacher", "base"]
+
+
+def test_eval_refuses_an_adapter_from_another_base_model(finished_run, tmp_path):
+    cfg, run = finished_run
+    adapter = json.loads((run.student / "adapter_config.json").read_text())
+    other = run.root.parent / "other-run"
+    import shutil
+    shutil.copytree(run.root, other)
+    adapter["base_model_name_or_path"] = "/somewhere/else"
+    (other / "student" / "adapter_config.json").write_text(json.dumps(adapter))
+    with pytest.raises(StageError, match="trained on /somewhere/else"):
+        chat(load_config(other), RunDir(other), lines=io.StringIO(""), out=io.StringIO())
