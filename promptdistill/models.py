@@ -9,6 +9,7 @@ the second load reads safetensors and takes well under a second instead of ~20 s
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import shutil
 import subprocess
@@ -18,11 +19,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rundir import sha256_text
+from .rundir import StageError, sha256_text
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 class ModelError(ValueError):
     """A model spec that cannot be turned into a model dir; the message says why."""
+
+
+class AdapterError(StageError, ValueError):
+    """A LoRA adapter that is missing, unreadable, or made for another base model."""
 
 
 @dataclass(frozen=True)
@@ -172,3 +179,40 @@ def describe_models() -> list[dict]:
         rows.append({"name": m.name, "description": m.description, "license": m.license,
                      "source": f"PyPI {m.pip_requirement}", "cached": cached})
     return rows
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: cannot read the adapter config ({e})") from None
+
+
+def check_adapter(adapter_dir: Path, spec: str) -> Path:
+    """The resolved base model dir, once the adapter is known to exist and to have been
+    trained on exactly that model (loading it on other weights would run, and be garbage)."""
+    adapter_dir = Path(adapter_dir)
+    missing = [adapter_dir / name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise AdapterError(f"{adapter_dir}: no trained adapter ({', '.join(str(p) for p in missing)} missing); "
+                           f"run `distill train` first")
+    base = resolve_model(spec)
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not _same_model(recorded, spec, base):
+        raise AdapterError(
+            f"the adapter in {adapter_dir} was trained on {recorded!r}, but the run's student model {spec!r} "
+            f"is {base}; set student.model to the adapter's base model, or re-train"
+        )
+    return base
+
+
+def _same_model(recorded: str | None, spec: str, base: Path) -> bool:
+    if not recorded:
+        return False
+    if recorded == spec:
+        return True
+    try:
+        return Path(recorded).expanduser().resolve() == base.resolve()
+    except OSError:
+        return False

@@ -104,5 +104,5 @@ def test_eval_refuses_an_adapter_from_another_base_model(finished_run, tmp_path)
     shutil.copytree(run.root, other)
     adapter["base_model_name_or_path"] = "/somewhere/else"
     (other / "student" / "adapter_config.json").write_text(json.dumps(adapter))
-    with pytest.raises(StageError, match="trained on /somewhere/else"):
+    with pytest.raises(StageError, match="trained on '/somewhere/else'"):
         chat(load_config(other), RunDir(other), lines=io.StringIO(""), out=io.StringIO())

@@ -238,7 +238,7 @@ def test_run_without_adapter_is_refused(tiny_run, tmp_path):
     _, model_dir = tiny_run
     run = tmp_path / "untrained"
     write_config(run, str(model_dir))
-    with pytest.raises(ExportError, match="adapter_model.safetensors") as err:
+    with pytest.raises(StageError, match="adapter_model.safetensors") as err:
         export(run, "merged", tmp_path / "out")
     assert isinstance(err.value, ValueError) and str(run / "student") in str(err.value)
     assert not (tmp_path / "out").exists()
@@ -250,7 +250,7 @@ def test_adapter_of_another_base_model_is_refused(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     write_config(copy, str(other))  # the run now names another student model
-    with pytest.raises(ExportError) as err:
+    with pytest.raises(StageError) as err:
         export(copy, "merged", tmp_path / "out")
     assert str(model_dir) in str(err.value) and str(other) in str(err.value)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -11,6 +11,7 @@ model's compute.
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from pathlib import Path
 
@@ -21,6 +22,47 @@ from ..render import Datum, Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams, StepResult
 
 MIN_SHARED_PREFIX = 16  # below this, sharing a prefix cache is not worth the copy
+CACHE_HEADROOM = 128  # tokens of spare KV-cache capacity allocated at a time
+
+
+@functools.cache
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A KV-cache layer that appends into spare capacity. transformers' DynamicLayer
+        concatenates, copying the whole cache at every decoding step; with a 600-token
+        shared prompt in every row that copy costs as much as the attention itself."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            used = self.keys.shape[-2] if self.keys.numel() else 0
+            new = key_states.shape[-2]
+            buffer = getattr(self, "_buffer", None)
+            if (buffer is None or buffer[0].shape[-2] < used + new or buffer[0].shape[0] != key_states.shape[0]
+                    or (used and self.keys.data_ptr() != buffer[0].data_ptr())):  # resized, reordered or replaced
+                shape = (*key_states.shape[:2], used + new + CACHE_HEADROOM, key_states.shape[-1])
+                buffer = (key_states.new_empty(shape), value_states.new_empty(shape))
+                if used:
+                    buffer[0][:, :, :used] = self.keys
+                    buffer[1][:, :, :used] = self.values
+                self._buffer = buffer
+            buffer[0][:, :, used:used + new] = key_states
+            buffer[1][:, :, used:used + new] = value_states
+            self.keys, self.values = buffer[0][:, :, :used + new], buffer[1][:, :, :used + new]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def new_cache():
+    """An empty KV cache whose layers grow in place (see GrowingLayer)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _growing_layer_class()
+    return cache
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -87,10 +129,8 @@ class LocalSampler:
 
     def _prefix_cache(self, prefix: list[int], batch: int):
         """KV cache of `prefix`, computed once and reused while batches share it."""
-        from transformers import DynamicCache
-
         if self._prefix is None or self._prefix[0] != tuple(prefix):
-            cache = DynamicCache()
+            cache = new_cache()
             ids = torch.tensor([prefix], device=self.device)
             self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             self._prefix = (tuple(prefix), cache)
@@ -101,15 +141,13 @@ class LocalSampler:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_token=None) -> list[Completion]:
         """Decode a batch. `on_token(row, token_id)` is called as tokens are produced (streaming)."""
-        from transformers import DynamicCache
-
         self.model.eval()
         batch = len(prompts)
         shared = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         if shared >= MIN_SHARED_PREFIX:
             cache = self._prefix_cache(prompts[0][:shared], batch)
         else:
-            shared, cache = 0, DynamicCache()
+            shared, cache = 0, new_cache()
         suffixes = [p[shared:] for p in prompts]
         width = max(len(s) for s in suffixes)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)

@@ -30,11 +30,11 @@ from .. import scores
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from ..config import RunConfig
-from ..models import resolve_model
+from ..models import check_adapter, resolve_model
 from ..render import RenderError, prompt_ids, render_example, to_datum
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fmt_seconds, json_safe,
                       read_jsonl, sha256_file)
-from .generate import row_seed, sampling_params, teacher_messages
+from .generate import row_seed, sampling_params
 from .train import load_split
 
 
@@ -47,10 +47,7 @@ class Models:
     teacher, loaded once; when teacher and student are the same model, one copy serves both."""
 
     def __init__(self, cfg: RunConfig, run: RunDir):
-        if not (run.student / "adapter_model.safetensors").is_file():
-            raise StageError(f"{run.student}: no trained adapter; run `distill train` first")
-        student_dir = resolve_model(cfg.student.model)
-        check_adapter_base(run, student_dir)
+        student_dir = check_adapter(run.student, cfg.student.model)
         self.student, self.tokenizer = load_causal_lm(student_dir, cfg.student.device, adapter_dir=run.student)
         if cfg.teacher.model == cfg.student.model:
             self.teacher, self.teacher_tokenizer, self.shared = self.student, self.tokenizer, True
@@ -72,16 +69,6 @@ class Models:
 
     def context(self, who: str):
         return self.teacher_context() if who == "teacher" else self.adapter(on=(who == "student"))
-
-
-def check_adapter_base(run: RunDir, model_dir) -> None:
-    config = json.loads((run.student / "adapter_config.json").read_text(encoding="utf-8"))
-    recorded = config.get("base_model_name_or_path")
-    if recorded and str(recorded) != str(model_dir):
-        raise StageError(
-            f"{run.student}: this adapter was trained on {recorded}, but the run's student model is {model_dir}; "
-            f"set student.model to the adapter's base model"
-        )
 
 
 def answer(models: Models, who: str, rows: list[dict], params: SamplingParams, seed_offset: int) -> list[Completion]:

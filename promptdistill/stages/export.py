@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import RunConfig, load_config
-from ..models import resolve_model
+from ..models import ADAPTER_FILES, check_adapter, read_adapter_config
 from ..rundir import RunDir, StageError, read_jsonl, sha256_text
 
 FORMATS = ("adapter", "merged", "gguf")
 GGUF_DTYPES = ("f32", "f16")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 # Pre-tokenizer split patterns, as tokenizer.json spells them, and the name llama.cpp
 # knows them by (`tokenizer.ggml.pre`). transformers' GGUF loader reads the same names.
@@ -55,7 +54,7 @@ def export(run_dir: Path, fmt: str, out: Path, *, dtype: str = "f32", overwrite:
         raise ExportError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(GGUF_DTYPES)}")
     run = RunDir(Path(run_dir))
     cfg = load_config(run.root)
-    base = check_adapter(run, cfg)
+    base = check_adapter(run.student, cfg.student.model)
     out = Path(out)
     single_file = fmt == "gguf" and out.suffix == ".gguf"
     _check_target(out, overwrite)
@@ -68,7 +67,7 @@ def export(run_dir: Path, fmt: str, out: Path, *, dtype: str = "f32", overwrite:
                 shutil.copy2(run.student / name, tmp / name)
             card = model_card(run, cfg, base, fmt, AutoTokenizer.from_pretrained(base))
             (tmp / "README.md").write_text(card, encoding="utf-8")
-            what = f"LoRA adapter (r={_adapter_config(run).get('r')}) + README.md"
+            what = f"LoRA adapter (r={read_adapter_config(run.student).get('r')}) + README.md"
         else:
             model, tokenizer = merged_model(base, run.student)
             if fmt == "merged":
@@ -88,43 +87,6 @@ def export(run_dir: Path, fmt: str, out: Path, *, dtype: str = "f32", overwrite:
 
 
 # --- checks -------------------------------------------------------------------------
-
-def _adapter_config(run: RunDir) -> dict:
-    path = run.student / "adapter_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: cannot read the adapter config ({e})") from None
-
-
-def check_adapter(run: RunDir, cfg: RunConfig) -> Path:
-    """The resolved student model dir, once the run's adapter is known to exist and to
-    have been trained on exactly that model."""
-    missing = [run.student / name for name in ADAPTER_FILES if not (run.student / name).is_file()]
-    if missing:
-        raise ExportError(f"{run.root}: no trained adapter ({', '.join(str(p) for p in missing)} missing); "
-                         f"run `distill train {run.root}` first")
-    base = resolve_model(cfg.student.model)
-    recorded = _adapter_config(run).get("base_model_name_or_path")
-    if not _same_model(recorded, cfg.student.model, base):
-        raise ExportError(
-            f"the adapter in {run.student} was trained on {recorded!r}, but this run's student model "
-            f"{cfg.student.model!r} is {base}; exporting would pair the adapter with the wrong weights "
-            f"(fix student.model in {run.config}, or re-train)"
-        )
-    return base
-
-
-def _same_model(recorded: str | None, spec: str, base: Path) -> bool:
-    if not recorded:
-        return False
-    if recorded == spec:
-        return True
-    try:
-        return Path(recorded).expanduser().resolve() == base.resolve()
-    except OSError:
-        return False
-
 
 def _check_target(out: Path, overwrite: bool) -> None:
     if _occupied(out) and not overwrite:
@@ -201,7 +163,7 @@ def training_figures(run: RunDir) -> dict:
 
 def model_card(run: RunDir, cfg: RunConfig, base: Path, fmt: str, tokenizer) -> str:
     """README.md for an exported student. Holds a hash of the system prompt, never its text."""
-    adapter = _adapter_config(run)
+    adapter = read_adapter_config(run.student)
     fig = training_figures(run)
     prompt_tokens = len(tokenizer(cfg.system_prompt, add_special_tokens=False)["input_ids"])
     unknown = "unknown"
