@@ -27,7 +27,7 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     model: str = Field(description="embedded name (see `distill models`), model dir, .gguf file or hub id")
     backend: Literal["local"] = "local"
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | mps | cuda | cuda:N")
 
 
 class QueriesConfig(Strict):

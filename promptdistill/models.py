@@ -8,6 +8,7 @@ the second load reads safetensors and takes well under a second instead of ~20 s
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
 import json
 import os
@@ -88,7 +89,9 @@ def resolve_model(spec: str) -> Path:
     if spec.count("/") == 1:
         return _hub_dir(spec)
     known = ", ".join(sorted(EMBEDDED))
-    raise ModelError(f"model {spec!r}: not a known embedded model ({known}), a model dir, a .gguf file or a hub id (org/name)")
+    close = difflib.get_close_matches(spec, list(EMBEDDED), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ModelError(f"model {spec!r}: not a known embedded model ({known}), a model dir, a .gguf file or a hub id (org/name){hint}")
 
 
 def _hub_dir(repo_id: str) -> Path:
@@ -147,7 +150,11 @@ def _cached_conversion(gguf: Path, target: Path) -> Path:
     print(f"converting {gguf.name} to a safetensors model dir (once) ...", flush=True)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    convert_gguf(gguf, tmp)
+    try:
+        convert_gguf(gguf, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full, Ctrl-C) leaves no half-made dir
+        raise
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

@@ -33,16 +33,10 @@ STAGES = [
 BY_NAME = {s.name: s for s in STAGES}
 
 
-def open_run(cfg: RunConfig) -> RunDir:
-    run = RunDir(cfg.run_path)
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.config, cfg.to_yaml())
-    return run
-
-
 def run_stage(cfg: RunConfig, name: str, force: bool = False) -> str:
     stage = BY_NAME[name]
-    run = open_run(cfg)
+    run = RunDir(cfg.run_path)
+    run.root.mkdir(parents=True, exist_ok=True)
     if force:
         later = STAGES[STAGES.index(stage):]
         moved = run.move_aside([p for s in later for p in s.outputs(run)] + [run.student])
@@ -50,16 +44,28 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> str:
         if moved:
             print(f"{name}: --force moved earlier outputs to {moved}")
     inputs = stage.inputs(cfg, run)
-    if run.stage_done(name, inputs, stage.resumable):
+    if run.stage_done(name, inputs, stage.resumable):  # refuses results made from other inputs
         summary = run.read_manifest()["stages"][name].get("summary", "")
         print(f"{name}: already done, skipped ({summary})")
         return summary
+    # Only now, with nothing refused, does the run dir take this config as its own.
+    atomic_write_text(run.config, cfg.to_yaml())
+    record, files = run.read_manifest()["stages"].get(name), _snapshot(stage.outputs(run))
     run.start_stage(name, inputs)
-    with Timer() as t:
-        summary = stage.run(cfg, run)
+    try:
+        with Timer() as t:
+            summary = stage.run(cfg, run)
+    except BaseException:
+        if _snapshot(stage.outputs(run)) == files:
+            run.restore_stage(name, record)  # it changed nothing: a corrected re-run is not a "change"
+        raise
     run.finish_stage(name, [p for p in stage.outputs(run) if p.exists()], t.seconds, summary)
     print(summary, flush=True)
     return summary
+
+
+def _snapshot(paths: list[Path]) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in paths}
 
 
 def run_all(cfg: RunConfig, force: bool = False) -> None:

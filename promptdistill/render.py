@@ -42,6 +42,10 @@ class Datum:
 
 
 def render_text(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+        raise RenderError(f"model {name}: its tokenizer has no chat template (a base model?); "
+                          f"distillation needs a chat model whose template can render a system prompt")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 

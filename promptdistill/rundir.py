@@ -204,6 +204,15 @@ class RunDir:
             p.rename(dest / p.name)
         return dest
 
+    def restore_stage(self, stage: str, record: dict | None) -> None:
+        """Put back a stage's manifest record as it was before a failed start."""
+        manifest = self.read_manifest()
+        if record is None:
+            manifest["stages"].pop(stage, None)
+        else:
+            manifest["stages"][stage] = record
+        atomic_write_json(self.manifest_path, manifest)
+
     def forget_stages(self, stages: list[str]) -> None:
         manifest = self.read_manifest()
         for stage in stages:

@@ -68,6 +68,10 @@ def new_cache():
 def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        from ..models import ModelError
+
+        raise ModelError(f"device {spec!r}: this machine has no CUDA GPU (torch {torch.__version__}); use device: auto or cpu")
     return torch.device(spec)
 
 

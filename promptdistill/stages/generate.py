@@ -37,6 +37,31 @@ def row_seed(key: str, base_seed: int) -> int:
     return (int(key[:12], 16) + base_seed) % (2**63)
 
 
+def context_window(sampler) -> int | None:
+    """The teacher's context length, when the backend exposes its model's config (local does)."""
+    return getattr(getattr(getattr(sampler, "model", None), "config", None), "max_position_embeddings", None)
+
+
+def check_context(cfg: RunConfig, sampler, todo: list[dict]) -> None:
+    """Refuse, before anything is sampled, a query whose prompt plus max_tokens overflows the
+    teacher's context: past it a model does not stop with an error, it answers garbage (or
+    crashes mid-batch), and the garbage would become training data."""
+    limit = context_window(sampler)
+    if limit is None:
+        return
+    budget = cfg.sampling.max_tokens
+    sizes = [(q, sampler.count_prompt_tokens(teacher_messages(cfg, q["query"]))) for q in todo]
+    over = [(q, n) for q, n in sizes if n + budget > limit]
+    if over:
+        q, n = over[0]
+        more = f" ({len(over)} queries in all)" if len(over) > 1 else ""
+        raise StageError(
+            f"query {q['id']!r} ({q['source']}): its teacher prompt (system prompt + query) is {n} tokens, "
+            f"+ sampling.max_tokens {budget} = {n + budget} > the teacher's context of {limit} tokens{more}; "
+            f"shorten the query or the system prompt, or lower sampling.max_tokens"
+        )
+
+
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     queries = run.queries.read_text(encoding="utf-8") if run.queries.exists() else ""
     return {"system_prompt": sha256_text(cfg.system_prompt)[:16], "teacher_model": cfg.teacher.model,
@@ -54,6 +79,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         return f"generate: all {len(queries)} teacher answers already in {run.teacher.name}"
     with Timer() as t:
         sampler = make_sampler(cfg.teacher, cfg.sampling.batch_size)
+        check_context(cfg, sampler, todo)
         params = sampling_params(cfg)
         todo.sort(key=lambda q: len(q["query"]))  # similar lengths share a batch: less padding
         bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="generate", unit="answer", dynamic_ncols=True)

@@ -19,10 +19,12 @@ def load_queries(path: Path) -> list[dict]:
     """Rows {"id", "query", "source"} from a .jsonl ({"id"?, "query"}) or .txt file (one per line)."""
     if not path.is_file():
         raise StageError(f"queries file {path} not found")
+    data = path.read_bytes()
     try:
-        path.read_text(encoding="utf-8")
+        data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise StageError(f"{path}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise StageError(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     rows = []
     if path.suffix == ".jsonl":
         for lineno, obj in iter_jsonl(path):
@@ -36,6 +38,8 @@ def load_queries(path: Path) -> list[dict]:
                 rows.append({"id": f"{path.stem}-{lineno}", "query": line, "line": lineno})
     else:
         raise StageError(f"{path}: unsupported queries format {path.suffix!r} (use .jsonl or .txt)")
+    if not rows:
+        raise StageError(f"{path}: no queries in this file")
     for row in rows:
         if not row["query"].strip():
             raise StageError(f"{path}:{row['line']}: empty query")
@@ -72,7 +76,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         rows = split_rows(rows, cfg.queries.train, cfg.queries.val, cfg.queries.seed)
         counts = Counter(r["split"] for r in rows)
         if counts["train"] == 0:
-            raise StageError(f"the train split is empty ({len(rows)} queries, train fraction {cfg.queries.train}); add queries")
+            raise StageError(f"the train split is empty: {len(rows)} queries x queries.train {cfg.queries.train} rounds to 0; "
+                             f"add queries or raise queries.train")
         atomic_write_text(run.queries, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return (f"queries: {len(rows)} queries -> train {counts['train']}, val {counts['val']}, "
             f"test {counts['test']} in {t.seconds:.1f}s")

@@ -10,12 +10,17 @@ is a pure function of (seed, step), so a resumed run sees the same batches.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import random
 import re
 import shutil
+import signal
+import threading
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -135,6 +140,33 @@ def last_checkpoint(run: RunDir) -> dict | None:
     return rows[-1] if rows else None
 
 
+@contextlib.contextmanager
+def ctrl_c_at_step_end() -> Iterator[Callable[[], bool]]:
+    """Hold a first Ctrl-C until the current step ends; the loop then saves a checkpoint for
+    that step and stops, so no finished step is lost (a step cut in half cannot be saved: its
+    adapter, optimiser state and metrics would disagree). A second Ctrl-C stops at once, back
+    to the last checkpoint. Yields a function telling whether Ctrl-C was pressed."""
+    pressed: list[bool] = []
+
+    def hold(signum, frame) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        # os.write, not print: a handler that prints while the loop is printing its progress
+        # bar to the same stream fails with a "reentrant call" error.
+        with contextlib.suppress(OSError):
+            os.write(2, b"\ntrain: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)\n")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signal handlers can only be set in the main thread
+        return
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(pressed)
+    finally:  # (None: the handler was not set from Python and cannot be put back; use Python's)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def run(cfg: RunConfig, run: RunDir) -> str:
     t = cfg.train
     splits = load_split(cfg, run)
@@ -145,7 +177,12 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     train, too_long = render_all(trainer.tokenizer, splits["train"], t.max_seq_len)
     val, val_too_long = render_all(trainer.tokenizer, splits["val"], t.max_seq_len)
     if not train:
-        raise StageError(f"no training examples: {len(splits['dropped'])} answers dropped as truncated, {too_long} too long")
+        cut = sum(r.get("split") == "train" for r in splits["dropped"])
+        raise StageError(
+            f"no training examples: of the train split's answers in {run.teacher}, {cut} were cut off at "
+            f"sampling.max_tokens={cfg.sampling.max_tokens} before a full sentence and {too_long} are longer than "
+            f"train.max_seq_len={t.max_seq_len}; raise those (a new sampling.max_tokens needs `distill generate --force`)"
+        )
     steps = total_steps(cfg, len(train))
     start = 0
     resume = last_checkpoint(run)
@@ -164,22 +201,28 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             first = validation_loss(trainer, val, t.batch_size)
             append_jsonl(run.metrics, [{"step": 0, "val_loss": first}])
         bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", dynamic_ncols=True)
-        for step in bar:
-            micro = [micro_batch(train, step, m, t.batch_size, t.grad_accum, t.seed) for m in range(t.grad_accum)]
-            total = sum(e.n_trainable for b in micro for e in b)
-            nll = 0.0
-            for batch in micro:
-                nll += trainer.forward_backward(weighted(batch, total)).nll_sum
-            lr = lr_at(step, steps, t.lr, t.warmup_steps, t.schedule)
-            info = trainer.optim_step(lr)
-            row = {"step": step + 1, "lr": lr, "train_loss": nll / total, "grad_norm": info["grad_norm"],
-                   "tokens": total, "seconds": round(timer.elapsed, 2)}
-            if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
-                row["val_loss"] = validation_loss(trainer, val, t.batch_size)
-            append_jsonl(run.metrics, [row])
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
-            if (step + 1) % t.save_every == 0 and step + 1 < steps:
-                save_checkpoint(trainer, run, step + 1, t.keep_checkpoints)
+        with ctrl_c_at_step_end() as interrupted:
+            for step in bar:
+                micro = [micro_batch(train, step, m, t.batch_size, t.grad_accum, t.seed) for m in range(t.grad_accum)]
+                total = sum(e.n_trainable for b in micro for e in b)
+                nll = 0.0
+                for batch in micro:
+                    nll += trainer.forward_backward(weighted(batch, total)).nll_sum
+                lr = lr_at(step, steps, t.lr, t.warmup_steps, t.schedule)
+                info = trainer.optim_step(lr)
+                row = {"step": step + 1, "lr": lr, "train_loss": nll / total, "grad_norm": info["grad_norm"],
+                       "tokens": total, "seconds": round(timer.elapsed, 2)}
+                if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
+                    row["val_loss"] = validation_loss(trainer, val, t.batch_size)
+                append_jsonl(run.metrics, [row])
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
+                stop = interrupted()  # read once: a Ctrl-C arriving after this is handled a step later
+                if stop or ((step + 1) % t.save_every == 0 and step + 1 < steps):
+                    save_checkpoint(trainer, run, step + 1, t.keep_checkpoints)
+                if stop:
+                    bar.close()
+                    print(f"train: stopped after step {step + 1} of {steps}; its checkpoint is saved", flush=True)
+                    raise KeyboardInterrupt
         bar.close()
         trainer.save(run.student)
     metrics = read_jsonl(run.metrics)

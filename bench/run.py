@@ -1,0 +1,314 @@
+"""Benchmarks: promptdistill's own sampler and trainer against the usual baselines.
+
+    python bench/run.py [--only generation,training,latency,machine,e2e] [--quick] [--repeats N]
+
+Every measured run is a separate child process (bench/workloads.py), started one at a
+time, baseline and ours alternating, on the same model (the embedded SmolLM2-135M),
+data and settings. Prints a markdown table and writes bench/results/<date>.json.
+Timings are only meaningful on an otherwise idle machine: the script warns when it is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WORKLOADS = BENCH / "workloads.py"
+COMPARISONS = ["machine", "generation", "training", "latency", "e2e"]  # machine first: MFU needs it
+
+# The settings of the full run; --quick and the size flags shrink them.
+FULL = {
+    "generation": {"queries": 64, "max_tokens": 96, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.15,
+                   "batch_sizes": [32, 16]},
+    "training": {"examples": 128, "steps": 16, "batch_size": 8, "lr": 2e-4, "rank": 16, "alpha": 32, "seed": 0,
+                 "max_length": 512, "warmup_steps": 2},
+    "latency": {"queries": 16, "max_tokens": 96},
+    "machine": {"matmul_sizes": [1024, 2048], "matmul_repeats": 10},
+}
+QUICK = {"generation": {"queries": 16, "max_tokens": 48}, "training": {"examples": 32, "steps": 6},
+         "latency": {"queries": 4, "max_tokens": 48}, "machine": {"matmul_repeats": 5}}
+TARGETS = {"generation": 8.0, "training": 1.5, "ttft": 0.25, "demo_s": 600}
+
+
+def settings(args) -> dict:
+    s = {k: dict(v) for k, v in FULL.items()}
+    if args.quick:
+        for k, v in QUICK.items():
+            s[k].update(v)
+    if args.queries:
+        s["generation"]["queries"] = s["latency"]["queries"] = args.queries
+    if args.max_tokens:
+        s["generation"]["max_tokens"] = s["latency"]["max_tokens"] = args.max_tokens
+    if args.steps:
+        s["training"]["steps"] = args.steps
+        s["training"]["examples"] = min(s["training"]["examples"], args.steps * s["training"]["batch_size"])
+        s["training"]["warmup_steps"] = min(2, args.steps - 1)
+    return s
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    # Everything is local; never let a library reach for a hub. Quiet, so a failure's tail is readable.
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    return env
+
+
+def run_child(name: str, spec: dict, label: str) -> dict:
+    """Run one workload in a fresh process and return its result."""
+    print(f"  {label} ...", end="", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(WORKLOADS), name, json.dumps(spec), str(out)],
+                              capture_output=True, text=True, env=child_env(), cwd=ROOT)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(f" FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}")
+            raise SystemExit(1)
+        result = json.loads(out.read_text())
+    result["process_wall_s"] = wall
+    print(f" {wall:.1f}s (peak RSS {result['peak_rss_mb']:.0f} MB)")
+    return result
+
+
+def alternate(variants: list[tuple[str, str, dict]], repeats: int) -> dict[str, list[dict]]:
+    """Run (key, workload, spec) variants round-robin `repeats` times: baseline, ours,
+    baseline, ours... so slow drift in machine speed falls on both sides alike."""
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in variants}
+    for r in range(repeats):
+        for key, name, spec in variants:
+            runs[key].append(run_child(name, spec, f"{key} (round {r + 1}/{repeats})"))
+    return runs
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run with the median `key` (the lower middle for an even count)."""
+    return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def bench_machine(s: dict, repeats: int) -> dict:
+    return run_child("machine", s["machine"], "matmul")
+
+
+def bench_generation(s: dict, repeats: int) -> dict:
+    g = s["generation"]
+    spec = {k: v for k, v in g.items() if k != "batch_sizes"}
+    variants = [("baseline", "gen_baseline", spec)]
+    variants += [(f"ours_b{b}", "gen_ours", spec | {"batch_size": b}) for b in g["batch_sizes"]]
+    runs = alternate(variants, repeats)
+    out = {"settings": g, "runs": runs}
+    base = median_run(runs["baseline"], "tokens_per_s")
+    for key in runs:
+        out[key] = median_run(runs[key], "tokens_per_s")
+        out[key]["ratio"] = out[key]["tokens_per_s"] / base["tokens_per_s"]
+    return out
+
+
+def bench_training(s: dict, repeats: int) -> dict:
+    t = s["training"]
+    runs = alternate([("baseline", "train_baseline", t), ("ours", "train_ours", t)], repeats)
+    base, ours = (median_run(runs[k], "tokens_per_s") for k in ("baseline", "ours"))
+    return {"settings": t, "runs": runs, "baseline": base, "ours": ours,
+            "ratio": ours["tokens_per_s"] / base["tokens_per_s"],
+            "memory_ratio": ours["peak_rss_mb"] / base["peak_rss_mb"]}
+
+
+def bench_latency(s: dict, repeats: int) -> dict:
+    runs = [run_child("latency", s["latency"], f"teacher vs student (round {r + 1}/{repeats})") for r in range(repeats)]
+    for r in runs:
+        r["ttft_ratio"] = r["student"]["ttft_ms_median"] / r["teacher"]["ttft_ms_median"]
+        r["total_ratio"] = r["student"]["total_ms_median"] / r["teacher"]["total_ms_median"]
+    return {"settings": s["latency"], "runs": runs, **median_run(runs, "ttft_ratio")}
+
+
+def bench_e2e(s: dict, repeats: int) -> dict:
+    """Per-stage seconds of the last `make demo` (runs/beethoven/manifest.json); nothing is run."""
+    manifest = ROOT / "runs" / "beethoven" / "manifest.json"
+    if not manifest.exists():
+        return {"manifest": None}
+    stages = json.loads(manifest.read_text()).get("stages", {})
+    seconds = {name: st.get("seconds") for name, st in stages.items()}
+    done = [v for v in seconds.values() if v is not None]
+    return {"manifest": str(manifest.relative_to(ROOT)), "stages": seconds, "total_s": sum(done),
+            "complete": bool(seconds) and len(done) == len(seconds) and "report" in seconds}
+
+
+RUNNERS = {"machine": bench_machine, "generation": bench_generation, "training": bench_training,
+           "latency": bench_latency, "e2e": bench_e2e}
+
+
+def add_mfu(results: dict) -> None:
+    """Training model-FLOPs utilisation: useful FLOPs/s (see workloads.train_flops) over
+    the measured fp32 matmul rate. Same FLOPs count for both trainers: the same work."""
+    train, mach = results.get("training"), results.get("machine")
+    if not train or not mach:
+        return
+    per_token = train["ours"]["flops"]["flops_per_trained_token"]
+    for side in ("baseline", "ours"):
+        gflops = train[side]["tokens_per_s"] * per_token / 1e9
+        train[side]["useful_gflops"] = gflops
+        train[side]["mfu"] = gflops / mach["matmul_gflops_peak"]
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "loadavg_at_start": os.getloadavg()}
+
+
+def check(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def table(results: dict, info: dict) -> str:
+    rows = [("measure", "baseline", "ours", "ours/baseline", "target", "met")]
+    if g := results.get("generation"):
+        b = g["baseline"]
+        for key in (k for k in g if k.startswith("ours_b")):
+            o = g[key]
+            rows.append((f"generation tokens/s, batch {key[6:]} (baseline: generate, batch 1)",
+                         f"{b['tokens_per_s']:.1f}", f"{o['tokens_per_s']:.1f}", f"{o['ratio']:.2f}x",
+                         f">= {TARGETS['generation']:.0f}x", check(o["ratio"] >= TARGETS["generation"])))
+            rows.append((f"  wall s / answers at max_tokens (batch {key[6:]})",
+                         f"{b['seconds']:.1f} / {b['hit_max_tokens']}", f"{o['seconds']:.1f} / {o['hit_max_tokens']}",
+                         "", "", ""))
+        rows.append(("  mean answer tokens (baseline / batch 32)", f"{b['mean_answer_tokens']:.1f}",
+                     f"{g.get('ours_b32', b)['mean_answer_tokens']:.1f}", "", "", ""))
+    if t := results.get("training"):
+        b, o = t["baseline"], t["ours"]
+        ok = t["ratio"] >= TARGETS["training"] and o["peak_rss_mb"] <= b["peak_rss_mb"]
+        rows.append(("training answer tokens/s (baseline: TRL SFTTrainer)", f"{b['tokens_per_s']:.1f}",
+                     f"{o['tokens_per_s']:.1f}", f"{t['ratio']:.2f}x", f">= {TARGETS['training']}x, <= memory", check(ok)))
+        rows.append(("  median step s (after warm-up)", f"{b['median_step_s']:.2f}", f"{o['median_step_s']:.2f}",
+                     f"{o['median_step_s'] / b['median_step_s']:.2f}", "", ""))
+        rows.append(("  peak RSS MB", f"{b['peak_rss_mb']:.0f}", f"{o['peak_rss_mb']:.0f}",
+                     f"{t['memory_ratio']:.2f}", "<= 1", check(t["memory_ratio"] <= 1)))
+        rows.append(("  final step loss / mean of last 4", f"{b['final_loss']:.3f} / {b['final_loss_last4']:.3f}",
+                     f"{o['final_loss']:.3f} / {o['final_loss_last4']:.3f}", "", "similar", ""))
+        rows.append(("  answer NLL on all examples after training", f"{b['final_nll_all_examples']:.3f}",
+                     f"{o['final_nll_all_examples']:.3f}",
+                     f"{o['final_nll_all_examples'] - b['final_nll_all_examples']:+.3f}", "similar",
+                     check(abs(o["final_nll_all_examples"] - b["final_nll_all_examples"]) < 0.1)))
+        rows.append(("  same trained tokens (TRL labels == our mask)", str(b.get("same_tokens_as_ours")), "", "", "True",
+                     check(bool(b.get("same_tokens_as_ours")))))
+        rows.append(("  useful FLOPs per trained token (README: how counted)", "",
+                     f"{o['flops']['flops_per_trained_token'] / 1e9:.2f} G", "", "", ""))
+        if "mfu" in o:
+            rows.append(("  useful GFLOP/s / MFU of measured matmul peak", f"{b['useful_gflops']:.1f} / {b['mfu']:.1%}",
+                         f"{o['useful_gflops']:.1f} / {o['mfu']:.1%}", "", "", ""))
+    if lat := results.get("latency"):
+        te, st = lat["teacher"], lat["student"]
+        rows.append((f"TTFT ms median, teacher WITH prompt vs student WITHOUT ({lat['student_model']})",
+                     f"{te['ttft_ms_median']:.0f}", f"{st['ttft_ms_median']:.0f}", f"{lat['ttft_ratio']:.2f}",
+                     f"<= {TARGETS['ttft']}", check(lat["ttft_ratio"] <= TARGETS["ttft"])))
+        rows.append(("  total ms per query median (mean answer tokens)",
+                     f"{te['total_ms_median']:.0f} ({te['mean_answer_tokens']:.0f})",
+                     f"{st['total_ms_median']:.0f} ({st['mean_answer_tokens']:.0f})", f"{lat['total_ratio']:.2f}", "", ""))
+        rows.append(("  prompt tokens", f"{te['mean_prompt_tokens']:.0f}", f"{st['mean_prompt_tokens']:.0f}", "", "", ""))
+    if m := results.get("machine"):
+        sizes = ", ".join(f"{n}: {v:.1f}" for n, v in m["matmul"].items())
+        rows.append((f"fp32 matmul GFLOP/s ({m['torch_threads']} torch threads)", "", sizes, "", "", ""))
+    if e := results.get("e2e"):
+        if e.get("stages"):
+            for name, sec in e["stages"].items():
+                rows.append((f"make demo: {name} s", "", "unfinished" if sec is None else f"{sec:.1f}", "", "", ""))
+            rows.append(("make demo: total s" + ("" if e["complete"] else " (run incomplete)"), "",
+                         f"{e['total_s']:.1f}", "", f"<= {TARGETS['demo_s']}",
+                         check(e["complete"] and e["total_s"] <= TARGETS["demo_s"])))
+        else:
+            rows.append(("make demo", "", "no runs/beethoven/manifest.json", "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    lines = [fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows[1:]]
+    head = (f"{info['cpu']}, {info['usable_cores']} cores, torch {info['versions']['torch']}, "
+            f"transformers {info['versions']['transformers']}, peft {info['versions']['peft']}, trl {info['versions']['trl']}")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def save(results: dict, info: dict, s: dict, args) -> Path:
+    """bench/results/<UTC date>.json (-quick when shrunk); a partial run (--only) is merged
+    into the same day's file instead of replacing the comparisons it did not run."""
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    shrunk = args.quick or args.queries or args.max_tokens or args.steps
+    path = BENCH / "results" / f"{date}{'-quick' if shrunk else ''}.json"
+    path.parent.mkdir(exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    data = {"date": date, "machine": info, "settings": s, "repeats": args.repeats,
+            "comparisons": old.get("comparisons", {}) | results}
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def busy_warning() -> str | None:
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        return (f"WARNING: load average {load:.1f} before starting: another process is using the CPU, "
+                f"and timings taken now are not meaningful")
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(COMPARISONS), help="comma-separated: " + ",".join(COMPARISONS))
+    ap.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs, in a few minutes")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating rounds per comparison; medians are reported")
+    ap.add_argument("--queries", type=int, help="override: generation and latency queries (smoke tests)")
+    ap.add_argument("--max-tokens", type=int, help="override: max new tokens (smoke tests)")
+    ap.add_argument("--steps", type=int, help="override: training steps (smoke tests)")
+    args = ap.parse_args()
+    chosen = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = set(chosen) - set(COMPARISONS)
+    if unknown:
+        ap.error(f"unknown comparison(s): {', '.join(sorted(unknown))}; choose from {', '.join(COMPARISONS)}")
+    if warning := busy_warning():
+        print(warning)
+    info = machine_info()
+    s = settings(args)
+    results = {}
+    for name in (c for c in COMPARISONS if c in chosen):
+        print(f"{name}:")
+        results[name] = RUNNERS[name](s, args.repeats)
+    if "machine" in results:
+        info["torch_threads"] = results["machine"]["torch_threads"]
+    add_mfu(results)
+    text = table(results, info)
+    print("\n" + text)
+    path = save(results, info, s, args)
+    print(f"\nwrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
