@@ -83,12 +83,27 @@ def _models(args) -> None:
         print(f"{m['name']:16} {m['description']}  [{m['license']}, {m['source']}, {state}]")
 
 
+def _quiet_libraries() -> None:
+    """Our stages print their own progress; the libraries' loading bars and deprecation
+    notices about their own internals are noise to a user."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.verb == "models":
             _models(args)
             return 0
+        _quiet_libraries()
         if args.verb == "export":
             from .stages.export import export
 

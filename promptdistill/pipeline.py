@@ -18,15 +18,17 @@ class Stage:
     name: str
     inputs: Callable[[RunConfig, RunDir], dict]
     run: Callable[[RunConfig, RunDir], str]
-    outputs: Callable[[RunDir], list[Path]]
+    outputs: Callable[[RunDir], list[Path]]  # the files it finishes with (hashed in the manifest)
     resumable: tuple[str, ...] = ()  # inputs whose change means "more to do", not "conflict"
+    aside: Callable[[RunDir], list[Path]] | None = None  # what --force moves away, if more than `outputs`
 
 
 STAGES = [
     Stage("queries", queries.stage_inputs, queries.run, lambda r: [r.queries]),
     Stage("generate", generate.stage_inputs, generate.run, lambda r: [r.teacher], resumable=("queries",)),
     Stage("train", train.stage_inputs, train.run,
-          lambda r: [r.student / "adapter_model.safetensors", r.student / "adapter_config.json", r.metrics, r.checkpoints_log]),
+          lambda r: [r.student / "adapter_model.safetensors", r.student / "adapter_config.json", r.metrics, r.checkpoints_log],
+          aside=lambda r: [r.student, r.metrics, r.checkpoints_log]),
     Stage("eval", evaluate.stage_inputs, evaluate.run, lambda r: [r.root / "eval.jsonl", r.root / "summary.json"]),
     Stage("report", report.stage_inputs, report.run, report.outputs, resumable=("summary",)),
 ]
@@ -39,7 +41,7 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> str:
     run.root.mkdir(parents=True, exist_ok=True)
     if force:
         later = STAGES[STAGES.index(stage):]
-        moved = run.move_aside([p for s in later for p in s.outputs(run)] + [run.student])
+        moved = run.move_aside([p for s in later for p in (s.aside or s.outputs)(run)])
         run.forget_stages([s.name for s in later])
         if moved:
             print(f"{name}: --force moved earlier outputs to {moved}")

@@ -126,36 +126,58 @@ class PersonaClassifier:
     heldout_accuracy: float
     heldout_n: int
 
-    def share_in_persona(self, embeddings: np.ndarray) -> tuple[float, np.ndarray]:
-        """Share of items judged in-persona, plus each item's probability for bootstrapping."""
-        p = self.model.predict_proba(np.atleast_2d(embeddings))[:, 1]
+    def share_in_persona(self, items) -> tuple[float, np.ndarray]:
+        """Share of items (embeddings, or texts for a text classifier) judged in-persona,
+        plus each item's probability for bootstrapping."""
+        x = items if isinstance(items, list) else np.atleast_2d(items)
+        p = self.model.predict_proba(x)[:, 1]
         return float(np.mean(p >= 0.5)), p
 
 
-def train_persona_classifier(
-    in_persona: np.ndarray, out_of_persona: np.ndarray, seed: int
-) -> PersonaClassifier:
-    """Fit a logistic regression, first measuring it on a stratified 25% it did not see.
-
-    The accuracy is measured before refitting on everything so that the reported number is
-    honest, while the final model still uses every scarce example.
-    """
-    from sklearn.linear_model import LogisticRegression
+def _fit_with_holdout(x, y: np.ndarray, make_model, seed: int) -> PersonaClassifier:
+    """Measure on a stratified 25% the model did not see, then refit on everything: the
+    reported accuracy is honest and the final model still uses every scarce example."""
     from sklearn.model_selection import train_test_split
 
-    x = np.vstack([in_persona, out_of_persona]).astype(np.float64)
-    y = np.r_[np.ones(len(in_persona), int), np.zeros(len(out_of_persona), int)]
-    if min(len(in_persona), len(out_of_persona)) < 4:
+    if min(int(y.sum()), int(len(y) - y.sum())) < 4:
         raise ValueError("need at least 4 examples of each class to hold out 25%")
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
+    acc = float(np.mean(make_model().fit(x_tr, y_tr).predict(x_te) == y_te))
+    return PersonaClassifier(model=make_model().fit(x, y), heldout_accuracy=acc, heldout_n=len(y_te))
 
-    def fit(xs: np.ndarray, ys: np.ndarray) -> LogisticRegression:
-        return LogisticRegression(max_iter=1000, random_state=seed).fit(xs, ys)
 
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=0.25, stratify=y, random_state=seed
-    )
-    acc = float(np.mean(fit(x_tr, y_tr).predict(x_te) == y_te))
-    return PersonaClassifier(model=fit(x, y), heldout_accuracy=acc, heldout_n=len(y_te))
+def _labels(n_in: int, n_out: int) -> np.ndarray:
+    return np.r_[np.ones(n_in, int), np.zeros(n_out, int)]
+
+
+def train_persona_classifier(in_persona: np.ndarray, out_of_persona: np.ndarray, seed: int) -> PersonaClassifier:
+    """Logistic regression on embeddings."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.vstack([in_persona, out_of_persona]).astype(np.float64)
+    return _fit_with_holdout(x, _labels(len(in_persona), len(out_of_persona)),
+                             lambda: LogisticRegression(max_iter=1000, random_state=seed), seed)
+
+
+def train_text_persona_classifier(in_persona: list[str], out_of_persona: list[str], embedder: Embedder,
+                                  seed: int) -> PersonaClassifier:
+    """Logistic regression on what an answer says (MiniLM embedding) AND how it says it
+    (word 1-2-gram TF-IDF): a persona lives in pet words and turns of phrase ("mein
+    Freund", "Donnerwetter") that a sentence embedding averages away. The vocabulary is
+    fitted inside the held-out split, so the accuracy stays honest."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.preprocessing import FunctionTransformer
+
+    def make_model():
+        features = make_union(FunctionTransformer(lambda texts: embedder.encode(list(texts))),
+                              TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True))
+        return make_pipeline(features, LogisticRegression(max_iter=2000, C=4.0, random_state=seed))
+
+    texts = list(in_persona) + list(out_of_persona)
+    return _fit_with_holdout(np.array(texts, dtype=object), _labels(len(in_persona), len(out_of_persona)),
+                             make_model, seed)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -106,3 +106,14 @@ def test_eval_refuses_an_adapter_from_another_base_model(finished_run, tmp_path)
     (other / "student" / "adapter_config.json").write_text(json.dumps(adapter))
     with pytest.raises(StageError, match="trained on '/somewhere/else'"):
         chat(load_config(other), RunDir(other), lines=io.StringIO(""), out=io.StringIO())
+
+
+def test_force_on_a_late_stage_moves_only_that_stage_and_later(finished_run):
+    cfg, run = finished_run
+    adapter = (run.student / "adapter_model.safetensors").read_bytes()
+    run_stage(cfg, "report")
+    run_stage(cfg, "report", force=True)
+    assert (run.student / "adapter_model.safetensors").read_bytes() == adapter  # train's output stays
+    old = sorted((run.root / "old").iterdir())[-1]
+    assert (old / "report.md").is_file() and not (old / "student").exists() and not (old / "summary.json").exists()
+    assert (run.root / "report.md").is_file() and (run.root / "summary.json").is_file()

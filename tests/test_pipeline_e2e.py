@@ -9,7 +9,8 @@ import yaml
 from promptdistill.cli import main
 
 EXAMPLE = str(Path(__file__).parents[1] / "examples" / "beethoven" / "config.yaml")
-TINY = ["queries.limit=12", "queries.train=0.5", "queries.val=0.34", "queries.test=0.16", "sampling.max_tokens=32", "sampling.batch_size=6", "train.epochs=null", "train.steps=3",
+TINY = ["queries.limit=16", "queries.train=0.5", "queries.val=0.25", "queries.test=0.25", "sampling.max_tokens=32",
+        "eval.latency_queries=2", "eval.bootstrap=200", "sampling.batch_size=6", "train.epochs=null", "train.steps=3",
         "train.batch_size=4", "train.eval_every=3", "train.save_every=2", "train.warmup_steps=0"]
 
 
@@ -26,7 +27,7 @@ def test_run_end_to_end_then_skip_then_refuse_changed_inputs(tmp_path, capsys):
 
     queries = [json.loads(l) for l in (run / "queries.jsonl").read_text().splitlines()]
     teacher = [json.loads(l) for l in (run / "teacher.jsonl").read_text().splitlines()]
-    assert len(queries) == 12 and {q["split"] for q in queries} == {"train", "val", "test"}
+    assert len(queries) == 16 and {q["split"] for q in queries} == {"train", "val", "test"}
     assert sorted(r["id"] for r in teacher) == sorted(q["id"] for q in queries)  # each answered exactly once
     assert all(r["messages"][0]["role"] == "system" and r["tokens"]["prompt"] > 500 for r in teacher)
     assert all(1 <= r["tokens"]["completion"] <= 32 for r in teacher)
@@ -41,18 +42,23 @@ def test_run_end_to_end_then_skip_then_refuse_changed_inputs(tmp_path, capsys):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert "Beethoven" in config["system_prompt"] and config["train"]["steps"] == 3
     manifest = json.loads((run / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"queries", "generate", "train"}
+    assert set(manifest["stages"]) == {"queries", "generate", "train", "eval", "report"}
     assert all(s["seconds"] >= 0 and s["outputs"] for s in manifest["stages"].values())
     assert "torch" in manifest["versions"]
-    for stage in ("queries:", "generate:", "train:"):
+    for stage in ("queries:", "generate:", "train:", "eval:", "report:"):
         assert stage in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["n_test"] == len((run / "eval.jsonl").read_text().splitlines()) >= 2
+    assert summary["tokens"]["teacher_input"] > 500 > summary["tokens"]["student_input"]
+    assert summary["verdict"] in out  # `distill run` ends by printing the report's first paragraph
+    assert (run / "report.md").read_text().startswith("# Distillation report")
 
     assert distill("run", run_dir=run) == 0  # a re-run reuses everything
     again = capsys.readouterr().out
-    assert again.count("already done, skipped") == 3
-    assert len((run / "teacher.jsonl").read_text().splitlines()) == 12
+    assert again.count("already done, skipped") == 5
+    assert len((run / "teacher.jsonl").read_text().splitlines()) == 16
 
     assert distill("generate", run_dir=run, extra=["sampling.temperature=0.3"]) == 2
     err = capsys.readouterr().err
     assert "different sampling" in err and "--force" in err
-    assert len((run / "teacher.jsonl").read_text().splitlines()) == 12  # nothing lost
+    assert len((run / "teacher.jsonl").read_text().splitlines()) == 16  # nothing lost

@@ -265,3 +265,17 @@ def test_mean_nll_per_token_weights_by_tokens():
     # 10 tokens at 1.0 and 30 at 2.0 pool to 70/40, not the mean of per-answer means (1.5)
     assert mean_nll_per_token(np.array([10.0, 60.0]), np.array([10, 30])) == pytest.approx(1.75)
     assert math.isnan(mean_nll_per_token(np.array([]), np.array([])))
+
+
+def test_text_classifier_learns_pet_words_that_embeddings_blur(embedder):
+    """Same topics, different wording: only the persona's turns of phrase tell them apart."""
+    topics = ["the weather today", "my new lodgings", "the price of bread", "a walk by the river", "the orchestra",
+              "my nephew", "a letter from a friend", "the coffee this morning", "the noisy street", "a concert",
+              "the piano tuner", "the winter", "my landlord", "the publisher", "a young pianist", "the countryside"]
+    persona = [f"Donnerwetter, mein Freund, {t} vexes me!" for t in topics]
+    plain = [f"Here is some information about {t}." for t in topics]
+    clf = scores.train_text_persona_classifier(persona, plain, embedder, seed=0)
+    assert clf.heldout_accuracy >= 0.875 and clf.heldout_n == 8
+    share_in, _ = clf.share_in_persona(["Donnerwetter, mein Freund, the rain vexes me!"])
+    share_out, _ = clf.share_in_persona(["Here is some information about the rain."])
+    assert share_in == 1.0 and share_out == 0.0

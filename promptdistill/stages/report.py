@@ -266,6 +266,7 @@ def build_markdown(summary: dict, rows: list[dict], metrics: list[dict], manifes
           f"Teacher `{models.get('teacher', '?')}` answers WITH the system prompt; student `{models.get('student', '?')}` "
           f"+ LoRA adapter answers WITHOUT it; base = the student model with no adapter and no prompt. "
           f"All scores are on {n} held-out test queries.", ""]
+    md += [f"- Note: {note}" for note in summary.get("notes") or []] + ([""] if summary.get("notes") else [])
 
     md += ["## Headline", ""]
     md += table(["What", "Value"], [[line.split(": ", 1)[0].capitalize(), line.split(": ", 1)[1]] for line in headline(summary)])
