@@ -139,3 +139,15 @@ def test_sampler_from_trainer_uses_the_trained_weights(trainer):
             p.add_(torch.randn_like(p))
     after = trainer.sampler().sample(conv, SamplingParams(temperature=0, max_tokens=6), seeds=[0])[0].token_ids
     assert before != after
+
+
+def test_per_example_scores_do_not_depend_on_batching(trainer):
+    from promptdistill.backends.local import AnswerScorer
+
+    scorer = AnswerScorer(trainer.model)
+    datums = [to_datum(e) for e in examples(trainer.tokenizer)]
+    together = scorer.per_example(datums)
+    alone = [scorer.per_example([d])[0] for d in datums]
+    assert [n for _, n in together] == [n for _, n in alone] == [sum(d.weights) for d in datums]
+    for (a, _), (b, _) in zip(together, alone):
+        assert a == pytest.approx(b, rel=1e-5)

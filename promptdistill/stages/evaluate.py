@@ -89,14 +89,18 @@ def likelihoods(models: Models, rows: list[dict], system_prompt: str | None, ada
     scorer = AnswerScorer(models.student)
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
     out = np.full(len(rows), np.nan)
+    datums = {}
+    for i, r in enumerate(rows):
+        try:
+            datums[i] = to_datum(render_example(models.tokenizer, head + student_messages(r["query"]), r["answer"], r["id"]))
+        except RenderError:
+            continue
+    index = sorted(datums, key=lambda i: len(datums[i].input_tokens))  # similar lengths, less padding
     with models.adapter(on=adapter_on):
-        for i, r in enumerate(rows):
-            try:
-                ex = render_example(models.tokenizer, head + student_messages(r["query"]), r["answer"], r["id"])
-            except RenderError:
-                continue
-            nll, n = scorer.per_example([to_datum(ex)])[0]
-            out[i] = nll / n
+        for start in range(0, len(index), models.batch_size // 2 or 1):
+            chunk = index[start:start + (models.batch_size // 2 or 1)]
+            for i, (nll, n) in zip(chunk, scorer.per_example([datums[i] for i in chunk])):
+                out[i] = nll / n
     return out
 
 
