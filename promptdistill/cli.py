@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--compare", action="store_true", help="also answer as the teacher (with the prompt) and the base model")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the config's sampling")
 
+    serve = _verb(sub, "serve", "Serve the distilled student (and with --teacher the teacher) over an OpenAI-compatible "
+                  "HTTP API: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.",
+                  "distill serve runs/beethoven --port 8000",
+                  "DISTILL_TOKEN=s3cret distill serve runs/beethoven --teacher --token-env DISTILL_TOKEN")
+    serve.add_argument("run_dir", help="a run dir with a trained student/")
+    serve.add_argument("--teacher", action="store_true", help="also serve the teacher as '<run name>-teacher'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--token-env", metavar="NAME",
+                       help="require 'Authorization: Bearer <token>', the token being the value of environment variable NAME")
+
     exp = _verb(sub, "export", "Export the trained student: the LoRA adapter with a model card, a merged transformers "
                 "model dir, or one GGUF file (Llama-family models) for llama.cpp.",
                 "distill export runs/beethoven --format adapter --out exports/beethoven-lora",
@@ -109,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(export(Path(args.run_dir), args.fmt, Path(args.out), dtype=args.dtype, overwrite=args.overwrite))
             return 0
+        if args.verb == "serve":
+            from .serve import serve
+
+            return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env)
         if args.verb == "chat":
             from .rundir import RunDir
             from .stages.chat import chat

@@ -26,8 +26,45 @@ class Strict(BaseModel):
 
 class ModelConfig(Strict):
     model: str = Field(description="embedded name (see `distill models`), model dir, .gguf file or hub id")
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "openai"] = Field("local", description="local (transformers) | openai (any OpenAI-compatible chat API)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | mps | cuda | cuda:N")
+    # backend: openai. The key itself never goes in a config (it is copied into the run dir).
+    base_url: str | None = Field(None, pattern=r"^https?://", description="openai: the API root, e.g. http://127.0.0.1:8000/v1")
+    api_model: str | None = Field(None, min_length=1, description="openai: the server's model name (default: model)")
+    api_key_env: str | None = Field(None, description="openai: NAME of the environment variable holding the API key; unset: no key")
+    concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight at once")
+    timeout: float = Field(60, gt=0, description="openai: seconds one request may take before it is abandoned and retried")
+    max_retries: int = Field(5, ge=0, description="openai: retries per request after 429 / 5xx / timeouts / connection errors")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret_in_config(cls, data: Any) -> Any:
+        import re
+
+        # Raised from here the error's input is this whole section, which _explain never
+        # echoes, so a pasted key does not end up on the screen or in a log.
+        if isinstance(data, dict):
+            inline = [k for k in data if isinstance(k, str) and k.lower().replace("-", "_") in
+                      ("api_key", "apikey", "key", "token", "api_token", "secret", "openai_api_key")]
+            if inline:
+                raise ValueError(f"{inline[0]}: an API key never goes in the config (the run dir keeps a copy of it); "
+                                 f"export it in an environment variable and set api_key_env to that variable's NAME")
+            env = data.get("api_key_env")
+            if env is not None and not (isinstance(env, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", env)):
+                raise ValueError("api_key_env: expected the NAME of an environment variable (letters, digits and _, "
+                                 "e.g. OPENAI_API_KEY), not the key itself")
+        return data
+
+    @model_validator(mode="after")
+    def _openai_needs_a_server(self) -> "ModelConfig":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend openai needs base_url, the server's API root (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        """The model name sent to an API server."""
+        return self.api_model or self.model
 
 
 class QueriesConfig(Strict):

@@ -25,7 +25,8 @@ class Stage:
 
 STAGES = [
     Stage("queries", queries.stage_inputs, queries.run, lambda r: [r.queries]),
-    Stage("generate", generate.stage_inputs, generate.run, lambda r: [r.teacher], resumable=("queries",)),
+    Stage("generate", generate.stage_inputs, generate.run, lambda r: [r.teacher], resumable=("queries",),
+          aside=lambda r: [r.teacher, r.root / "teacher_errors.jsonl"]),
     Stage("train", train.stage_inputs, train.run,
           lambda r: [r.student / "adapter_model.safetensors", r.student / "adapter_config.json", r.metrics, r.checkpoints_log],
           aside=lambda r: [r.student, r.metrics, r.checkpoints_log]),

@@ -1,7 +1,8 @@
 """Backends behind the Sampler and Trainer interfaces (base.py), one module each.
 
 A backend's vendor SDK is imported only inside its module, and only when the config
-names that backend.
+names that backend: `local` (transformers + peft), `openai` (any OpenAI-compatible
+chat-completions server, through the official SDK; sampling only).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ def make_sampler(model: ModelConfig, batch_size: int, adapter_dir: str | Path | 
         from .local import LocalSampler
 
         return LocalSampler.from_dir(resolve_model(model.model), model.device, batch_size, adapter_dir)
+    if model.backend == "openai":
+        if adapter_dir is not None:
+            raise ValueError("backend 'openai' samples the server's model; it cannot load a local adapter")
+        from .openai import OpenAISampler
+
+        return OpenAISampler.from_config(model)
     raise ValueError(f"backend {model.backend!r} cannot sample")
 
 

@@ -27,7 +27,8 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (end-of-turn token) or "length" (hit max_tokens)
+    finish_reason: str  # "stop" (end-of-turn token), "length" (hit max_tokens) or "error" (remote: gave up)
+    error: str | None = None  # with finish_reason "error": why the row failed (never holds a secret)
 
     @property
     def completion_tokens(self) -> int:

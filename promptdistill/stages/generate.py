@@ -4,11 +4,17 @@ Rows are appended to teacher.jsonl batch by batch and keyed by a hash of (system
 prompt, query, model, sampling params), so an interrupted run resumes where it stopped
 and a re-run never duplicates a row. Each row is sampled from its own seed (derived from
 its key), so its answer does not depend on batching or on where a resume began.
+
+A remote teacher can fail a row even after its retries; such rows are not written to
+teacher.jsonl (their keys stay undone, so the next run retries them) but appended to
+teacher_errors.jsonl, and the stage then ends with an error instead of being recorded
+as finished with rows missing.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 from tqdm import tqdm
 
@@ -37,8 +43,12 @@ def row_seed(key: str, base_seed: int) -> int:
     return (int(key[:12], 16) + base_seed) % (2**63)
 
 
+ERRORS_FILE = "teacher_errors.jsonl"
+
+
 def context_window(sampler) -> int | None:
-    """The teacher's context length, when the backend exposes its model's config (local does)."""
+    """The teacher's context length, when the backend exposes its model's config (local does;
+    a remote one does not, and its server refuses an over-long prompt itself)."""
     return getattr(getattr(getattr(sampler, "model", None), "config", None), "max_position_embeddings", None)
 
 
@@ -51,7 +61,7 @@ def check_context(cfg: RunConfig, sampler, todo: list[dict]) -> None:
         return
     budget = cfg.sampling.max_tokens
     sizes = [(q, sampler.count_prompt_tokens(teacher_messages(cfg, q["query"]))) for q in todo]
-    over = [(q, n) for q, n in sizes if n + budget > limit]
+    over = [(q, n) for q, n in sizes if n is not None and n + budget > limit]
     if over:
         q, n = over[0]
         more = f" ({len(over)} queries in all)" if len(over) > 1 else ""
@@ -82,22 +92,37 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         check_context(cfg, sampler, todo)
         params = sampling_params(cfg)
         todo.sort(key=lambda q: len(q["query"]))  # similar lengths share a batch: less padding
-        bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="generate", unit="answer", dynamic_ncols=True)
-        new_tokens = truncated = 0
-        size = cfg.sampling.batch_size
-        for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
-            convs = [teacher_messages(cfg, q["query"]) for q in batch]
-            outs = sampler.sample(convs, params, [row_seed(q["key"], params.seed) for q in batch])
-            rows = [{"id": q["id"], "key": q["key"], "split": q["split"], "model": cfg.teacher.model,
-                     "messages": conv, "completion": out.text, "finish_reason": out.finish_reason,
-                     "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens}}
-                    for q, conv, out in zip(batch, convs, outs)]
-            append_jsonl(run.teacher, rows)
-            new_tokens += sum(o.completion_tokens for o in outs)
-            truncated += sum(o.finish_reason == "length" for o in outs)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated)
-        bar.close()
-    return (f"generate: {len(todo)} teacher answers ({len(done)} reused), {new_tokens} tokens in "
-            f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens")
+        with tqdm(total=len(queries), initial=len(queries) - len(todo), desc="generate", unit="answer",
+                  dynamic_ncols=True) as bar:  # closed on an error too, so its message starts a new line
+            new_tokens = truncated = failed = 0
+            size = cfg.sampling.batch_size
+            for start in range(0, len(todo), size):
+                batch = todo[start:start + size]
+                convs = [teacher_messages(cfg, q["query"]) for q in batch]
+                outs = sampler.sample(convs, params, [row_seed(q["key"], params.seed) for q in batch])
+                good = [(q, conv, out) for q, conv, out in zip(batch, convs, outs) if out.finish_reason != "error"]
+                rows = [{"id": q["id"], "key": q["key"], "split": q["split"], "model": cfg.teacher.model,
+                         "messages": conv, "completion": out.text, "finish_reason": out.finish_reason,
+                         "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens}}
+                        for q, conv, out in good]
+                if rows:
+                    append_jsonl(run.teacher, rows)
+                errors = [{"id": q["id"], "key": q["key"], "error": out.error or "unknown error",
+                           "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                          for q, out in zip(batch, outs) if out.finish_reason == "error"]
+                if errors:
+                    append_jsonl(run.root / ERRORS_FILE, errors)
+                failed += len(errors)
+                new_tokens += sum(o.completion_tokens for _, _, o in good)
+                truncated += sum(o.finish_reason == "length" for _, _, o in good)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated,
+                                **({"failed": failed} if failed else {}))
+    written = len(todo) - failed
+    summary = (f"generate: {written} teacher answers ({len(done)} reused), {new_tokens} tokens in "
+               f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens")
+    if failed:
+        # The answers that came back are saved; the stage must not be recorded as finished without the rest.
+        raise StageError(f"{summary}; {failed} failed after retries; re-run to retry them "
+                         f"(errors in {run.root / ERRORS_FILE})")
+    return summary

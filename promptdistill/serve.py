@@ -1,0 +1,395 @@
+"""`distill serve RUN_DIR`: the distilled student behind an OpenAI-compatible HTTP API,
+so any OpenAI client (the official SDKs, LangChain, curl) can talk to it.
+
+  POST /v1/chat/completions   JSON, or server-sent events with "stream": true
+  GET  /v1/models             "<run name>-student" (and "<run name>-teacher" with --teacher)
+  GET  /health                no token needed; 200 once the models are loaded
+
+The student answers WITHOUT a system prompt: the request's messages go through the
+student's chat template exactly as given (the template may add its own default system
+prompt, as in training). With --teacher, "<run name>-teacher" serves the teacher model,
+also with the messages as given, so a client sends the system prompt itself (that is what
+`distill generate` does with `teacher.backend: openai`); when teacher and student are the
+same model, the teacher is the base weights with the adapter switched off.
+
+Sampling: temperature, top_p, max_tokens (or max_completion_tokens), seed and
+repetition_penalty (a vLLM-style extension) are honoured; anything not given falls back
+to the run config's `sampling` section, and a request without a seed gets a random one.
+Requests are served one at a time (a CPU model gains nothing from running two at once).
+Binds 127.0.0.1 unless told otherwise; --token-env NAME requires `Authorization: Bearer
+<the value of $NAME>` on every /v1 request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DESCRIPTION = ("Serve the distilled student (and, with --teacher, the teacher) over an OpenAI-compatible HTTP API: "
+               "POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("run_dir", help="a run dir with a trained student/")
+    p.add_argument("--teacher", action="store_true", help="also serve the teacher as '<run name>-teacher'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--token-env", metavar="NAME",
+                   help="require 'Authorization: Bearer <token>' where the token is the value of environment variable NAME")
+    return p
+
+
+# --- the OpenAI request shape (the parts we honour; unknown fields are ignored) -----------
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int | None = 1
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    tools: list | None = None
+    logprobs: bool | None = None
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Cancelled(Exception):
+    """Raised from the token callback when the client went away: stops the decoding loop."""
+
+
+def _text_of(message: ChatMessage) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"content part of type {part.get('type')!r} is not supported (text only)", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _check_supported(req: ChatRequest) -> None:
+    if req.n not in (None, 1):
+        raise ApiError(400, "n > 1 is not supported; send one request per answer", param="n")
+    if req.stop:
+        raise ApiError(400, "stop sequences are not supported; the model stops at its end-of-turn token", param="stop")
+    if req.tools:
+        raise ApiError(400, "tools are not supported", param="tools")
+    if req.logprobs:
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} is not supported; use repetition_penalty", param=name)
+
+
+class _Deltas:
+    """Turns tokens into text deltas whose concatenation is exactly the final (stripped)
+    answer: waits for the rest of a multi-byte character, holds back leading and trailing
+    whitespace until text follows it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._advance(text.strip())
+
+    def finish(self, final_text: str) -> str:
+        return self._advance(final_text)
+
+    def _advance(self, visible: str) -> str:
+        if not visible.startswith(self.sent):
+            return ""
+        delta, self.sent = visible[len(self.sent):], visible
+        return delta
+
+
+class Server:
+    """The loaded models, one lock around generation, and what each served name means."""
+
+    def __init__(self, cfg, run, teacher: bool = False):
+        from .stages.evaluate import Models
+        from .stages.generate import sampling_params
+
+        # Without --teacher, never load a separate teacher model: make Models see the student twice.
+        models_cfg = cfg if teacher else cfg.model_copy(update={"teacher": cfg.student})
+        self.models = Models(models_cfg, run)
+        self.names = {f"{cfg.name}-student": "student"}
+        if teacher:
+            self.names[f"{cfg.name}-teacher"] = "teacher"
+        self.samplers = {who: self.models.sampler(who) for who in self.names.values()}
+        self.defaults = sampling_params(cfg)
+        self.lock = threading.Lock()
+        self.started = int(time.time())
+
+    def context_length(self, who: str) -> int | None:
+        model = self.samplers[who].model
+        return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+    def prepare(self, req: ChatRequest) -> tuple[str, list[int], Any, int]:
+        """(who, prompt ids, sampling params, seed) for a request, or an ApiError."""
+        from .backends.base import SamplingParams
+        from .render import prompt_ids
+
+        who = self.names.get(req.model)
+        if who is None:
+            raise ApiError(404, f"The model {req.model!r} does not exist; this server has {sorted(self.names)}",
+                           code="model_not_found", param="model")
+        _check_supported(req)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m)} for m in req.messages]
+        tokenizer = self.samplers[who].tokenizer
+        try:
+            ids = prompt_ids(tokenizer, messages)
+        except Exception as e:  # noqa: BLE001  RenderError, or the template's own raise_exception (jinja2)
+            raise ApiError(400, f"cannot render these messages with the model's chat template: {e}", param="messages") from None
+        d = self.defaults
+        max_tokens = req.max_completion_tokens or req.max_tokens or d.max_tokens
+        limit = self.context_length(who)
+        if limit is not None and len(ids) + max_tokens > limit:
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
+                                f"completion). Please reduce the length of the messages or completion.",
+                           param="messages", code="context_length_exceeded")
+        params = SamplingParams(
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_p=d.top_p if req.top_p is None else req.top_p,
+            max_tokens=max_tokens,
+            repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+        )
+        seed = random.getrandbits(63) if req.seed is None else req.seed % 2**63
+        return who, ids, params, seed
+
+    def generate(self, who: str, ids: list[int], params, seed: int, on_text=None, cancel: threading.Event | None = None):
+        """Blocking: decode one answer (one request at a time), calling on_text(delta) as text appears."""
+        sampler = self.samplers[who]
+        deltas = _Deltas(sampler.tokenizer)
+
+        def on_token(_row: int, token: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            if on_text is not None:
+                delta = deltas.push(token)
+                if delta:
+                    on_text(delta)
+
+        with self.lock, self.models.context(who):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            done = sampler.generate([ids], params, [seed], on_token=on_token)[0]
+        if on_text is not None:
+            rest = deltas.finish(done.text)
+            if rest:
+                on_text(rest)
+        return done
+
+
+def build_app(server: Server, token: str | None = None) -> FastAPI:
+    app = FastAPI(title="promptdistill", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, e: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            # Never echo what was sent: a mistyped key is still mostly a key.
+            raise ApiError(401, "missing or invalid bearer token (Authorization: Bearer <token>)", code="invalid_api_key")
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": server.started, "owned_by": "promptdistill"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card(n) for n in server.names]}
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str, request: Request):
+        authorize(request)
+        if name not in server.names:
+            raise ApiError(404, f"The model {name!r} does not exist", code="model_not_found", param="model")
+        return model_card(name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        try:
+            payload = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        try:
+            req = ChatRequest.model_validate(payload)
+        except ValidationError as e:  # name the field and the problem; never echo the values
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+            raise ApiError(400, f"invalid request: {problems}") from None
+        who, ids, params, seed = server.prepare(req)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+
+        def usage(done) -> dict:
+            n = len(done.token_ids)
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+        if not req.stream:
+            try:
+                done = await loop.run_in_executor(None, lambda: server.generate(who, ids, params, seed, cancel=cancel))
+            except asyncio.CancelledError:
+                cancel.set()  # the client went away: stop decoding for nobody
+                raise
+            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                                 "logprobs": None, "finish_reason": done.finish_reason}],
+                    "usage": usage(done)}
+
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def work():
+            try:
+                done = server.generate(who, ids, params, seed,
+                                       on_text=lambda d: loop.call_soon_threadsafe(queue.put_nowait, ("text", d)),
+                                       cancel=cancel)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", done))
+            except _Cancelled:
+                pass
+            except Exception as e:  # noqa: BLE001  (reported to the client as an error event)
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            if include_usage and "usage" not in extra:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            loop.run_in_executor(None, work)
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await queue.get()
+                    if kind == "text":
+                        yield chunk({"content": value})
+                    elif kind == "error":
+                        err = ApiError(500, f"generation failed: {type(value).__name__}", kind="server_error")
+                        yield f"data: {json.dumps(err.body())}\n\n"
+                        break
+                    else:
+                        yield chunk({}, value.finish_reason)
+                        if include_usage:
+                            body = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                                    "model": req.model, "system_fingerprint": None, "choices": [], "usage": usage(value)}
+                            yield f"data: {json.dumps(body)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel.set()  # no-op when finished; stops the decoding loop (and frees the lock) if the client left
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def serve(run_dir: str, teacher: bool = False, host: str = "127.0.0.1", port: int = 8000,
+          token_env: str | None = None) -> int:
+    """Load the run's models and serve them until Ctrl-C. User errors (a missing token
+    variable, an untrained run, an API teacher with --teacher) raise the CLI's user errors."""
+    import uvicorn
+
+    from .config import ConfigError, load_config
+    from .rundir import RunDir
+
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise ConfigError(f"--token-env {token_env}: that environment variable is not set or empty")
+    cfg = load_config(run_dir)
+    if teacher and cfg.teacher.backend != "local":
+        raise ConfigError(f"--teacher: the teacher {cfg.teacher.served_name!r} is served by {cfg.teacher.base_url} "
+                          f"already (backend {cfg.teacher.backend}); serve the student alone")
+    server = Server(cfg, RunDir(cfg.run_path), teacher=teacher)
+    app = build_app(server, token)
+    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        print(f"warning: listening on {host} without --token-env: anyone who can reach this machine can use the model",
+              file=sys.stderr)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {', '.join(server.names)} at http://{shown}:{port}/v1"
+          f"{' (bearer token required)' if token else ''}; Ctrl-C to stop", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m promptdistill.serve ...`: the same as `distill serve ...`."""
+    from .cli import USER_ERRORS, _quiet_libraries
+
+    args = add_arguments(argparse.ArgumentParser(prog="distill serve", description=DESCRIPTION)).parse_args(argv)
+    try:
+        _quiet_libraries()
+        return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

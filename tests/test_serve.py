@@ -1,0 +1,298 @@
+"""`distill serve`: a real server process (python -m promptdistill.serve) on 127.0.0.1,
+serving a finished tiny run (teacher == student: the teacher is the base weights with the
+adapter off), driven with the official openai client.
+
+The server is started once per test session and shared with test_openai_backend.py
+(`served()` below): it is started with --teacher and --token-env, so every /v1 request
+needs the planted key `KEY` as its bearer token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+from tiny import tiny_model, tiny_tokenizer
+
+from promptdistill.config import load_config
+from promptdistill.pipeline import run_stage
+from promptdistill.rundir import RunDir, append_jsonl
+from promptdistill.stages.generate import row_key, teacher_messages
+
+REPO = Path(__file__).parents[1]
+TOKEN_ENV = "PROMPTDISTILL_TEST_SERVE_KEY"
+KEY = "sk-test-" + secrets.token_hex(16)  # the server's bearer token, planted in $TOKEN_ENV; must never be written
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", TOKEN_ENV: KEY}
+RUN_NAME = "tiny"
+STUDENT, TEACHER = f"{RUN_NAME}-student", f"{RUN_NAME}-teacher"
+SYSTEM_PROMPT = "You are a pirate. Talk like one."
+PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye, matey, hoist the sails!",
+          "Shiver me timbers, a storm!", "Yo ho, the rum be gone.", "Avast! Ye scallywag."]
+
+
+def chatty_tiny(out: Path) -> Path:
+    """The tiny chatml model, nudged to end its turns within a few tokens (as in test_crash_safety)."""
+    tokenizer = tiny_tokenizer("chatml")
+    model = tiny_model(tokenizer)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[:, 0] = 1.0
+        emb[tokenizer.convert_tokens_to_ids("<|im_end|>"), 0] = 1.5
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_finished_run(root: Path) -> tuple[Path, Path]:
+    """A tiny run with hand-written teacher answers and a trained student: (model dir, run dir)."""
+    model = chatty_tiny(root / "tiny-chatty")
+    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(12)]
+    (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    config = {"name": RUN_NAME, "run_dir": str(root / "run"), "system_prompt": SYSTEM_PROMPT,
+              "teacher": {"model": str(model)}, "student": {"model": str(model)},
+              "queries": {"files": ["q.jsonl"], "train": 0.5, "val": 0.25, "test": 0.25},
+              "sampling": {"max_tokens": 8, "batch_size": 6},
+              "lora": {"rank": 4, "alpha": 8},
+              "train": {"steps": 3, "lr": 3e-2, "batch_size": 4, "eval_every": 3}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(root / "config.yaml")
+    run_stage(cfg, "queries")
+    run = RunDir(cfg.run_path)
+    rows = []
+    for i, q in enumerate(json.loads(line) for line in run.queries.read_text().splitlines()):
+        rows.append({"id": q["id"], "key": row_key(cfg, q["query"]), "split": q["split"], "model": str(model),
+                     "messages": teacher_messages(cfg, q["query"]), "completion": PIRATE[i % len(PIRATE)],
+                     "finish_reason": "stop", "tokens": {"prompt": 40, "completion": 9}})
+    append_jsonl(run.teacher, rows)
+    run_stage(cfg, "train")
+    return model, run.root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    out: Path
+    err: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> str:
+        return self.out.read_text(errors="replace") + self.err.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(run_dir: Path, logs: Path, *args: str, env: dict = ENV, timeout: float = 90) -> ServerProcess:
+    """`python -m promptdistill.serve RUN_DIR --port P ARGS...`, returned once /health answers."""
+    port = free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    out, err = logs / f"serve-{port}.out", logs / f"serve-{port}.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([sys.executable, "-m", "promptdistill.serve", str(run_dir), "--port", str(port), *args],
+                                cwd=REPO, env=env, stdout=o, stderr=e)
+    server = ServerProcess(proc, port, out, err)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{server.logs()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise AssertionError(f"server not ready after {timeout}s:\n{server.logs()}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Served:
+    server: ServerProcess
+    model: Path  # the tiny model dir (teacher == student)
+    run: Path  # the served run dir
+    root: Path
+
+
+_SHARED: dict[str, Served] = {}
+
+
+def served(tmp_path_factory, pytestconfig) -> Served:
+    """The session's server (started on first use, stopped at the end of the session)."""
+    if "served" not in _SHARED:
+        root = tmp_path_factory.mktemp("served")
+        model, run = build_finished_run(root)
+        server = start_server(run, root / "logs", "--teacher", "--token-env", TOKEN_ENV)  # default --host
+        pytestconfig.add_cleanup(server.stop)
+        _SHARED["served"] = Served(server, model, run, root)
+    s = _SHARED["served"]
+    assert s.server.proc.poll() is None, s.server.logs()
+    return s
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, pytestconfig) -> Served:
+    return served(tmp_path_factory, pytestconfig)
+
+
+@pytest.fixture
+def client(srv) -> openai.OpenAI:
+    with openai.OpenAI(base_url=f"{srv.server.url}/v1", api_key=KEY, max_retries=0, timeout=30) as c:
+        yield c
+
+
+def local_answer(srv: Served, messages: list[dict], adapter: bool, seed: int, max_tokens: int) -> tuple[str, int, int, str]:
+    """(text, prompt tokens, completion tokens, finish reason) from the same weights, in this process."""
+    from promptdistill.backends.base import SamplingParams
+    from promptdistill.backends.local import LocalSampler, load_causal_lm
+    from promptdistill.render import prompt_ids
+
+    model, tokenizer = load_causal_lm(srv.model, "cpu", adapter_dir=srv.run / "student" if adapter else None)
+    sampler = LocalSampler(model, tokenizer)
+    ids = prompt_ids(tokenizer, messages)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens)
+    done = sampler.generate([ids], params, [seed])[0]
+    return done.text, len(ids), len(done.token_ids), done.finish_reason
+
+
+def listening_addresses(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on `port`."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, state = fields[1], fields[3]
+            ip, hex_port = address.split(":")
+            if int(hex_port, 16) == port and state == "0A":  # 0A = LISTEN
+                found.append(ip)
+    return found
+
+
+# --- the tests ------------------------------------------------------------------------
+
+
+def test_binds_loopback_by_default_and_health_needs_no_token(srv):
+    assert f"at http://127.0.0.1:{srv.server.port}/v1 (bearer token required)" in srv.server.out.read_text()
+    if Path("/proc/net/tcp").exists():
+        assert listening_addresses(srv.server.port) == ["0100007F"]  # 127.0.0.1 only, no 0.0.0.0 / ::
+    assert httpx.get(f"{srv.server.url}/health").json() == {"status": "ok"}
+
+
+def test_every_v1_route_needs_the_bearer_token(srv, client):
+    wrong = "sk-test-" + secrets.token_hex(16)
+    for headers in ({}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": KEY}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, srv.server.url + path, headers=headers,
+                              json={"model": STUDENT, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+            assert wrong not in r.text and KEY not in r.text
+    with openai.OpenAI(base_url=f"{srv.server.url}/v1", api_key=wrong, max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    assert [m.id for m in client.models.list().data] == [STUDENT, TEACHER]
+    assert client.models.retrieve(TEACHER).id == TEACHER
+
+
+def test_completions_are_the_local_models_answers_with_usage(srv, client):
+    """Student = base + adapter, teacher = adapter off; seed, temperature, top_p and max_tokens
+    honoured: the server's answers equal the same weights' answers computed here."""
+    student_msgs = [{"role": "user", "content": "Where is the gold?"}]
+    teacher_msgs = [{"role": "system", "content": SYSTEM_PROMPT}] + student_msgs
+    texts = {}
+    for who, messages, adapter in ((STUDENT, student_msgs, True), (TEACHER, teacher_msgs, False),
+                                   (TEACHER, student_msgs, False)):
+        for seed in (1, 2, 3):
+            r = client.chat.completions.create(model=who, messages=messages, temperature=1.0, top_p=1.0,
+                                               max_tokens=12, seed=seed)
+            text, n_prompt, n_completion, finish = local_answer(srv, messages, adapter, seed, max_tokens=12)
+            choice = r.choices[0]
+            assert (choice.message.content, choice.finish_reason) == (text, finish), (who, seed)
+            assert choice.message.role == "assistant" and r.model == who and r.object == "chat.completion"
+            assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, n_completion)
+            assert r.usage.total_tokens == n_prompt + n_completion and 1 <= n_completion <= 12
+            texts[who, len(messages), seed] = text
+    assert sum(bool(t) for t in texts.values()) >= 5  # real answers, not a row of empty strings
+    # the adapter changes the answers: the student is not secretly the base model, or vice versa
+    assert any(texts[STUDENT, 1, s] != texts[TEACHER, 1, s] for s in (1, 2, 3))
+    again = client.chat.completions.create(model=STUDENT, messages=student_msgs, temperature=1.0, top_p=1.0,
+                                           max_tokens=12, seed=2)
+    assert again.choices[0].message.content == texts[STUDENT, 1, 2]  # same seed, same answer
+
+
+def test_streaming_gives_the_same_answer_in_openai_chunks(srv, client):
+    messages = [{"role": "user", "content": "Tell me about the storm."}]
+    kwargs = dict(model=STUDENT, messages=messages, temperature=1.0, top_p=1.0, max_tokens=16, seed=11)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    # on the wire: server-sent events, every one a JSON chunk, the last one [DONE]
+    with httpx.stream("POST", f"{srv.server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json=kwargs | {"stream": True}, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]) == text
+
+
+def test_bad_requests_get_openai_errors(srv, client):
+    hi = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=hi)
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        client.chat.completions.create(model=STUDENT, messages=hi, n=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 2048"):
+        client.chat.completions.create(model=STUDENT, messages=hi, max_tokens=5000)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=STUDENT, messages=hi, temperature=-1)
+    r = httpx.post(f"{srv.server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    # and the server is still fine
+    assert client.chat.completions.create(model=STUDENT, messages=hi, max_tokens=2).usage.completion_tokens <= 2
+
+
+def test_serve_refuses_a_token_env_that_is_not_set(srv, tmp_path):
+    env = {k: v for k, v in ENV.items() if k != TOKEN_ENV}
+    r = subprocess.run([sys.executable, "-m", "promptdistill.serve", str(srv.run), "--token-env", TOKEN_ENV],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and f"--token-env {TOKEN_ENV}: that environment variable is not set" in r.stderr
