@@ -29,5 +29,9 @@ demo: model
 test: model
 	$(PY) -m pytest -q
 
+bench: model
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) bench/run.py
+
 clean:
 	rm -rf $(VENV) runs

@@ -70,6 +70,7 @@ def child_env() -> dict:
 
 def run_child(name: str, spec: dict, label: str) -> dict:
     """Run one workload in a fresh process and return its result."""
+    busy = cpu_busy()  # the previous child has exited: anything busy now is someone else
     print(f"  {label} ...", end="", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -82,7 +83,9 @@ def run_child(name: str, spec: dict, label: str) -> dict:
             raise SystemExit(1)
         result = json.loads(out.read_text())
     result["process_wall_s"] = wall
-    print(f" {wall:.1f}s (peak RSS {result['peak_rss_mb']:.0f} MB)")
+    result["cpu_busy_before"] = busy
+    warn = f"; CPU was {busy:.0%} busy before it: unreliable" if busy > 0.2 else ""
+    print(f" {wall:.1f}s (peak RSS {result['peak_rss_mb']:.0f} MB{warn})")
     return result
 
 
@@ -186,7 +189,7 @@ def machine_info() -> dict:
             versions[pkg] = None
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
-            "loadavg_at_start": os.getloadavg()}
+            "loadavg_at_start": os.getloadavg(), "cpu_busy_at_start": cpu_busy()}
 
 
 def check(ok: bool) -> str:
@@ -205,6 +208,8 @@ def table(results: dict, info: dict) -> str:
             rows.append((f"  wall s / answers at max_tokens (batch {key[6:]})",
                          f"{b['seconds']:.1f} / {b['hit_max_tokens']}", f"{o['seconds']:.1f} / {o['hit_max_tokens']}",
                          "", "", ""))
+        rows.append(("  peak RSS MB (batch 32)", f"{b['peak_rss_mb']:.0f}",
+                     f"{g.get('ours_b32', b)['peak_rss_mb']:.0f}", "", "", ""))
         rows.append(("  mean answer tokens (baseline / batch 32)", f"{b['mean_answer_tokens']:.1f}",
                      f"{g.get('ours_b32', b)['mean_answer_tokens']:.1f}", "", "", ""))
     if t := results.get("training"):
@@ -266,16 +271,29 @@ def save(results: dict, info: dict, s: dict, args) -> Path:
     path = BENCH / "results" / f"{date}{'-quick' if shrunk else ''}.json"
     path.parent.mkdir(exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {}
-    data = {"date": date, "machine": info, "settings": s, "repeats": args.repeats,
+    data = {"date": date, "machine": old.get("machine", {}) | info, "settings": s, "repeats": args.repeats,
             "comparisons": old.get("comparisons", {}) | results}
     path.write_text(json.dumps(data, indent=1))
     return path
 
 
-def busy_warning() -> str | None:
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        return (f"WARNING: load average {load:.1f} before starting: another process is using the CPU, "
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all cores busy over the next `seconds` (from /proc/stat). Unlike the load
+    average, which trails by minutes, this says whether something runs NOW."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def busy_warning(busy: float) -> str | None:
+    if busy > 0.2:
+        return (f"WARNING: {busy:.0%} of the CPU is busy before starting: another process is running, "
                 f"and timings taken now are not meaningful")
     return None
 
@@ -288,14 +306,19 @@ def main() -> None:
     ap.add_argument("--queries", type=int, help="override: generation and latency queries (smoke tests)")
     ap.add_argument("--max-tokens", type=int, help="override: max new tokens (smoke tests)")
     ap.add_argument("--steps", type=int, help="override: training steps (smoke tests)")
+    ap.add_argument("--show", metavar="RESULTS_JSON", help="print the table of a saved results file; run nothing")
     args = ap.parse_args()
     chosen = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = set(chosen) - set(COMPARISONS)
     if unknown:
         ap.error(f"unknown comparison(s): {', '.join(sorted(unknown))}; choose from {', '.join(COMPARISONS)}")
-    if warning := busy_warning():
-        print(warning)
+    if args.show:
+        data = json.loads(Path(args.show).read_text())
+        print(table(data["comparisons"], data["machine"]))
+        return
     info = machine_info()
+    if warning := busy_warning(info["cpu_busy_at_start"]):
+        print(warning)
     s = settings(args)
     results = {}
     for name in (c for c in COMPARISONS if c in chosen):
