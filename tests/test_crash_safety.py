@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from promptdistill.cli import main
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_chatty_tiny
 
 REPO = Path(__file__).parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -45,26 +45,11 @@ SYSTEM_PROMPT = (
 )
 
 
-def chatty_tiny(out: Path) -> Path:
-    """The tiny model, nudged to end its turn after ~8 tokens instead of ~200: every
-    embedding gets a shared component, and <|im_end|>'s a larger one, so its logit stands
-    out after any token. Most answers then finish inside max_tokens=16 and are trainable."""
-    tokenizer = tiny_tokenizer("chatml")
-    model = tiny_model(tokenizer)
-    emb = model.get_input_embeddings().weight
-    with torch.no_grad():
-        emb[:, 0] = 1.0
-        emb[tokenizer.convert_tokens_to_ids("<|im_end|>"), 0] = 1.5
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A config (teacher = student = the tiny model) and 40 queries; returns the config path."""
     root = tmp_path_factory.mktemp("crash")
-    model = chatty_tiny(root / "tiny-chatty")
+    model = save_chatty_tiny(root / "tiny-chatty")
     queries = [{"id": f"q{i:03d}", "query": f"Question {i}: what do you make of {i * 7} ships on the horizon?"}
                for i in range(40)]
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")

@@ -23,7 +23,7 @@ from promptdistill.backends.openai import OpenAISampler, backoff, retry_after, s
 from promptdistill.config import ConfigError, load_config
 from promptdistill.models import ModelError
 from promptdistill.pipeline import run_stage
-from promptdistill.rundir import RunDir, StageError
+from promptdistill.rundir import StageError
 
 
 @pytest.fixture(scope="module")

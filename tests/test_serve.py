@@ -22,9 +22,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import yaml
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_chatty_tiny
 
 from promptdistill.config import load_config
 from promptdistill.pipeline import run_stage
@@ -42,22 +41,9 @@ PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye,
           "Shiver me timbers, a storm!", "Yo ho, the rum be gone.", "Avast! Ye scallywag."]
 
 
-def chatty_tiny(out: Path) -> Path:
-    """The tiny chatml model, nudged to end its turns within a few tokens (as in test_crash_safety)."""
-    tokenizer = tiny_tokenizer("chatml")
-    model = tiny_model(tokenizer)
-    emb = model.get_input_embeddings().weight
-    with torch.no_grad():
-        emb[:, 0] = 1.0
-        emb[tokenizer.convert_tokens_to_ids("<|im_end|>"), 0] = 1.5
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def build_finished_run(root: Path) -> tuple[Path, Path]:
     """A tiny run with hand-written teacher answers and a trained student: (model dir, run dir)."""
-    model = chatty_tiny(root / "tiny-chatty")
+    model = save_chatty_tiny(root / "tiny-chatty")
     queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(12)]
     (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     config = {"name": RUN_NAME, "run_dir": str(root / "run"), "system_prompt": SYSTEM_PROMPT,

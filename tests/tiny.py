@@ -216,3 +216,21 @@ def save_tiny(tmp_path, family: str = "chatml", seed: int = 0) -> Path:
     tokenizer.save_pretrained(out)
     tiny_model(tokenizer, seed=seed).save_pretrained(out)
     return out
+
+
+def save_chatty_tiny(out) -> Path:
+    """The tiny chatml model, nudged to end its turn after ~8 tokens instead of ~200: every
+    embedding gets a shared component, and <|im_end|>'s a larger one, so its logit stands
+    out after any token. Most answers then finish inside a small max_tokens and are trainable."""
+    import torch
+
+    tokenizer = tiny_tokenizer("chatml")
+    model = tiny_model(tokenizer)
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[:, 0] = 1.0
+        emb[tokenizer.convert_tokens_to_ids("<|im_end|>"), 0] = 1.5
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
