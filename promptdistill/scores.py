@@ -246,3 +246,31 @@ def mean_nll_per_token(nll_sums: np.ndarray, token_counts: np.ndarray) -> float:
     counts = np.asarray(token_counts, dtype=np.float64)
     total = counts.sum()
     return float(sums.sum() / total) if total > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def normalise_text(text: str) -> str:
+    """What 'the same query' means for exact dedup: case, punctuation and spacing ignored."""
+    kept = "".join(ch if ch.isalnum() else " " for ch in text.casefold())
+    return " ".join(kept.split())
+
+
+def near_duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None,
+                         threshold: float = 0.9) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for rows of unit embeddings `a` and `b` with cosine >= threshold.
+
+    With `b` None it compares `a` with itself and lists each pair once (i < j), never a
+    row with itself. Embeddings must be unit length (load_embedder gives them so).
+    """
+    a = np.asarray(a, dtype=np.float32)
+    same = b is None
+    b = a if same else np.asarray(b, dtype=np.float32)
+    if a.size == 0 or b.size == 0:
+        return []
+    sims = a @ b.T
+    if same:
+        sims = np.triu(sims, k=1) + np.tril(np.full_like(sims, -np.inf))
+    rows, cols = np.nonzero(sims >= threshold)
+    return [(int(i), int(j), float(sims[i, j])) for i, j in zip(rows, cols)]

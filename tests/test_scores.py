@@ -279,3 +279,20 @@ def test_text_classifier_learns_pet_words_that_embeddings_blur(embedder):
     share_in, _ = clf.share_in_persona(["Donnerwetter, mein Freund, the rain vexes me!"])
     share_out, _ = clf.share_in_persona(["Here is some information about the rain."])
     assert share_in == 1.0 and share_out == 0.0
+
+
+def test_normalise_text_ignores_case_punctuation_and_spacing():
+    from promptdistill.scores import normalise_text
+
+    assert normalise_text("  What's  your NAME?! ") == normalise_text("what s your name")
+    assert normalise_text("Bonn") != normalise_text("Vienna")
+
+
+def test_near_duplicate_pairs_within_and_across_sets():
+    from promptdistill.scores import near_duplicate_pairs
+
+    a = np.array([[1, 0], [0, 1], [0.6, 0.8], [1, 0]], dtype=np.float32)
+    assert near_duplicate_pairs(a, threshold=0.95) == [(0, 3, 1.0)]  # never a row with itself
+    across = near_duplicate_pairs(a, np.array([[0.8, 0.6]], dtype=np.float32), threshold=0.95)
+    assert [(i, j) for i, j, _ in across] == [(2, 0)] and abs(across[0][2] - 0.96) < 1e-6
+    assert near_duplicate_pairs(np.zeros((0, 2), np.float32)) == []
