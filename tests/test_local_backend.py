@@ -30,13 +30,39 @@ def test_greedy_batch_equals_transformers_generate(sampler, system):
     convs = conversations(system)
     got = sampler.sample(convs, SamplingParams(temperature=0, max_tokens=12), seeds=[0] * len(convs))
     if system:
-        assert sampler._prefix is not None  # the shared system prompt was cached once
+        assert sampler.shares_prefix and sampler._prefix is not None  # the system prompt's KV was computed once
     for conv, completion in zip(convs, got):
         ids = torch.tensor([prompt_ids(sampler.tokenizer, conv)])
         ref = sampler.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                      eos_token_id=sampler.stop_ids, pad_token_id=sampler.pad_id)
         assert completion.token_ids == ref[0, ids.shape[1]:].tolist()
         assert completion.prompt_tokens == ids.shape[1]
+
+
+def test_shared_prefix_attention_samples_what_per_row_prompts_sample(sampler):
+    """Sampling (not only greedy) with the prefix stored once must draw the same tokens as
+    with every row carrying its whole prompt: same logits, same seeded draws."""
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, repetition_penalty=1.2)
+    convs = conversations()
+    shared = sampler.sample(convs, params, seeds=[1, 2, 3, 4])
+    sampler.shares_prefix = False
+    try:
+        plain = sampler.sample(convs, params, seeds=[1, 2, 3, 4])
+    finally:
+        sampler.shares_prefix = True
+    assert [c.token_ids for c in shared] == [c.token_ids for c in plain]
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    from promptdistill.backends import local
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+    kept, ids = local.nucleus(probs, top_p=0.75)
+    assert ids[0, :2].tolist() == [0, 1] and torch.allclose(kept[0], torch.tensor([0.5, 0.3, 0.0, 0.0]))
+    assert ids[1, :3].tolist() == [3, 2, 1] and torch.allclose(kept[1], torch.tensor([0.4, 0.3, 0.2, 0.0]))
+    flat = torch.full((1, 3000), 1 / 3000)  # nucleus wider than the top-k candidates: the full sort decides
+    kept, _ = local.nucleus(flat, top_p=0.9)
+    assert abs(int((kept > 0).sum()) - 2700) <= 1  # float32 cumsum may move the edge by one
 
 
 def test_a_row_answer_does_not_depend_on_its_batch(sampler):

@@ -10,7 +10,6 @@ model's compute.
 
 from __future__ import annotations
 
-import copy
 import functools
 import random
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams, StepResult
 
-MIN_SHARED_PREFIX = 16  # below this, sharing a prefix cache is not worth the copy
+MIN_SHARED_PREFIX = 16  # below this, sharing a prefix is not worth a second attention term
 CACHE_HEADROOM = 128  # tokens of spare KV-cache capacity allocated at a time
 
 
@@ -54,6 +53,67 @@ def _growing_layer_class():
             return self.keys, self.values
 
     return GrowingLayer
+
+
+SHARED_PREFIX_ATTENTION = "promptdistill_shared_prefix"
+
+
+def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            shared_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None, **kwargs):
+    """Attention over [one shared prefix ; each row's own tokens].
+
+    The system prompt is the same in every row of a teacher batch. Copying its keys and
+    values into every row (what a batched KV cache does) multiplies the memory by the
+    batch size and makes every decoding step read all those copies. Here the prefix is
+    stored once, [kv_heads, P, d], and the row's query heads are grouped by key/value
+    head so one batched matmul scores all rows against it; the rows' own keys (the cache,
+    the query and the answer so far) are scored as usual with their padding mask, and
+    one softmax runs over both parts. Without `shared_prefix` this is plain SDPA."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if shared_prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    prefix_keys, prefix_values = shared_prefix[module.layer_idx]
+    batch, heads, width, dim = query.shape
+    kv_heads, plen = prefix_keys.shape[0], prefix_keys.shape[1]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    grouped = query.reshape(batch, kv_heads, group * width, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
+    prefix_scores = (grouped @ prefix_keys.transpose(1, 2)) * scale  # [kv_heads, batch*group*width, P]
+    prefix_scores = prefix_scores.reshape(kv_heads, batch, heads // kv_heads * width, plen).transpose(0, 1)
+    prefix_scores = prefix_scores.reshape(batch, heads, width, plen)
+    own_keys, own_values = repeat_kv(key, group), repeat_kv(value, group)
+    own_scores = (query @ own_keys.transpose(2, 3)) * scale  # [batch, heads, width, S]
+    if attention_mask is None:  # the mask builder left causality to the kernel: apply it here
+        attention_mask = torch.ones(width, own_keys.shape[2], dtype=torch.bool, device=query.device).tril(
+            own_keys.shape[2] - width)
+    if attention_mask.dtype == torch.bool:
+        own_scores = own_scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        own_scores = own_scores + attention_mask
+    weights = torch.softmax(torch.cat([prefix_scores, own_scores], -1).float(), -1).to(query.dtype)
+    prefix_weights = weights[..., :plen].reshape(batch, kv_heads, group * width, plen).transpose(0, 1)
+    out = (prefix_weights.reshape(kv_heads, -1, plen) @ prefix_values).reshape(kv_heads, batch, group * width, dim)
+    out = out.transpose(0, 1).reshape(batch, heads, width, dim) + weights[..., plen:] @ own_values
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_shared_prefix_attention(model) -> bool:
+    """Switch `model` to shared_prefix_attention (identical to SDPA when no prefix is passed),
+    if its architecture routes attention through transformers' AttentionInterface."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if causal_lm.config._attn_implementation not in ("sdpa", SHARED_PREFIX_ATTENTION):
+        return False  # eager / flash / flex chosen on purpose: leave it alone
+    if not causal_lm._can_set_attn_implementation():
+        return False
+    causal_lm.set_attn_implementation(SHARED_PREFIX_ATTENTION)
+    return causal_lm.config._attn_implementation == SHARED_PREFIX_ATTENTION
 
 
 def new_cache():
@@ -107,7 +167,8 @@ class LocalSampler:
         self.device = next(model.parameters()).device
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self._prefix: tuple[tuple[int, ...], object] | None = None  # (tokens, batch-1 KV cache)
+        self._prefix: tuple[tuple[int, ...], list] | None = None  # (tokens, per-layer keys and values)
+        self.shares_prefix = use_shared_prefix_attention(model)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch_size: int = 16,
@@ -131,16 +192,15 @@ class LocalSampler:
     def forget_prefix(self) -> None:
         self._prefix = None
 
-    def _prefix_cache(self, prefix: list[int], batch: int):
-        """KV cache of `prefix`, computed once and reused while batches share it."""
+    def _prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of `prefix`, [kv_heads, len, head_dim]: computed once, one
+        copy for the whole batch, reused while batches share the prefix."""
         if self._prefix is None or self._prefix[0] != tuple(prefix):
             cache = new_cache()
             ids = torch.tensor([prefix], device=self.device)
             self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            self._prefix = (tuple(prefix), cache)
-        cache = copy.deepcopy(self._prefix[1])
-        cache.batch_repeat_interleave(batch)
-        return cache
+            self._prefix = (tuple(prefix), [(layer.keys[0], layer.values[0]) for layer in cache.layers])
+        return self._prefix[1]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_token=None) -> list[Completion]:
@@ -148,10 +208,11 @@ class LocalSampler:
         self.model.eval()
         batch = len(prompts)
         shared = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-        if shared >= MIN_SHARED_PREFIX:
-            cache = self._prefix_cache(prompts[0][:shared], batch)
+        if shared >= MIN_SHARED_PREFIX and self.shares_prefix:
+            prefix = {"shared_prefix": self._prefix_kv(prompts[0][:shared])}
         else:
-            shared, cache = 0, new_cache()
+            shared, prefix = 0, {}
+        cache = new_cache()  # holds each row's own tokens only; the prefix lives once in `prefix`
         suffixes = [p[shared:] for p in prompts]
         width = max(len(s) for s in suffixes)
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
@@ -159,10 +220,10 @@ class LocalSampler:
         for r, s in enumerate(suffixes):  # left padding: every row's last token is aligned
             ids[r, width - len(s):] = torch.tensor(s)
             suffix_mask[r, width - len(s):] = 1
-        attention = torch.cat([torch.ones((batch, shared), dtype=torch.long), suffix_mask], 1).to(self.device)
+        attention = suffix_mask.to(self.device)
         positions = (shared + suffix_mask.cumsum(1) - 1).clamp(min=shared).to(self.device)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                            past_key_values=cache, use_cache=True, logits_to_keep=1, **prefix).logits[:, -1].float()
         next_pos = positions[:, -1:] + 1
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -190,7 +251,7 @@ class LocalSampler:
             seen[torch.arange(len(rows)), tokens] = True
             attention = torch.cat([attention, attention.new_ones((len(rows), 1))], 1)
             logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_pos,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                                past_key_values=cache, use_cache=True, logits_to_keep=1, **prefix).logits[:, -1].float()
             next_pos = next_pos + 1
         return [
             Completion(
@@ -213,14 +274,29 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPara
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / params.temperature, -1)
-    if params.top_p < 1.0:
-        sorted_probs, sorted_idx = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
-    probs_cpu = probs.cpu()
-    picks = [torch.multinomial(probs_cpu[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(picks).to(logits.device)
+    candidates, cand_ids = nucleus(probs, params.top_p)
+    # Inverse-CDF draw over the candidates, one uniform per row from the row's own generator:
+    # the same draw as multinomial, without a 49k-wide pass per row and step.
+    cdf = candidates.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdf) * cdf[:, -1]
+    picks = torch.searchsorted(cdf, u[:, None]).clamp(max=cdf.shape[-1] - 1)
+    return cand_ids.gather(-1, picks).squeeze(-1)
+
+
+NUCLEUS_CANDIDATES = 1024  # top-p rarely needs more; when it does we fall back to a full sort
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids) of each row's smallest set of top tokens reaching `top_p`,
+    zero beyond it. Sorting the whole vocabulary every step cost more than the model's
+    attention; the nucleus almost always lies in the top 1024, and when a row's does not,
+    the full sort gives the exact set."""
+    k = probs.shape[-1] if top_p >= 1.0 else min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, ids = probs.topk(k, dim=-1) if k < probs.shape[-1] else probs.sort(-1, descending=True)
+    if top_p < 1.0 and k < probs.shape[-1] and bool((top.sum(-1) < top_p).any()):
+        top, ids = probs.sort(-1, descending=True)
+    outside = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
+    return top.masked_fill(outside, 0.0), ids
 
 
 class AnswerScorer:
