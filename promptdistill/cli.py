@@ -55,16 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--compare", action="store_true", help="also answer as the teacher (with the prompt) and the base model")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the config's sampling")
 
-    serve = _verb(sub, "serve", "Serve the distilled student (and with --teacher the teacher) over an OpenAI-compatible "
-                  "HTTP API: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.",
-                  "distill serve runs/beethoven --port 8000",
-                  "DISTILL_TOKEN=s3cret distill serve runs/beethoven --teacher --token-env DISTILL_TOKEN")
-    serve.add_argument("run_dir", help="a run dir with a trained student/")
-    serve.add_argument("--teacher", action="store_true", help="also serve the teacher as '<run name>-teacher'")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--token-env", metavar="NAME",
-                       help="require 'Authorization: Bearer <token>', the token being the value of environment variable NAME")
+    serve_arguments(_verb(sub, "serve", SERVE_DESCRIPTION, "distill serve runs/beethoven --port 8000",
+                          "DISTILL_TOKEN=s3cret distill serve runs/beethoven --teacher --token-env DISTILL_TOKEN"))
 
     exp = _verb(sub, "export", "Export the trained student: the LoRA adapter with a model card, a merged transformers "
                 "model dir, or one GGUF file (Llama-family models) for llama.cpp.",
@@ -106,6 +98,21 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+SERVE_DESCRIPTION = ("Serve the distilled student (and with --teacher the teacher) over an OpenAI-compatible HTTP "
+                     "API: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.")
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`distill serve`'s arguments, here (not in serve.py) so the CLI starts without importing FastAPI."""
+    p.add_argument("run_dir", help="a run dir with a trained student/")
+    p.add_argument("--teacher", action="store_true", help="also serve the teacher as '<run name>-teacher'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--token-env", metavar="NAME",
+                   help="require 'Authorization: Bearer <token>', the token being the value of environment variable NAME")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

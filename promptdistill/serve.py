@@ -38,20 +38,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-DESCRIPTION = ("Serve the distilled student (and, with --teacher, the teacher) over an OpenAI-compatible HTTP API: "
-               "POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("run_dir", help="a run dir with a trained student/")
-    p.add_argument("--teacher", action="store_true", help="also serve the teacher as '<run name>-teacher'")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--token-env", metavar="NAME",
-                   help="require 'Authorization: Bearer <token>' where the token is the value of environment variable NAME")
-    return p
-
-
 # --- the OpenAI request shape (the parts we honour; unknown fields are ignored) -----------
 
 
@@ -380,9 +366,9 @@ def serve(run_dir: str, teacher: bool = False, host: str = "127.0.0.1", port: in
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m promptdistill.serve ...`: the same as `distill serve ...`."""
-    from .cli import USER_ERRORS, _quiet_libraries
+    from .cli import SERVE_DESCRIPTION, USER_ERRORS, _quiet_libraries, serve_arguments
 
-    args = add_arguments(argparse.ArgumentParser(prog="distill serve", description=DESCRIPTION)).parse_args(argv)
+    args = serve_arguments(argparse.ArgumentParser(prog="distill serve", description=SERVE_DESCRIPTION)).parse_args(argv)
     try:
         _quiet_libraries()
         return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env)

@@ -4,44 +4,21 @@ import io
 import json
 
 import pytest
-import yaml
-from tiny import save_tiny
+from tiny import PIRATE, save_tiny, trained_tiny_run
 
 from promptdistill.config import load_config
 from promptdistill.pipeline import run_stage
-from promptdistill.rundir import RunDir, StageError, append_jsonl
+from promptdistill.rundir import RunDir, StageError
 from promptdistill.stages.chat import chat
-from promptdistill.stages.generate import row_key, teacher_messages
-
-PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye, matey, hoist the sails!",
-          "Shiver me timbers, a storm!", "Yo ho, the rum be gone.", "Avast! Ye scallywag."]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evalrun")
-    model = save_tiny(tmp)
-    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(24)]
-    (tmp / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    config = {"name": "tiny", "run_dir": str(tmp / "run"), "system_prompt": "You are a pirate. Talk like one.",
-              "teacher": {"model": str(model)}, "student": {"model": str(model)},
-              "queries": {"files": ["q.jsonl"], "train": 0.5, "val": 0.25, "test": 0.25},
-              "sampling": {"max_tokens": 8, "batch_size": 6},
-              "train": {"steps": 3, "batch_size": 4, "eval_every": 3},
-              "eval": {"classifier_train_size": 12, "latency_queries": 3, "bootstrap": 200},
-              "pricing": {"source": "test", "date": "2026-11-24", "teacher": {"input_per_1m": 1.0, "output_per_1m": 2.0},
-                          "student": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "training_per_1m_tokens": 4.0}}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(tmp / "config.yaml")
-    run_stage(cfg, "queries")
-    run = RunDir(cfg.run_path)
-    rows = []
-    for i, q in enumerate(json.loads(l) for l in run.queries.read_text().splitlines()):
-        rows.append({"id": q["id"], "key": row_key(cfg, q["query"]), "split": q["split"], "model": str(model),
-                     "messages": teacher_messages(cfg, q["query"]), "completion": PIRATE[i % len(PIRATE)],
-                     "finish_reason": "stop", "tokens": {"prompt": 40, "completion": 9}})
-    append_jsonl(run.teacher, rows)
-    run_stage(cfg, "train")
+    pricing = {"source": "test", "date": "2026-11-24", "teacher": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+               "student": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "training_per_1m_tokens": 4.0}
+    cfg, run = trained_tiny_run(tmp, save_tiny(tmp), 24, pricing=pricing,
+                                eval={"classifier_train_size": 12, "latency_queries": 3, "bootstrap": 200})
     run_stage(cfg, "eval")
     return cfg, run
 

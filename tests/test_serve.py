@@ -22,13 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
-from tiny import save_chatty_tiny
-
-from promptdistill.config import load_config
-from promptdistill.pipeline import run_stage
-from promptdistill.rundir import RunDir, append_jsonl
-from promptdistill.stages.generate import row_key, teacher_messages
+from tiny import save_chatty_tiny, trained_tiny_run
 
 REPO = Path(__file__).parents[1]
 TOKEN_ENV = "PROMPTDISTILL_TEST_SERVE_KEY"
@@ -37,32 +31,11 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFF
 RUN_NAME = "tiny"
 STUDENT, TEACHER = f"{RUN_NAME}-student", f"{RUN_NAME}-teacher"
 SYSTEM_PROMPT = "You are a pirate. Talk like one."
-PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye, matey, hoist the sails!",
-          "Shiver me timbers, a storm!", "Yo ho, the rum be gone.", "Avast! Ye scallywag."]
-
-
 def build_finished_run(root: Path) -> tuple[Path, Path]:
     """A tiny run with hand-written teacher answers and a trained student: (model dir, run dir)."""
     model = save_chatty_tiny(root / "tiny-chatty")
-    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(12)]
-    (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    config = {"name": RUN_NAME, "run_dir": str(root / "run"), "system_prompt": SYSTEM_PROMPT,
-              "teacher": {"model": str(model)}, "student": {"model": str(model)},
-              "queries": {"files": ["q.jsonl"], "train": 0.5, "val": 0.25, "test": 0.25},
-              "sampling": {"max_tokens": 8, "batch_size": 6},
-              "lora": {"rank": 4, "alpha": 8},
-              "train": {"steps": 3, "lr": 3e-2, "batch_size": 4, "eval_every": 3}}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(root / "config.yaml")
-    run_stage(cfg, "queries")
-    run = RunDir(cfg.run_path)
-    rows = []
-    for i, q in enumerate(json.loads(line) for line in run.queries.read_text().splitlines()):
-        rows.append({"id": q["id"], "key": row_key(cfg, q["query"]), "split": q["split"], "model": str(model),
-                     "messages": teacher_messages(cfg, q["query"]), "completion": PIRATE[i % len(PIRATE)],
-                     "finish_reason": "stop", "tokens": {"prompt": 40, "completion": 9}})
-    append_jsonl(run.teacher, rows)
-    run_stage(cfg, "train")
+    _, run = trained_tiny_run(root, model, 12, name=RUN_NAME, system_prompt=SYSTEM_PROMPT, lora={"rank": 4, "alpha": 8},
+                              train={"steps": 3, "lr": 3e-2, "batch_size": 4, "eval_every": 3})
     return model, run.root
 
 

@@ -12,7 +12,15 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 FAMILIES = ("chatml", "chatml_default_system", "llama3", "gemma")
@@ -234,3 +242,42 @@ def save_chatty_tiny(out) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye, matey, hoist the sails!",
+          "Shiver me timbers, a storm!", "Yo ho, the rum be gone.", "Avast! Ye scallywag."]
+
+
+def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
+                     system_prompt: str = "You are a pirate. Talk like one.", **sections):
+    """A run of `model` with hand-written pirate teacher answers (no generation) and a
+    3-step trained student: (cfg, RunDir). `sections` add to or replace config sections."""
+    import json
+
+    import yaml
+
+    from promptdistill.config import load_config
+    from promptdistill.pipeline import run_stage
+    from promptdistill.rundir import RunDir, append_jsonl
+    from promptdistill.stages.generate import row_key, teacher_messages
+
+    root = Path(root)
+    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(n_queries)]
+    (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    config = {"name": name, "run_dir": str(root / "run"), "system_prompt": system_prompt,
+              "teacher": {"model": str(model)}, "student": {"model": str(model)},
+              "queries": {"files": ["q.jsonl"], "train": 0.5, "val": 0.25, "test": 0.25},
+              "sampling": {"max_tokens": 8, "batch_size": 6},
+              "train": {"steps": 3, "batch_size": 4, "eval_every": 3}} | sections
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(root / "config.yaml")
+    run_stage(cfg, "queries")
+    run = RunDir(cfg.run_path)
+    rows = []
+    for i, q in enumerate(json.loads(line) for line in run.queries.read_text().splitlines()):
+        rows.append({"id": q["id"], "key": row_key(cfg, q["query"]), "split": q["split"], "model": str(model),
+                     "messages": teacher_messages(cfg, q["query"]), "completion": PIRATE[i % len(PIRATE)],
+                     "finish_reason": "stop", "tokens": {"prompt": 40, "completion": 9}})
+    append_jsonl(run.teacher, rows)
+    run_stage(cfg, "train")
+    return cfg, run
