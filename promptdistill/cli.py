@@ -4,9 +4,12 @@ Parsing and error presentation only; the work happens in pipeline.py and stages/
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .config import ConfigError, load_config
 from .models import ModelError, describe_models, resolve_model
 from .render import RenderError
@@ -115,8 +118,29 @@ def serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _train_data_parallel(cfg, force: bool) -> None:
+    """`distill train` in one of the processes `accelerate launch` or torchrun started."""
+    from . import pipeline
+
+    backend = distributed.start()
+    try:
+        if distributed.is_main():
+            print(f"train: data-parallel over {distributed.world_size()} processes ({backend}), "
+                  f"each on 1/{distributed.world_size()} of every step's examples", flush=True)
+            pipeline.run_stage(cfg, "train", force=force)
+            return
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # one copy of the output is enough
+            pipeline.run_stage(cfg, "train", force=force)
+    finally:
+        distributed.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if distributed.world_size() > 1 and args.verb != "train":
+        print(f"error: `distill {args.verb}` runs as one process; only `distill train` runs data-parallel under "
+              f"accelerate launch / torchrun (WORLD_SIZE={distributed.world_size()})", file=sys.stderr)
+        return 2
     try:
         if args.verb == "models":
             _models(args)
@@ -143,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.verb == "run":
             pipeline.run_all(cfg, force=args.force)
+        elif distributed.world_size() > 1:
+            _train_data_parallel(cfg, args.force)
         else:
             pipeline.run_stage(cfg, args.verb, force=args.force)
         return 0

@@ -1,5 +1,7 @@
 """Runs stages in order against one run directory: skip what is done, refuse to mix
-results made from different inputs, time each stage and record it in the manifest."""
+results made from different inputs, time each stage and record it in the manifest.
+Under a launcher (`accelerate launch`, torchrun; see distributed.py) every process runs the
+stage and rank 0 alone keeps the books."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import distributed
 from .config import RunConfig
 from .rundir import RunDir, Timer, atomic_write_text
 from .stages import evaluate, generate, queries, report, train
@@ -39,30 +42,37 @@ BY_NAME = {s.name: s for s in STAGES}
 def run_stage(cfg: RunConfig, name: str, force: bool = False) -> str:
     stage = BY_NAME[name]
     run = RunDir(cfg.run_path)
-    run.root.mkdir(parents=True, exist_ok=True)
-    if force:
+    main = distributed.is_main()
+    if main:
+        run.root.mkdir(parents=True, exist_ok=True)
+    if force and main:
         later = STAGES[STAGES.index(stage):]
         moved = run.move_aside([p for s in later for p in (s.aside or s.outputs)(run)])
         run.forget_stages([s.name for s in later])
         if moved:
             print(f"{name}: --force moved earlier outputs to {moved}")
+    distributed.barrier()  # the others read the run dir once --force has moved things aside
     inputs = stage.inputs(cfg, run)
+    # Every process reads the same files, so all skip, refuse or go on alike.
     if run.stage_done(name, inputs, stage.resumable):  # refuses results made from other inputs
         summary = run.read_manifest()["stages"][name].get("summary", "")
         print(f"{name}: already done, skipped ({summary})")
         return summary
-    # Only now, with nothing refused, does the run dir take this config as its own.
-    atomic_write_text(run.config, cfg.to_yaml())
-    record, files = run.read_manifest()["stages"].get(name), _snapshot(stage.outputs(run))
-    run.start_stage(name, inputs)
+    distributed.barrier()  # all have read the manifest before rank 0 rewrites it
+    if main:
+        # Only now, with nothing refused, does the run dir take this config as its own.
+        atomic_write_text(run.config, cfg.to_yaml())
+        record, files = run.read_manifest()["stages"].get(name), _snapshot(stage.outputs(run))
+        run.start_stage(name, inputs)
     try:
         with Timer() as t:
             summary = stage.run(cfg, run)
     except BaseException:
-        if _snapshot(stage.outputs(run)) == files:
+        if main and _snapshot(stage.outputs(run)) == files:
             run.restore_stage(name, record)  # it changed nothing: a corrected re-run is not a "change"
         raise
-    run.finish_stage(name, [p for p in stage.outputs(run) if p.exists()], t.seconds, summary)
+    if main:
+        run.finish_stage(name, [p for p in stage.outputs(run) if p.exists()], t.seconds, summary)
     print(summary, flush=True)
     return summary
 

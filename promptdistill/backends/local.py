@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams, StepResult
 
@@ -346,7 +347,9 @@ class AnswerScorer:
 
 
 class LocalTrainer:
-    """LoRA on a local model, AdamW on the LoRA weights only."""
+    """LoRA on a local model, AdamW on the LoRA weights only. Under `accelerate launch` or
+    torchrun, each process holds a full copy and optim_step first sums the gradients of all
+    processes (see distributed.py), so every copy takes the same step."""
 
     def __init__(self, model_dir: str | Path, *, rank: int, alpha: float, dropout: float,
                  target_modules: str | list[str], weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
@@ -363,6 +366,7 @@ class LocalTrainer:
         self.model = get_peft_model(base, lora)
         self.device = next(self.model.parameters()).device
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.broadcast_from_main(self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
         self.sample_batch_size = sample_batch_size
@@ -385,6 +389,7 @@ class LocalTrainer:
         return StepResult(loss=float(loss), nll_sum=float(nll_sum), tokens=tokens)
 
     def optim_step(self, lr: float) -> dict:
+        distributed.sum_gradients(self.params)
         if self.max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         else:

@@ -6,6 +6,11 @@ is the mean negative log-likelihood of the answer tokens (and their end-of-turn 
 over each optimiser step. Validation loss is measured before the first step, so the
 untrained model's figure sits in metrics.jsonl beside the trained ones. The data order
 is a pure function of (seed, step), so a resumed run sees the same batches.
+
+Under `accelerate launch` / torchrun (WORLD_SIZE > 1) each process trains on every N-th
+example of each step's batch and the trainer sums the gradients, so a step is the same
+step as with one process (same examples, same 1/total token weights); rank 0 alone
+writes metrics, checkpoints and the adapter.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from .. import distributed
 from ..backends import make_trainer
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
 from ..render import Datum, Example, RenderError, render_example, student_view, to_datum
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
                       read_jsonl, sha256_text)
@@ -74,6 +80,18 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(order)
 
 
+def step_examples(examples: list[Example], step: int, t: TrainConfig) -> list[Example]:
+    """All examples of optimiser step `step` (its grad_accum micro-batches, in order)."""
+    return [e for m in range(t.grad_accum) for e in micro_batch(examples, step, m, t.batch_size, t.grad_accum, t.seed)]
+
+
+def my_micro_batches(examples: list[Example], batch_size: int) -> list[list[Example]]:
+    """This process's share of a step's examples (every world_size-th, from its rank), in
+    micro-batches of at most batch_size. With one process: the step's own micro-batches."""
+    mine = examples[distributed.rank()::distributed.world_size()]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
 def weighted(batch: list[Example], total_tokens: int) -> list[Datum]:
     # Each trainable token weighs 1/total over the whole optimiser step: a token mean,
     # however the step is split into micro-batches.
@@ -82,10 +100,11 @@ def weighted(batch: list[Example], total_tokens: int) -> list[Datum]:
 
 def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
     nll = tokens = 0
-    for start in range(0, len(examples), batch_size):
-        result = trainer.forward([to_datum(e) for e in examples[start:start + batch_size]])
+    for batch in my_micro_batches(examples, batch_size):
+        result = trainer.forward([to_datum(e) for e in batch])
         nll += result.nll_sum
         tokens += result.tokens
+    nll, tokens = distributed.sum_across([nll, tokens])
     return nll / tokens
 
 
@@ -172,6 +191,13 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     splits = load_split(cfg, run)
     if splits["missing"]:
         raise StageError(f"{len(splits['missing'])} queries have no teacher answer yet; run `distill generate` first")
+    world, main = distributed.world_size(), distributed.is_main()
+    if world > 1 and cfg.student.backend != "local":
+        raise StageError(f"train: {world} processes: data-parallel training needs student.backend 'local', "
+                         f"not {cfg.student.backend!r}; run `distill train` as one process")
+    if world > t.batch_size * t.grad_accum:
+        raise StageError(f"train: {world} processes cannot share a step of train.batch_size * train.grad_accum = "
+                         f"{t.batch_size * t.grad_accum} examples; raise train.batch_size or start fewer processes")
     trainer = make_trainer(cfg.student, cfg.lora, t, cfg.sampling.batch_size)
     print("student sees (no system prompt given): " + repr(student_view(trainer.tokenizer)))
     train, too_long = render_all(trainer.tokenizer, splits["train"], t.max_seq_len)
@@ -189,42 +215,51 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     if resume is not None:
         trainer.load_state(run.root / resume["path"])
         start = resume["step"]
+        print(f"train: resuming from {resume['path']} (step {start} of {steps})")
+    distributed.barrier()  # every process has found and loaded the checkpoint before rank 0 edits the logs
+    if main and resume is not None:
         kept = [r for r in read_jsonl(run.metrics, repair=True) if r["step"] <= start]
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
-        print(f"train: resuming from {resume['path']} (step {start} of {steps})")
-    else:
+    if main and resume is None:
         run.metrics.unlink(missing_ok=True)
         run.checkpoints_log.unlink(missing_ok=True)
 
     with Timer() as timer:
         if start == 0 and val:
             first = validation_loss(trainer, val, t.batch_size)
-            append_jsonl(run.metrics, [{"step": 0, "val_loss": first}])
-        bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", dynamic_ncols=True)
+            if main:
+                append_jsonl(run.metrics, [{"step": 0, "val_loss": first}])
+        bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not main)
         with ctrl_c_at_step_end() as interrupted:
             for step in bar:
-                micro = [micro_batch(train, step, m, t.batch_size, t.grad_accum, t.seed) for m in range(t.grad_accum)]
-                total = sum(e.n_trainable for b in micro for e in b)
+                examples = step_examples(train, step, t)
+                total = sum(e.n_trainable for e in examples)  # the whole step's, in every process
                 nll = 0.0
-                for batch in micro:
+                for batch in my_micro_batches(examples, t.batch_size):
                     nll += trainer.forward_backward(weighted(batch, total)).nll_sum
+                nll, = distributed.sum_across([nll])
                 lr = lr_at(step, steps, t.lr, t.warmup_steps, t.schedule)
                 info = trainer.optim_step(lr)
                 row = {"step": step + 1, "lr": lr, "train_loss": nll / total, "grad_norm": info["grad_norm"],
                        "tokens": total, "seconds": round(timer.elapsed, 2)}
                 if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
                     row["val_loss"] = validation_loss(trainer, val, t.batch_size)
-                append_jsonl(run.metrics, [row])
+                if main:
+                    append_jsonl(run.metrics, [row])
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
-                stop = interrupted()  # read once: a Ctrl-C arriving after this is handled a step later
-                if stop or ((step + 1) % t.save_every == 0 and step + 1 < steps):
+                # Read once: a Ctrl-C arriving after this is handled a step later. Summed over
+                # processes, so all stop after the same step (or the others would wait forever).
+                stop = distributed.sum_across([float(interrupted())])[0] > 0
+                if main and (stop or ((step + 1) % t.save_every == 0 and step + 1 < steps)):
                     save_checkpoint(trainer, run, step + 1, t.keep_checkpoints)
                 if stop:
                     bar.close()
                     print(f"train: stopped after step {step + 1} of {steps}; its checkpoint is saved", flush=True)
                     raise KeyboardInterrupt
         bar.close()
-        trainer.save(run.student)
+        if main:
+            trainer.save(run.student)
     metrics = read_jsonl(run.metrics)
     vals = [r["val_loss"] for r in metrics if "val_loss" in r]
     val_text = f"val loss {vals[0]:.3f} -> {vals[-1]:.3f} (step 0 = untrained)" if vals else "no val split"
