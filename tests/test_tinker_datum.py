@@ -1,0 +1,96 @@
+"""The Tinker backend trains on exactly what the local trainer trains on: Datums built from
+our rendered examples, converted to the real `tinker` SDK types, carry the same input
+tokens, targets and weights, token for token, as what LocalTrainer feeds its model, and
+Tinker's cross_entropy on them is the local trainer's loss. No server is involved: these
+are the SDK's own types, as they would be sent."""
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+from tinker import types
+from transformers import AutoTokenizer
+
+from promptdistill.backends.local import LocalTrainer
+from promptdistill.backends.tinker import step_result, to_tinker_datum
+from promptdistill.models import resolve_model
+from promptdistill.render import render_example
+from promptdistill.stages.train import weighted
+
+PAIRS = [("Where is the gold?", "Under the old oak, matey."),
+         ("Who are you?", "Captain Redbeard, scourge of the seven seas! Fear me."),
+         ("Hi", "Ahoy!")]
+
+
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="module", params=["smollm2", "llama3", "gemma"])
+def trainer(request, tmp_path_factory):
+    """A LocalTrainer on a tiny model over the real SmolLM2 tokenizer or a tiny one."""
+    tokenizer = smollm2_tokenizer() if request.param == "smollm2" else tiny_tokenizer(request.param)
+    out = tmp_path_factory.mktemp(request.param)
+    tokenizer.save_pretrained(out)
+    tiny_model(tokenizer).save_pretrained(out)
+    return LocalTrainer(out, rank=4, alpha=8, dropout=0.0, target_modules="all-linear", device="cpu")
+
+
+def batch(tokenizer):
+    examples = [render_example(tokenizer, [{"role": "user", "content": q}], a, f"e{i}") for i, (q, a) in enumerate(PAIRS)]
+    return examples, weighted(examples, sum(e.n_trainable for e in examples))  # as the train stage builds a step
+
+
+def fed_to_model(trainer, datums):
+    """The input ids and attention mask LocalTrainer's forward pass hands its decoder."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["ids"], seen["attention"] = kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()
+
+    hook = trainer.scorer.decoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        result = trainer.forward(datums)
+    finally:
+        hook.remove()
+    return seen["ids"], seen["attention"], result
+
+
+def test_tinker_datums_carry_the_local_trainers_tokens_targets_and_weights(trainer):
+    examples, datums = batch(trainer.tokenizer)
+    tinker_datums = [to_tinker_datum(d) for d in datums]
+    ids, attention, _ = fed_to_model(trainer, datums)
+    for r, (ex, d, td) in enumerate(zip(examples, datums, tinker_datums)):
+        assert isinstance(td, types.Datum)
+        model_input = td.model_input.to_ints()
+        targets = td.loss_fn_inputs["target_tokens"].tolist()
+        weights = td.loss_fn_inputs["weights"].tolist()
+        n = len(model_input)
+        assert ids[r, :n].tolist() == model_input and int(attention[r].sum()) == n  # what the model reads
+        assert model_input == ex.tokens[:-1]  # input ids...
+        assert targets == ex.tokens[1:]  # ...labels shifted by one...
+        assert [w > 0 for w in weights] == [m == 1 for m in ex.mask[1:]]  # ...scored exactly on the answer
+        assert weights == pytest.approx(d.weights, rel=1e-6)  # float32 on the wire
+        assert td.loss_fn_inputs["target_tokens"].dtype == "int64" and td.loss_fn_inputs["weights"].dtype == "float32"
+
+
+def test_tinker_cross_entropy_on_the_datums_is_the_local_loss(trainer):
+    """Tinker's cross_entropy, sum(weights * -logprob(target)), computed from the Tinker Datums
+    alone with a plain forward pass, equals LocalTrainer's loss; and step_result, reading a real
+    ForwardBackwardOutput of those logprobs, gives LocalTrainer's StepResult."""
+    _, datums = batch(trainer.tokenizer)
+    tinker_datums = [to_tinker_datum(d) for d in datums]
+    trainer.model.eval()
+    outputs, loss = [], 0.0
+    with torch.no_grad():
+        for td in tinker_datums:
+            logits = trainer.model(input_ids=torch.tensor([td.model_input.to_ints()])).logits[0].float()
+            targets = td.loss_fn_inputs["target_tokens"].to_torch()
+            logprobs = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+            loss += float((-logprobs * td.loss_fn_inputs["weights"].to_torch()).sum())
+            outputs.append({"logprobs": types.TensorData.from_torch(logprobs)})
+    local = trainer.forward(datums)
+    assert loss == pytest.approx(local.loss, rel=1e-4)
+    ours = step_result(datums, types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs))
+    assert ours.tokens == local.tokens
+    assert ours.loss == pytest.approx(local.loss, rel=1e-4)
+    assert ours.nll_sum == pytest.approx(local.nll_sum, rel=1e-4)
