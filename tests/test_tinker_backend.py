@@ -1,4 +1,6 @@
-"""The Tinker backend trains on exactly what the local trainer trains on: Datums built from
+"""The Tinker backend, without a server (the opt-in tests/test_tinker_integration.py has one).
+
+It trains on exactly what the local trainer trains on: Datums built from
 our rendered examples, converted to the real `tinker` SDK types, carry the same input
 tokens, targets and weights, token for token, as what LocalTrainer feeds its model, and
 Tinker's cross_entropy on them is the local trainer's loss. No server is involved: these
@@ -6,13 +8,16 @@ are the SDK's own types, as they would be sent."""
 
 import pytest
 import torch
+import yaml
 from tiny import tiny_model, tiny_tokenizer
 from tinker import types
 from transformers import AutoTokenizer
 
+from promptdistill.backends.base import SamplingParams
 from promptdistill.backends.local import LocalTrainer
-from promptdistill.backends.tinker import step_result, to_tinker_datum
-from promptdistill.models import resolve_model
+from promptdistill.backends.tinker import TinkerSampler, api_key, lora_layers, step_result, to_tinker_datum
+from promptdistill.config import ConfigError, LoraConfig, ModelConfig, load_config
+from promptdistill.models import ModelError, resolve_model
 from promptdistill.render import render_example
 from promptdistill.stages.train import weighted
 
@@ -94,3 +99,29 @@ def test_tinker_cross_entropy_on_the_datums_is_the_local_loss(trainer):
     assert ours.tokens == local.tokens
     assert ours.loss == pytest.approx(local.loss, rel=1e-4)
     assert ours.nll_sum == pytest.approx(local.nll_sum, rel=1e-4)
+
+
+def test_a_tinker_student_needs_its_tinker_model_named(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "system_prompt": "Be a pirate.", "teacher": {"model": "smollm2-135m"},
+                                    "student": {"model": "smollm2-135m", "backend": "tinker"},
+                                    "queries": {"files": ["q.jsonl"]}, "train": {"steps": 3}}))
+    with pytest.raises(ConfigError, match=r"student.*backend tinker needs api_model"):
+        load_config(path)
+
+
+def test_settings_tinker_cannot_honour_are_refused_naming_the_field(monkeypatch):
+    assert lora_layers(LoraConfig()) == {"train_attn": True, "train_mlp": True, "train_unembed": False}
+    with pytest.raises(ModelError, match="lora.target_modules"):
+        lora_layers(LoraConfig(target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ModelError, match="lora.dropout"):
+        lora_layers(LoraConfig(dropout=0.1))
+    sampler = TinkerSampler(client=None, tokenizer=tiny_tokenizer("chatml"))  # refused before any request
+    with pytest.raises(ModelError, match="repetition_penalty"):
+        sampler.sample([[{"role": "user", "content": "Hi"}]], SamplingParams(repetition_penalty=1.2), [0])
+    model = ModelConfig(model="smollm2-135m", backend="tinker", api_model="Qwen/Qwen3-8B", api_key_env="PD_TEST_TINKER_KEY")
+    monkeypatch.delenv("PD_TEST_TINKER_KEY", raising=False)
+    with pytest.raises(ModelError, match=r"\$PD_TEST_TINKER_KEY \(api_key_env\) is not set"):
+        api_key(model)
+    monkeypatch.setenv("PD_TEST_TINKER_KEY", "tml-secret")
+    assert api_key(model) == "tml-secret"
