@@ -140,7 +140,7 @@ class TinkerTrainer:
     """The Trainer interface on a Tinker LoRA TrainingClient."""
 
     def __init__(self, model: ModelConfig, lora: LoraConfig, train: TrainConfig):
-        self.model = model
+        self.spec = model  # the student ModelConfig
         self.tokenizer = local_tokenizer(model)
         self.service = service_client(model)
         self.client = self.service.create_lora_training_client(
@@ -165,7 +165,7 @@ class TinkerTrainer:
     def save_state(self, path: str | Path) -> None:
         """Weights and optimiser state saved on Tinker; the run dir keeps where."""
         saved = self.client.save_state(Path(path).name).result()
-        atomic_write_json(Path(path) / STATE_FILE, {"tinker_path": saved.path, "base_model": self.model.served_name})
+        atomic_write_json(Path(path) / STATE_FILE, {"tinker_path": saved.path, "base_model": self.spec.served_name})
 
     def load_state(self, path: str | Path) -> None:
         state = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
@@ -175,8 +175,8 @@ class TinkerTrainer:
     def save(self, path: str | Path) -> None:
         """The trained LoRA as a PEFT adapter dir at `path`, based on the local `model`."""
         export = self.client.save_weights_external(f"{Path(path).name}-peft").result().path
-        download_adapter(tinker.RestClient(base_url=self.model.base_url, api_key=api_key(self.model)),
-                         export, Path(path), str(resolve_model(self.model.model)))
+        download_adapter(tinker.RestClient(base_url=self.spec.base_url, api_key=api_key(self.spec)),
+                         export, Path(path), str(resolve_model(self.spec.model)))
 
     def sampler(self) -> TinkerSampler:
         return TinkerSampler(self.client.save_weights_and_get_sampling_client().result(), self.tokenizer)
