@@ -6,15 +6,19 @@ tokens, targets and weights, token for token, as what LocalTrainer feeds its mod
 Tinker's cross_entropy on them is the local trainer's loss. No server is involved: these
 are the SDK's own types, as they would be sent."""
 
+import json
+
 import pytest
 import torch
 import yaml
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_chatty_tiny, tiny_model, tiny_tokenizer
 from tinker import types
 from transformers import AutoTokenizer
 
 from promptdistill.backends.base import SamplingParams
+from promptdistill.backends import local
 from promptdistill.backends.local import LocalTrainer
+from promptdistill.cli import main
 from promptdistill.backends.tinker import TinkerSampler, api_key, lora_layers, step_result, to_tinker_datum
 from promptdistill.config import ConfigError, LoraConfig, ModelConfig, load_config
 from promptdistill.models import ModelError, resolve_model
@@ -125,3 +129,47 @@ def test_settings_tinker_cannot_honour_are_refused_naming_the_field(monkeypatch)
         api_key(model)
     monkeypatch.setenv("PD_TEST_TINKER_KEY", "tml-secret")
     assert api_key(model) == "tml-secret"
+
+
+class OrderRecorder(LocalTrainer):
+    """The real local trainer, noting when each call is submitted and when its result is read."""
+
+    calls: list[str] = []
+
+    def forward_backward(self, batch):
+        done = super().forward_backward(batch)
+        self.calls.append("submit forward_backward")
+        return RecordedRead(done, self.calls)
+
+    def optim_step(self, lr):
+        self.calls.append("submit optim_step")
+        return super().optim_step(lr)
+
+
+class RecordedRead:
+    def __init__(self, done, calls):
+        self.done, self.calls = done, calls
+
+    def result(self):
+        self.calls.append("read forward_backward")
+        return self.done.result()
+
+
+def test_the_train_stage_submits_a_whole_step_before_reading_any_of_it(tmp_path, monkeypatch):
+    """What lets Tinker pipeline: every micro-batch's forward_backward and the step's
+    optim_step are submitted before any forward_backward result is read."""
+    model = save_chatty_tiny(tmp_path / "tiny")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "query": f"Question {i}?"}) + "\n"
+                                              for i in range(12)))
+    config = {"name": "t", "system_prompt": "Be a pirate.", "teacher": {"model": str(model)},
+              "student": {"model": str(model)}, "queries": {"files": ["q.jsonl"], "train": 0.8, "val": 0.1, "test": 0.1},
+              "sampling": {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0},
+              "lora": {"rank": 4, "alpha": 8}, "train": {"steps": 2, "batch_size": 2, "grad_accum": 2}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = [str(tmp_path / "config.yaml"), "--set", f"run_dir={tmp_path / 'run'}"]
+    assert main(["queries", *args]) == 0 and main(["generate", *args]) == 0
+    monkeypatch.setattr(local, "LocalTrainer", OrderRecorder)
+    OrderRecorder.calls.clear()
+    assert main(["train", *args]) == 0
+    step = ["submit forward_backward"] * 2 + ["submit optim_step"] + ["read forward_backward"] * 2
+    assert OrderRecorder.calls == step * 2
