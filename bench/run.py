@@ -1,6 +1,6 @@
 """Benchmarks: promptdistill's own sampler and trainer against the usual baselines.
 
-    python bench/run.py [--only generation,training,latency,machine,e2e] [--quick] [--repeats N]
+    python bench/run.py [--only generation,training,latency,machine,e2e,concurrency] [--quick] [--repeats N]
 
 Every measured run is a separate child process (bench/workloads.py), started one at a
 time, baseline and ours alternating, on the same model (the embedded SmolLM2-135M),
@@ -25,7 +25,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORKLOADS = BENCH / "workloads.py"
-COMPARISONS = ["machine", "generation", "training", "latency", "e2e"]  # machine first: MFU needs it
+COMPARISONS = ["machine", "generation", "training", "latency", "e2e", "concurrency"]  # machine first: MFU needs it
 
 # The settings of the full run; --quick and the size flags shrink them.
 FULL = {
@@ -35,10 +35,11 @@ FULL = {
                  "max_length": 512, "warmup_steps": 2},
     "latency": {"queries": 16, "max_tokens": 96},
     "machine": {"matmul_sizes": [1024, 2048], "matmul_repeats": 10},
+    "concurrency": {"requests": 128, "latency_s": 0.2, "tokens": 64, "levels": [1, 4, 16, 64]},
 }
 QUICK = {"generation": {"queries": 16, "max_tokens": 48}, "training": {"examples": 32, "steps": 6},
-         "latency": {"queries": 4, "max_tokens": 48}, "machine": {"matmul_repeats": 5}}
-TARGETS = {"generation": 8.0, "training": 1.5, "ttft": 0.25, "demo_s": 600}
+         "latency": {"queries": 4, "max_tokens": 48}, "machine": {"matmul_repeats": 5}, "concurrency": {"requests": 64}}
+TARGETS = {"generation": 8.0, "training": 1.5, "ttft": 0.25, "demo_s": 600, "concurrency": 31.0}
 
 
 def settings(args) -> dict:
@@ -154,8 +155,15 @@ def bench_e2e(s: dict, repeats: int) -> dict:
             "complete": bool(seconds) and len(done) == len(seconds) and "report" in seconds}
 
 
+def bench_concurrency(s: dict, repeats: int) -> dict:
+    c = s["concurrency"]
+    runs = [run_child("concurrency", c, f"OpenAI backend vs fixed-latency server (round {r + 1}/{repeats})")
+            for r in range(repeats)]
+    return {"settings": c, "runs": runs, **median_run(runs, "top_speedup")}
+
+
 RUNNERS = {"machine": bench_machine, "generation": bench_generation, "training": bench_training,
-           "latency": bench_latency, "e2e": bench_e2e}
+           "latency": bench_latency, "e2e": bench_e2e, "concurrency": bench_concurrency}
 
 
 def add_mfu(results: dict) -> None:
@@ -243,6 +251,16 @@ def table(results: dict, info: dict) -> str:
                      f"{te['total_ms_median']:.0f} ({te['mean_answer_tokens']:.0f})",
                      f"{st['total_ms_median']:.0f} ({st['mean_answer_tokens']:.0f})", f"{lat['total_ratio']:.2f}", "", ""))
         rows.append(("  prompt tokens", f"{te['mean_prompt_tokens']:.0f}", f"{st['mean_prompt_tokens']:.0f}", "", "", ""))
+    if c := results.get("concurrency"):
+        st, seq = c["settings"], c["sequential"]
+        rows.append((f"OpenAI backend tokens/s, {st['requests']} requests to a server with {st['latency_s'] * 1000:.0f} ms "
+                     f"latency (baseline: sequential openai SDK)", f"{seq['tokens_per_s']:.0f}", "", "", "", ""))
+        top = max(st["levels"])
+        for level in st["levels"]:
+            r = c[f"c{level}"]
+            target = f">= {TARGETS['concurrency']:.0f}x" if level == top else ""
+            rows.append((f"  concurrency {level} (ideal {r['ideal_tokens_per_s']:.0f})", "", f"{r['tokens_per_s']:.0f}",
+                         f"{r['speedup']:.1f}x", target, check(r["speedup"] >= TARGETS["concurrency"]) if target else ""))
     if m := results.get("machine"):
         sizes = ", ".join(f"{n}: {v:.1f}" for n, v in m["matmul"].items())
         rows.append((f"fp32 matmul GFLOP/s ({m['torch_threads']} torch threads)", "", sizes, "", "", ""))

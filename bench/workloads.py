@@ -378,10 +378,87 @@ def machine(spec: dict) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- concurrency (OpenAI backend)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(port: int, server, timeout: float = 30.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"bench/latency_server.py exited with code {server.returncode}")
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"bench/latency_server.py did not answer on port {port} within {timeout:.0f}s")
+
+
+def throughput(seconds: float, tokens: int, answers: int) -> dict:
+    return {"seconds": seconds, "tokens": tokens, "answers": answers, "tokens_per_s": tokens / seconds}
+
+
+def concurrency(spec: dict) -> dict:
+    """Our OpenAISampler at several concurrency levels, and a plain sequential loop with the
+    openai SDK (one request at a time), against bench/latency_server.py: a server in its own
+    process that answers each request after a fixed latency. Each level sends the same
+    `requests` conversations; warm-up requests go first, outside the timing."""
+    import subprocess
+
+    import openai
+
+    from promptdistill.backends.base import SamplingParams
+    from promptdistill.backends.openai import OpenAISampler
+
+    n, tokens = spec["requests"], spec["tokens"]
+    conversations = [[{"role": "user", "content": f"Question {i}: what did Beethoven write in {1770 + i}?"}] for i in range(n)]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "bench" / "latency_server.py"), "--port", str(port),
+                               "--latency", str(spec["latency_s"]), "--tokens", str(tokens)])
+    try:
+        wait_until_up(port, server)
+        base_url = f"http://127.0.0.1:{port}/v1"
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        ask = lambda c: client.chat.completions.create(model="bench", messages=c, max_tokens=tokens, temperature=0.7)
+        ask(conversations[0])
+        start = time.perf_counter()
+        got = sum(ask(c).usage.completion_tokens for c in conversations)
+        result = {"sequential": throughput(time.perf_counter() - start, got, n)}
+        params = SamplingParams(temperature=0.7, max_tokens=tokens)
+        for level in spec["levels"]:
+            sampler = OpenAISampler(base_url, "bench", concurrency=level)
+            sampler.sample(conversations[:level], params, list(range(level)))
+            start = time.perf_counter()
+            out = sampler.sample(conversations, params, list(range(n)))
+            seconds = time.perf_counter() - start
+            failed = [o.error for o in out if o.finish_reason == "error"]
+            if failed:
+                raise RuntimeError(f"concurrency {level}: {len(failed)} requests failed, e.g. {failed[0]}")
+            row = throughput(seconds, sum(o.completion_tokens for o in out), n)
+            # The best any client can do: ceil(n / level) waves of one latency each.
+            row["ideal_tokens_per_s"] = n * tokens / (-(-n // level) * spec["latency_s"])
+            row["speedup"] = row["tokens_per_s"] / result["sequential"]["tokens_per_s"]
+            result[f"c{level}"] = row
+        result["top_speedup"] = result[f"c{max(spec['levels'])}"]["speedup"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return result
+
+
 # ---------------------------------------------------------------- entry point
 
 WORKLOADS = {"gen_baseline": gen_baseline, "gen_ours": gen_ours, "train_baseline": train_baseline,
-             "train_ours": train_ours, "latency": latency, "machine": machine}
+             "train_ours": train_ours, "latency": latency, "machine": machine, "concurrency": concurrency}
 
 
 def main() -> None:

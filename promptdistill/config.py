@@ -26,12 +26,18 @@ class Strict(BaseModel):
 
 class ModelConfig(Strict):
     model: str = Field(description="embedded name (see `distill models`), model dir, .gguf file or hub id")
-    backend: Literal["local", "openai"] = Field("local", description="local (transformers) | openai (any OpenAI-compatible chat API)")
+    backend: Literal["local", "openai", "tinker"] = Field(
+        "local", description="local (transformers) | openai (any OpenAI-compatible chat API) | tinker (Tinker API: LoRA training and sampling)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | mps | cuda | cuda:N")
-    # backend: openai. The key itself never goes in a config (it is copied into the run dir).
-    base_url: str | None = Field(None, pattern=r"^https?://", description="openai: the API root, e.g. http://127.0.0.1:8000/v1")
-    api_model: str | None = Field(None, min_length=1, description="openai: the server's model name (default: model)")
-    api_key_env: str | None = Field(None, description="openai: NAME of the environment variable holding the API key; unset: no key")
+    # backends openai and tinker. The key itself never goes in a config (it is copied into the run dir).
+    # With tinker, `model` stays the local/HF copy of the same weights: the tokenizer that
+    # renders the training data, and the base the downloaded adapter is evaluated and served on.
+    base_url: str | None = Field(None, pattern=r"^https?://", description="openai: the API root, e.g. http://127.0.0.1:8000/v1; "
+                                                                         "tinker: the Tinker API (default: $TINKER_BASE_URL, then Tinker's)")
+    api_model: str | None = Field(None, min_length=1, description="openai: the server's model name (default: model); "
+                                                                  "tinker: the Tinker base model, e.g. Qwen/Qwen3-8B")
+    api_key_env: str | None = Field(None, description="openai, tinker: NAME of the environment variable holding the API key; "
+                                                      "unset: no key (tinker: the SDK's own, $TINKER_API_KEY)")
     concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight at once")
     timeout: float = Field(60, gt=0, description="openai: seconds one request may take before it is abandoned and retried")
     max_retries: int = Field(5, ge=0, description="openai: retries per request after 429 / 5xx / timeouts / connection errors")
@@ -59,6 +65,9 @@ class ModelConfig(Strict):
     def _openai_needs_a_server(self) -> "ModelConfig":
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend openai needs base_url, the server's API root (e.g. http://127.0.0.1:8000/v1)")
+        if self.backend == "tinker" and not self.api_model:
+            raise ValueError("backend tinker needs api_model, the Tinker base model (e.g. Qwen/Qwen3-8B); "
+                             "model stays the local or hub copy of the same weights")
         return self
 
     @property

@@ -2,7 +2,8 @@
 
 A backend's vendor SDK is imported only inside its module, and only when the config
 names that backend: `local` (transformers + peft), `openai` (any OpenAI-compatible
-chat-completions server, through the official SDK; sampling only).
+chat-completions server, through the official SDK; sampling only), `tinker` (the Tinker
+API through the official `tinker` SDK: LoRA training and sampling).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from .base import Sampler, Trainer
 
 
 def make_sampler(model: ModelConfig, batch_size: int, adapter_dir: str | Path | None = None) -> Sampler:
-    if model.backend == "local":
+    # An adapter trained on Tinker was downloaded into the run dir: it runs on the local copy.
+    if model.backend == "local" or (model.backend == "tinker" and adapter_dir is not None):
         from .local import LocalSampler
 
         return LocalSampler.from_dir(resolve_model(model.model), model.device, batch_size, adapter_dir)
@@ -25,6 +27,10 @@ def make_sampler(model: ModelConfig, batch_size: int, adapter_dir: str | Path | 
         from .openai import OpenAISampler
 
         return OpenAISampler.from_config(model)
+    if model.backend == "tinker":
+        from .tinker import TinkerSampler
+
+        return TinkerSampler.from_config(model)
     raise ValueError(f"backend {model.backend!r} cannot sample")
 
 
@@ -36,4 +42,8 @@ def make_trainer(model: ModelConfig, lora: LoraConfig, train: TrainConfig, sampl
                             target_modules=lora.target_modules, weight_decay=train.weight_decay,
                             max_grad_norm=train.max_grad_norm, gradient_checkpointing=train.gradient_checkpointing,
                             device=model.device, seed=train.seed, sample_batch_size=sample_batch_size)
+    if model.backend == "tinker":
+        from .tinker import TinkerTrainer
+
+        return TinkerTrainer(model, lora, train)
     raise ValueError(f"backend {model.backend!r} cannot train")

@@ -8,7 +8,7 @@ unchanged on the local backend or a remote one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..render import Datum, Message
 
@@ -44,16 +44,31 @@ class Sampler(Protocol):
     def count_prompt_tokens(self, conversation: list[Message]) -> int: ...
 
 
+T = TypeVar("T", covariant=True)
+
+
+class Pending(Protocol[T]):
+    """A submitted call's result. A remote trainer returns one at once, so the recipe can
+    submit a whole optimiser step (every forward_backward, then optim_step) before waiting."""
+
+    def result(self) -> T: ...
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float  # sum over tokens of weight * nll: what was backpropagated
     nll_sum: float  # unweighted nll over weighted (trainable) tokens
     tokens: int  # number of trainable tokens
 
+    def result(self) -> "StepResult":
+        """A local step is computed when called: its result is already there (a done Pending)."""
+        return self
+
 
 class Trainer(Protocol):
-    def forward_backward(self, batch: list[Datum]) -> StepResult:
-        """Accumulate gradients of sum(weights * nll(target_tokens))."""
+    def forward_backward(self, batch: list[Datum]) -> Pending[StepResult]:
+        """Accumulate gradients of sum(weights * nll(target_tokens)). Call `.result()` only
+        after the step's optim_step is submitted: a remote backend then pipelines them."""
         ...
 
     def forward(self, batch: list[Datum]) -> StepResult:

@@ -142,9 +142,12 @@ def render_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example]
 
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     data = [(r["key"], r["completion"]) for r in read_jsonl(run.teacher) if r.get("split") in ("train", "val")]
-    return {"data": sha256_text(repr(sorted(data)))[:16], "student_model": cfg.student.model,
-            "lora": fingerprint(cfg.lora.model_dump()),
-            "train": fingerprint(cfg.train.model_dump(exclude={"eval_every", "save_every", "keep_checkpoints"}))}
+    inputs = {"data": sha256_text(repr(sorted(data)))[:16], "student_model": cfg.student.model,
+              "lora": fingerprint(cfg.lora.model_dump()),
+              "train": fingerprint(cfg.train.model_dump(exclude={"eval_every", "save_every", "keep_checkpoints"}))}
+    if cfg.student.backend != "local":  # only then, so the runs trained locally keep their fingerprint
+        inputs["student_backend"] = f"{cfg.student.backend}:{cfg.student.served_name}"
+    return inputs
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
@@ -154,8 +157,13 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, math.ceil(t.epochs * n_train / (t.batch_size * t.grad_accum)))
 
 
+# The file each backend's save_state writes last: a checkpoint without it is incomplete.
+STATE_FILES = ("trainer_state.pt", "tinker_state.json")
+
+
 def last_checkpoint(run: RunDir) -> dict | None:
-    rows = [r for r in read_jsonl(run.checkpoints_log, repair=True) if (run.root / r["path"] / "trainer_state.pt").exists()]
+    rows = [r for r in read_jsonl(run.checkpoints_log, repair=True)
+            if any((run.root / r["path"] / name).exists() for name in STATE_FILES)]
     return rows[-1] if rows else None
 
 
@@ -235,12 +243,13 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             for step in bar:
                 examples = step_examples(train, step, t)
                 total = sum(e.n_trainable for e in examples)  # the whole step's, in every process
-                nll = 0.0
-                for batch in my_micro_batches(examples, t.batch_size):
-                    nll += trainer.forward_backward(weighted(batch, total)).nll_sum
-                nll, = distributed.sum_across([nll])
+                # Every forward_backward and the optim_step are submitted before any result is
+                # read: a remote trainer (Tinker) runs them back to back, with no round trip between.
+                pending = [trainer.forward_backward(weighted(batch, total))
+                           for batch in my_micro_batches(examples, t.batch_size)]
                 lr = lr_at(step, steps, t.lr, t.warmup_steps, t.schedule)
                 info = trainer.optim_step(lr)
+                nll, = distributed.sum_across([sum(p.result().nll_sum for p in pending)])
                 row = {"step": step + 1, "lr": lr, "train_loss": nll / total, "grad_norm": info["grad_norm"],
                        "tokens": total, "seconds": round(timer.elapsed, 2)}
                 if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
