@@ -99,6 +99,8 @@ class SamplingConfig(Strict):
     repetition_penalty: float = Field(1.0, ge=1.0, description="applied to tokens already generated")
     seed: int = 0
     batch_size: int = Field(16, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="also keep each teacher token's log-probability "
+                                     "and the k most likely tokens (for soft-label distillation); remote servers may not offer them")
 
 
 class LoraConfig(Strict):

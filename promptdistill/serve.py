@@ -12,7 +12,7 @@ also with the messages as given, so a client sends the system prompt itself (tha
 `distill generate` does with `teacher.backend: openai`); when teacher and student are the
 same model, the teacher is the base weights with the adapter switched off.
 
-Sampling: temperature, top_p, max_tokens (or max_completion_tokens), seed and
+Sampling: temperature, top_p, max_tokens (or max_completion_tokens), seed, logprobs and top_logprobs (not with streaming) and
 repetition_penalty (a vLLM-style extension) are honoured; anything not given falls back
 to the run config's `sampling` section, and a request without a seed gets a random one.
 Requests are served one at a time (a CPU model gains nothing from running two at once).
@@ -65,6 +65,7 @@ class ChatRequest(BaseModel):
     presence_penalty: float | None = None
     tools: list | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class ApiError(Exception):
@@ -97,6 +98,18 @@ def _text_of(message: ChatMessage) -> str:
     return "".join(parts)
 
 
+def _openai_logprobs(scored: list[dict] | None) -> dict | None:
+    """Our per-token log-probabilities in OpenAI's `choices[0].logprobs` shape."""
+    if scored is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [entry(s["token"], s["logprob"]) | {"top_logprobs": [entry(t, lp) for t, _, lp in s["top"]]}
+                        for s in scored]}
+
+
 def _check_supported(req: ChatRequest) -> None:
     if req.n not in (None, 1):
         raise ApiError(400, "n > 1 is not supported; send one request per answer", param="n")
@@ -104,8 +117,10 @@ def _check_supported(req: ChatRequest) -> None:
         raise ApiError(400, "stop sequences are not supported; the model stops at its end-of-turn token", param="stop")
     if req.tools:
         raise ApiError(400, "tools are not supported", param="tools")
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    if req.logprobs and req.stream:
+        raise ApiError(400, "logprobs are returned without streaming only; set stream to false", param="logprobs")
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported; use repetition_penalty", param=name)
@@ -187,6 +202,7 @@ class Server:
             top_p=d.top_p if req.top_p is None else req.top_p,
             max_tokens=max_tokens,
             repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         seed = random.getrandbits(63) if req.seed is None else req.seed % 2**63
         return who, ids, params, seed
@@ -280,7 +296,7 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "logprobs": None, "finish_reason": done.finish_reason}],
+                                 "logprobs": _openai_logprobs(done.logprobs), "finish_reason": done.finish_reason}],
                     "usage": usage(done)}
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))

@@ -24,6 +24,7 @@ from promptdistill.config import ConfigError, load_config
 from promptdistill.models import ModelError
 from promptdistill.pipeline import run_stage
 from promptdistill.rundir import StageError
+from promptdistill.stages.generate import row_key
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +167,9 @@ def proxy(srv):
 
 
 def test_generate_from_the_served_teacher(srv, tmp_path, monkeypatch, capsys):
-    from promptdistill.render import prompt_ids
     from transformers import AutoTokenizer
+
+    from promptdistill.render import prompt_ids
 
     monkeypatch.setenv(TOKEN_ENV, KEY)
     cfg = load_config(write_project(tmp_path, srv, f"{srv.server.url}/v1", n=10))
@@ -317,3 +319,19 @@ def test_retry_helpers():
     sampler = OpenAISampler("http://127.0.0.1:9/v1", "m")
     assert sampler.count_prompt_tokens([{"role": "user", "content": "hi"}]) is None
     assert not hasattr(sampler, "model")  # generate's context check skips it (no local model config)
+
+
+def test_top_logprobs_are_kept_with_each_teacher_answer(srv, tmp_path, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, KEY)
+    cfg = load_config(write_project(tmp_path, srv, f"{srv.server.url}/v1", n=4, overrides={"sampling": {"top_logprobs": 2}}))
+    run_stage(cfg, "queries")
+    run_stage(cfg, "generate")
+    rows = teacher_rows(cfg.run_path)
+    assert len(rows) == 4
+    for r in rows:
+        assert len(r["logprobs"]) == r["tokens"]["completion"]
+        for t in r["logprobs"]:
+            assert t["id"] is None and len(t["top"]) == 2 and t["top"][0][2] >= t["top"][1][2] and t["logprob"] <= 0
+    plain = tmp_path / "plain"  # asking for logprobs is part of a row's key: older rows without them are not reused
+    plain.mkdir()
+    assert row_key(load_config(write_project(plain, srv, f"{srv.server.url}/v1", n=4)), "q") != row_key(cfg, "q")

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from promptdistill.cli import main
+from promptdistill.stages.train import training_answer
 
 EXAMPLE = str(Path(__file__).parents[1] / "examples" / "beethoven" / "config.yaml")
 TINY = ["queries.limit=16", "queries.train=0.5", "queries.val=0.25", "queries.test=0.25", "sampling.max_tokens=32",
@@ -36,8 +37,13 @@ def test_run_end_to_end_then_skip_then_refuse_changed_inputs(tmp_path, capsys):
     assert (student / "adapter_config.json").is_file() and (student / "adapter_model.safetensors").is_file()
     assert json.loads((run / "checkpoints.jsonl").read_text().splitlines()[0])["step"] == 2
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[0]["step"] == 0 and "val_loss" in metrics[0]  # the untrained model's figure
-    assert [m["step"] for m in metrics[1:]] == [1, 2, 3] and "val_loss" in metrics[-1]
+    # A 135M teacher at 32 tokens often stops mid-sentence; such answers are cut to their last
+    # full sentence or, without one, dropped. Only val answers that survive give a val loss.
+    has_val = any(r["split"] == "val" and training_answer(r) for r in teacher)
+    if has_val:
+        assert metrics[0]["step"] == 0 and "val_loss" in metrics[0]  # the untrained model's figure
+        metrics = metrics[1:]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and ("val_loss" in metrics[-1]) == has_val
 
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert "Beethoven" in config["system_prompt"] and config["train"]["steps"] == 3

@@ -128,8 +128,9 @@ def client(srv) -> openai.OpenAI:
         yield c
 
 
-def local_answer(srv: Served, messages: list[dict], adapter: bool, seed: int, max_tokens: int) -> tuple[str, int, int, str]:
-    """(text, prompt tokens, completion tokens, finish reason) from the same weights, in this process."""
+def local_completion(srv: Served, messages: list[dict], adapter: bool, seed: int, max_tokens: int,
+                     top_logprobs: int | None = None):
+    """The same weights' Completion, computed in this process."""
     from promptdistill.backends.base import SamplingParams
     from promptdistill.backends.local import LocalSampler, load_causal_lm
     from promptdistill.render import prompt_ids
@@ -137,9 +138,14 @@ def local_answer(srv: Served, messages: list[dict], adapter: bool, seed: int, ma
     model, tokenizer = load_causal_lm(srv.model, "cpu", adapter_dir=srv.run / "student" if adapter else None)
     sampler = LocalSampler(model, tokenizer)
     ids = prompt_ids(tokenizer, messages)
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens)
-    done = sampler.generate([ids], params, [seed])[0]
-    return done.text, len(ids), len(done.token_ids), done.finish_reason
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens, top_logprobs=top_logprobs)
+    return sampler.generate([ids], params, [seed])[0]
+
+
+def local_answer(srv: Served, messages: list[dict], adapter: bool, seed: int, max_tokens: int) -> tuple[str, int, int, str]:
+    """(text, prompt tokens, completion tokens, finish reason) from the same weights, in this process."""
+    done = local_completion(srv, messages, adapter, seed, max_tokens)
+    return done.text, done.prompt_tokens, len(done.token_ids), done.finish_reason
 
 
 def listening_addresses(port: int) -> list[str]:
@@ -209,6 +215,24 @@ def test_completions_are_the_local_models_answers_with_usage(srv, client):
     again = client.chat.completions.create(model=STUDENT, messages=student_msgs, temperature=1.0, top_p=1.0,
                                            max_tokens=12, seed=2)
     assert again.choices[0].message.content == texts[STUDENT, 1, 2]  # same seed, same answer
+
+
+def test_logprobs_are_the_local_models_in_openai_shape(srv, client):
+    messages = [{"role": "user", "content": "Where is the gold?"}]
+    r = client.chat.completions.create(model=STUDENT, messages=messages, temperature=1.0, top_p=1.0, max_tokens=10,
+                                       seed=5, logprobs=True, top_logprobs=3)
+    local = local_completion(srv, messages, True, 5, max_tokens=10, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == len(local.token_ids)
+    for got, want in zip(content, local.logprobs, strict=True):
+        assert got.token == want["token"] and got.logprob == pytest.approx(want["logprob"], abs=1e-4)
+        assert [t.token for t in got.top_logprobs] == [t for t, _, _ in want["top"]]
+        tops = [t.logprob for t in got.top_logprobs]
+        assert tops == sorted(tops, reverse=True) and got.logprob <= tops[0] + 1e-6 and bytes(got.bytes).decode() == got.token
+    plain = client.chat.completions.create(model=STUDENT, messages=messages, max_tokens=4, seed=5)
+    assert plain.choices[0].logprobs is None  # only when asked
+    with pytest.raises(openai.BadRequestError, match="without streaming"):
+        client.chat.completions.create(model=STUDENT, messages=messages, max_tokens=4, logprobs=True, stream=True)
 
 
 def test_streaming_gives_the_same_answer_in_openai_chunks(srv, client):

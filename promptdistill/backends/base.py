@@ -20,6 +20,9 @@ class SamplingParams:
     max_tokens: int = 96
     repetition_penalty: float = 1.0
     seed: int = 0
+    # None: no log-probabilities; k >= 0: each answer token's log-probability under the
+    # model (before temperature and penalties) and, for k > 0, the k most likely tokens there.
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class Completion:
     prompt_tokens: int
     finish_reason: str  # "stop" (end-of-turn token), "length" (hit max_tokens) or "error" (remote: gave up)
     error: str | None = None  # with finish_reason "error": why the row failed (never holds a secret)
+    # With SamplingParams.top_logprobs: one {"token", "id", "logprob", "top": [[token, id, logprob], ...]}
+    # per answer token; "id" is None when a remote server gives token text only.
+    logprobs: list[dict] | None = None
 
     @property
     def completion_tokens(self) -> int:

@@ -190,6 +190,13 @@ class LocalSampler:
                 out[i] = c
         return out
 
+    def _logprob_rows(self, entries: list[tuple]) -> list[dict]:
+        def text(i: int) -> str:
+            return self.tokenizer.decode([i])
+
+        return [{"token": text(t), "id": t, "logprob": lp, "top": [[text(i), i, v] for i, v in zip(ids, lps)]}
+                for t, lp, ids, lps in entries]
+
     def forget_prefix(self) -> None:
         self._prefix = None
 
@@ -228,6 +235,7 @@ class LocalSampler:
         next_pos = positions[:, -1:] + 1
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
+        scored: list[list[tuple]] | None = [[] for _ in range(batch)] if params.top_logprobs is not None else None
         seen = torch.zeros((batch, logits.shape[-1]), dtype=torch.bool, device=self.device)
         produced: list[list[int]] = [[] for _ in range(batch)]
         finish = ["length"] * batch
@@ -235,6 +243,9 @@ class LocalSampler:
         stop = torch.tensor(self.stop_ids, device=self.device)
         for step in range(params.max_tokens):
             tokens = choose_tokens(logits, seen, params, [generators[r] for r in rows])
+            if scored is not None:
+                for pos, entry in enumerate(zip(*token_logprobs(logits, tokens, params.top_logprobs))):
+                    scored[rows[pos]].append(entry)
             for pos, r in enumerate(rows):
                 produced[r].append(int(tokens[pos]))
                 if on_token is not None:
@@ -260,9 +271,19 @@ class LocalSampler:
                 token_ids=produced[r],
                 prompt_tokens=len(prompts[r]),
                 finish_reason=finish[r],
+                logprobs=None if scored is None else self._logprob_rows(scored[r]),
             )
             for r in range(batch)
         ]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list, list, list]:
+    """Per row: (chosen id, its log-probability, top-k ids, their log-probabilities) under the
+    model's own distribution, before temperature and penalties (what OpenAI-style servers report)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    top_lp, top_ids = logp.topk(k, -1) if k > 0 else (logp[:, :0], tokens[:, None][:, :0])
+    return tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_lp.tolist()
 
 
 def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,

@@ -226,11 +226,12 @@ class _Batch:
 
         p = self.params
         extra = {"repetition_penalty": p.repetition_penalty} if p.repetition_penalty != 1.0 else None
+        scores = {} if p.top_logprobs is None else {"logprobs": True, "top_logprobs": p.top_logprobs}
         headers = None if self.key else {"Authorization": openai.Omit()}  # no key: send no Authorization at all
         try:
             resp = await asyncio.wait_for(self.client.chat.completions.create(
                 model=self.s.api_model, messages=messages, temperature=p.temperature, top_p=p.top_p,
-                max_tokens=p.max_tokens, seed=seed, extra_body=extra, extra_headers=headers), self.s.timeout)
+                max_tokens=p.max_tokens, seed=seed, extra_body=extra, extra_headers=headers, **scores), self.s.timeout)
         except (asyncio.TimeoutError, openai.APITimeoutError):
             raise _Retry(f"timed out after {self.s.timeout:g}s") from None
         except openai.APIConnectionError as e:
@@ -269,4 +270,15 @@ class _Batch:
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             finish_reason=finish,
             usage_completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            logprobs=_logprobs(choice) if self.params.top_logprobs is not None else None,
         )
+
+
+def _logprobs(choice) -> list[dict] | None:
+    """The answer's token log-probabilities in our shape, or None where the server offers none.
+    Servers give token text, not ids: "id" is None."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    return [{"token": c.token, "id": None, "logprob": c.logprob,
+             "top": [[t.token, None, t.logprob] for t in (c.top_logprobs or [])]} for c in content]

@@ -34,7 +34,7 @@ from ..models import check_adapter, resolve_model
 from ..render import RenderError, prompt_ids, render_example, to_datum
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fmt_seconds, json_safe,
                       read_jsonl, sha256_file)
-from .generate import row_seed, sampling_params
+from .generate import answer_settings, row_seed, sampling_params
 from .train import load_split
 
 
@@ -164,7 +164,7 @@ def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     adapter = run.student / "adapter_model.safetensors"
     return {"adapter": sha256_file(adapter)[:16] if adapter.exists() else None,
-            "eval": cfg.eval.model_dump(), "sampling": cfg.sampling.model_dump(exclude={"batch_size"}),
+            "eval": cfg.eval.model_dump(), "sampling": answer_settings(cfg),
             "pricing": cfg.pricing.model_dump() if cfg.pricing else None}
 
 

@@ -14,6 +14,7 @@ as finished with rows missing.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from tqdm import tqdm
@@ -25,9 +26,16 @@ from ..rundir import RunDir, StageError, Timer, append_jsonl, fmt_seconds, read_
 
 
 def sampling_params(cfg: RunConfig) -> SamplingParams:
+    """How to answer, for every stage that samples; only `generate` adds top_logprobs."""
     s = cfg.sampling
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                           repetition_penalty=s.repetition_penalty, seed=s.seed)
+
+
+def answer_settings(cfg: RunConfig) -> dict:
+    """The sampling settings an answer depends on: batching does not change one, and an
+    unset option is left out so that adding an option keeps older runs' keys."""
+    return cfg.sampling.model_dump(exclude={"batch_size"}, exclude_none=True)
 
 
 def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
@@ -35,8 +43,7 @@ def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
 
 
 def row_key(cfg: RunConfig, query: str) -> str:
-    params = cfg.sampling.model_dump(exclude={"batch_size"})  # batching does not change an answer
-    return sha256_text(json.dumps([cfg.system_prompt, query, cfg.teacher.model, params], sort_keys=True))[:20]
+    return sha256_text(json.dumps([cfg.system_prompt, query, cfg.teacher.model, answer_settings(cfg)], sort_keys=True))[:20]
 
 
 def row_seed(key: str, base_seed: int) -> int:
@@ -75,7 +82,7 @@ def check_context(cfg: RunConfig, sampler, todo: list[dict]) -> None:
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     queries = run.queries.read_text(encoding="utf-8") if run.queries.exists() else ""
     return {"system_prompt": sha256_text(cfg.system_prompt)[:16], "teacher_model": cfg.teacher.model,
-            "sampling": cfg.sampling.model_dump(exclude={"batch_size"}), "queries": sha256_text(queries)[:16]}
+            "sampling": answer_settings(cfg), "queries": sha256_text(queries)[:16]}
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:
@@ -90,11 +97,12 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     with Timer() as t:
         sampler = make_sampler(cfg.teacher, cfg.sampling.batch_size)
         check_context(cfg, sampler, todo)
-        params = sampling_params(cfg)
+        params = replace(sampling_params(cfg), top_logprobs=cfg.sampling.top_logprobs)
         todo.sort(key=lambda q: len(q["query"]))  # similar lengths share a batch: less padding
         with tqdm(total=len(queries), initial=len(queries) - len(todo), desc="generate", unit="answer",
                   dynamic_ncols=True) as bar:  # closed on an error too, so its message starts a new line
             new_tokens = truncated = failed = 0
+            cost, price = 0.0, cfg.pricing.teacher if cfg.pricing else None
             size = cfg.sampling.batch_size
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
@@ -103,7 +111,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 good = [(q, conv, out) for q, conv, out in zip(batch, convs, outs) if out.finish_reason != "error"]
                 rows = [{"id": q["id"], "key": q["key"], "split": q["split"], "model": cfg.teacher.model,
                          "messages": conv, "completion": out.text, "finish_reason": out.finish_reason,
-                         "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens}}
+                         "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens},
+                         **({"logprobs": out.logprobs} if out.logprobs is not None else {})}
                         for q, conv, out in good]
                 if rows:
                     append_jsonl(run.teacher, rows)
@@ -115,9 +124,13 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 failed += len(errors)
                 new_tokens += sum(o.completion_tokens for _, _, o in good)
                 truncated += sum(o.finish_reason == "length" for _, _, o in good)
+                if price is not None:  # what this stage has spent so far, at the config's teacher prices
+                    cost += sum(o.prompt_tokens * price.input_per_1m + o.completion_tokens * price.output_per_1m
+                                for _, _, o in good) / 1e6
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated,
-                                **({"failed": failed} if failed else {}))
+                                **({"failed": failed} if failed else {}),
+                                **({"cost": f"{cost:.4f} {cfg.pricing.currency}"} if price is not None else {}))
     written = len(todo) - failed
     summary = (f"generate: {written} teacher answers ({len(done)} reused), {new_tokens} tokens in "
                f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens")
