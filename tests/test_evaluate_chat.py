@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from tiny import save_tiny
+from tiny import QUESTIONS, save_tiny
 
 from promptdistill.config import load_config
 from promptdistill.pipeline import run_stage
@@ -21,7 +21,7 @@ PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye,
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evalrun")
     model = save_tiny(tmp)
-    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(24)]
+    queries = [{"id": f"q{i:02d}", "query": QUESTIONS[i]} for i in range(24)]
     (tmp / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     config = {"name": "tiny", "run_dir": str(tmp / "run"), "system_prompt": "You are a pirate. Talk like one.",
               "teacher": {"model": str(model)}, "student": {"model": str(model)},

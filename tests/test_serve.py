@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from tiny import save_chatty_tiny
+from tiny import QUESTIONS, save_chatty_tiny
 
 from promptdistill.config import load_config
 from promptdistill.pipeline import run_stage
@@ -44,7 +44,7 @@ PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye,
 def build_finished_run(root: Path) -> tuple[Path, Path]:
     """A tiny run with hand-written teacher answers and a trained student: (model dir, run dir)."""
     model = save_chatty_tiny(root / "tiny-chatty")
-    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(12)]
+    queries = [{"id": f"q{i:02d}", "query": QUESTIONS[i]} for i in range(12)]
     (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     config = {"name": RUN_NAME, "run_dir": str(root / "run"), "system_prompt": SYSTEM_PROMPT,
               "teacher": {"model": str(model)}, "student": {"model": str(model)},

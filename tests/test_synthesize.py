@@ -142,3 +142,13 @@ def test_config_needs_some_queries_and_known_categories(tmp_path):
     assert load_config(path, ["queries.synthesize.n=5"]).queries.synthesize.n == 5
     with pytest.raises(ConfigError, match=r"queries.synthesize.categories.0: Input should be 'facts'"):
         load_config(path, ["queries.synthesize.categories=[trivia]"])
+
+
+def test_templated_queries_chain_into_one_group_and_the_stage_says_so(tmp_path, capsys):
+    config = project(tmp_path, tmp_path / "never-loaded", [f"What do you think of ship number {i}?" for i in range(10)])
+    assert main(["queries", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: the val split is empty: near-duplicate groups go to one split whole and the largest "
+            "holds 9 of 10 queries; raise queries.dedup_threshold to group fewer") in out
+    assert main(["queries", str(config), "--force", "--set", "queries.dedup_threshold=0.999"]) == 0
+    assert "train 6, val 2, test 2" in capsys.readouterr().out

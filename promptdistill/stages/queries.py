@@ -141,14 +141,15 @@ def groups_of(ids: list[str], pairs: list[tuple[int, int, float]]) -> dict[str, 
 
 def split_rows(rows: list[dict], train: float, val: float, seed: int, group: dict[str, str] | None = None) -> list[dict]:
     """Seeded shuffle of groups (each id its own group unless `group` maps it to a
-    representative), then cut into train/val/test by the given fractions of rows; a group
-    never straddles two splits."""
+    representative), larger groups first, then cut into train/val/test by the given
+    fractions of rows; a group never straddles two splits."""
     group = group or {}
     members: dict[str, list[str]] = {}
     for r in rows:
         members.setdefault(group.get(r["id"], r["id"]), []).append(r["id"])
     reps = sorted(members)
     random.Random(seed).shuffle(reps)
+    reps.sort(key=lambda rep: -len(members[rep]))  # big groups first, so the small ones even out the cut
     n_train, n_val = round(len(rows) * train), round(len(rows) * val)
     split_of, placed = {}, 0
     for rep in reps:
@@ -252,6 +253,11 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         rows = split_rows(rows, q.train, q.val, q.seed, group)
         straddling = leaks({r["id"]: r["split"] for r in rows}, [(rows[i]["id"], rows[j]["id"]) for i, j, _ in pairs])
         counts = Counter(r["split"] for r in rows)
+        empty = [name for name, frac in (("val", q.val), ("test", q.test)) if round(len(rows) * frac) and not counts[name]]
+        if empty and len(set(group.values())) < len(rows):
+            biggest = Counter(group.values()).most_common(1)[0][1]
+            print(f"warning: the {' and '.join(empty)} split is empty: near-duplicate groups go to one split whole and "
+                  f"the largest holds {biggest} of {len(rows)} queries; raise queries.dedup_threshold to group fewer")
         if counts["train"] == 0:
             raise StageError(f"the train split is empty: {len(rows)} queries x queries.train {q.train} rounds to 0; "
                              f"add queries or raise queries.train")
