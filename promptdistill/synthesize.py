@@ -231,7 +231,7 @@ def synthesize(cfg: RunConfig, run: RunDir, given: list[dict], given_emb: np.nda
     dropped: Counter = Counter()
     tried = 0
     while len(kept) < s.n and tried < cap:
-        count = min(cap - tried, max(2 * (s.n - len(kept)), cfg.sampling.batch_size))
+        count = min(cap - tried, max(s.n - len(kept), cfg.sampling.batch_size))  # the shortfall; loops top up
         requests = []
         for i in range(tried, tried + count):
             c = s.categories[i % len(s.categories)]
