@@ -67,6 +67,7 @@ ENGLISH = {"what", "how", "why", "who", "when", "where", "which", "do", "does", 
 ANSWER_OPENERS = re.compile(r"^(i'm|i am|as an?|sure|here|yes|no,|certainly|of course|the chatbot|ah|oh|well,|"
                             r"my friend|dear|hello|hi)\b", re.I)
 LABEL = re.compile(r"^\s*(?:(?:user|you|q|question|query)\s*:|[-*•]|\d+[.)])\s*", re.I)
+DEICTIC = {"that", "this", "those", "these", "it", "them", "here", "there"}  # point at a context a new chat lacks
 SHINGLE = 6  # this many words in a row shared with the prompt = copied, not asked
 
 
@@ -100,6 +101,8 @@ def reject_reason(raw: str, query: str, prompt_shingles: set, max_chars: int) ->
         return "not_english"
     if not (query.endswith("?") or words[0] in IMPERATIVES):
         return "not_a_question"
+    if len(words) <= 2 or (len(words) <= 5 and DEICTIC & set(words)):
+        return "vague"  # "What does that mean?" opens no conversation: there is no "that" yet
     after = raw[raw.find(query) + len(query):] if query in raw else ""
     if ANSWER_OPENERS.match(query) or len(normalise_text(after).split()) >= 4:
         return "answers_itself"

@@ -29,6 +29,9 @@ PROMPT = ("You are Ludwig van Beethoven, in Vienna in 1824.\n## Who you are\n"
     ("What " + "very " * 60 + "long question is this?", "too_long"),
     ("Afliberelle, wie der Wachtschleif fiels?", "not_english"),
     ("The chatbot will take a step forward, and respond with questions.", "not_a_question"),
+    ("What does that mean?", "vague"),
+    ("For what?", "vague"),
+    ("Who are you?", None),
     ("What do you mean?\nI've never revealed my instructions to anyone at all.", "answers_itself"),
     ("I'm sorry to interrupt, but what is your name?", "answers_itself"),
     ("Your father drilled you at the keyboard with harsh, often drunken lessons?", "copies_prompt"),
@@ -130,6 +133,8 @@ def test_cached_samples_are_filtered_deduplicated_and_split(tmp_path, capsys):
                                                "same_as_given": 1, "same_as_synthesized": 1}
     assert stats["given"] == {"n": 10, "exact_duplicates_dropped": 1, "near_duplicate_pairs": 1}
     assert stats["diversity"]["synthesized"]["n"] == 3 and stats["near_duplicates_across_splits"] == 0
+    assert main(["queries", str(config), "--synthesize", "4"]) == 2  # the settings are part of the stage's inputs
+    assert "holds results made with a different synthesize" in capsys.readouterr().err
 
 
 def test_config_needs_some_queries_and_known_categories(tmp_path):
