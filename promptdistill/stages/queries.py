@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import HUB_PREFIX, RunConfig
+from ..config import HUB_PREFIX, QueriesConfig, RunConfig
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, iter_jsonl,
                       sha256_file)
 from ..scores import load_embedder, near_duplicate_pairs, normalise_text
@@ -216,17 +216,23 @@ def _given(cfg: RunConfig) -> tuple[list[dict], dict]:
 # --------------------------------------------------------------------------- the stage
 
 
+NEWER_SETTINGS = ("field", "id_field", "dataset_split", "dedup_threshold")
+
+
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     q = cfg.queries
-    synth = q.synthesize.model_dump(mode="json")
+    inputs = {"query_files": {f: sha256_file(Path(f)) if Path(f).is_file() else None for f in q.files},
+              "split": fingerprint([q.train, q.val, q.test, q.seed, q.limit])}
+    # Settings that came later count only when set, so run dirs made before them stay valid.
+    changed = {k: getattr(q, k) for k in NEWER_SETTINGS if getattr(q, k) != QueriesConfig.model_fields[k].default}
+    if changed:
+        inputs["loader_dedup"] = fingerprint(changed)
     if q.synthesize.n:
         from ..synthesize import synthesis_key
 
-        synth["key"] = synthesis_key(cfg)  # the prompt and the writing model, not just these settings
-    return {"query_files": {f: sha256_file(Path(f)) if Path(f).is_file() else None for f in q.files},
-            "loader": fingerprint([q.field, q.id_field, q.dataset_split]),
-            "dedup": q.dedup_threshold, "synthesize": fingerprint(synth),
-            "split": fingerprint([q.train, q.val, q.test, q.seed, q.limit])}
+        # the key adds what shapes a sample beyond these settings: the prompt and the writing model
+        inputs["synthesize"] = fingerprint([q.synthesize.model_dump(mode="json"), synthesis_key(cfg)])
+    return inputs
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:
