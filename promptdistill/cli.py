@@ -41,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _stage_verb(sub, "run", "Run every stage in order (queries, generate, train, eval, report), skipping what is done.",
                 "distill run examples/beethoven/config.yaml --set train.steps=20")
-    _stage_verb(sub, "queries", "Load, check and split the queries into train/val/test (writes queries.jsonl).",
-                "distill queries examples/beethoven/config.yaml")
+    queries = _stage_verb(sub, "queries", "Load and check the queries, synthesise more from the system prompt if asked, "
+                          "dedup, and split them into train/val/test (writes queries.jsonl, queries_stats.json).",
+                          "distill queries examples/beethoven/config.yaml --synthesize 300")
+    queries.add_argument("--synthesize", type=int, metavar="N",
+                         help="have the teacher (or queries.synthesize.model) write N user queries from the "
+                              "system prompt; same as --set queries.synthesize.n=N")
     _stage_verb(sub, "generate", "Have the teacher answer every query WITH the system prompt (writes teacher.jsonl; resumable).",
                 "distill generate runs/beethoven")
     _stage_verb(sub, "train", "Train the LoRA student on the teacher's answers WITHOUT the prompt (writes student/, metrics.jsonl).",
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from . import pipeline  # imports torch: only for the verbs that need it
 
-        cfg = load_config(args.config, args.overrides)
+        extra = [f"queries.synthesize.n={args.synthesize}"] if getattr(args, "synthesize", None) is not None else []
+        cfg = load_config(args.config, args.overrides + extra)
         if args.verb == "run":
             pipeline.run_all(cfg, force=args.force)
         elif distributed.world_size() > 1:

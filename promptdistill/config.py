@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+HUB_PREFIX = "hf:"  # a queries entry naming a Hugging Face hub dataset, not a file
+
+
 class ConfigError(ValueError):
     """A config problem, already phrased for the user (file, field, hint)."""
 
@@ -76,19 +79,49 @@ class ModelConfig(Strict):
         return self.api_model or self.model
 
 
+SYNTH_CATEGORIES = ("facts", "opinions", "rules", "edge_cases", "off_topic", "adversarial")
+
+
+class SynthesizeConfig(Strict):
+    n: int = Field(0, ge=0, description="write N user queries from the system prompt alone (0: none)")
+    seed: int = 0
+    model: ModelConfig | None = Field(None, description="the model that plays the user; default: the teacher")
+    categories: list[Literal[SYNTH_CATEGORIES]] = Field(list(SYNTH_CATEGORIES), min_length=1,
+                                                        description="kinds of query to steer across, in turn")
+    topic_samples: int = Field(4, ge=0, description="per category: samples in which the model proposes topics")
+    temperature: float = Field(0.9, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(40, ge=8, description="per sampled query")
+    repetition_penalty: float = Field(1.15, ge=1.0)
+    max_chars: int = Field(200, ge=10, description="longer outputs are dropped")
+    max_attempts: int | None = Field(None, ge=1, description="stop sampling after this many tries; default 8 x n")
+
+
 class QueriesConfig(Strict):
-    files: list[str] = Field(min_length=1, description="JSONL ({'id','query'}) or .txt (one query per line)")
+    files: list[str] = Field([], description="JSONL, CSV, .txt (one per line), a `datasets` save_to_disk dir, "
+                                             "or hf:OWNER/NAME (a hub dataset, online only)")
+    field: str = Field("query", min_length=1, description="JSONL / CSV / datasets: the column holding the query")
+    id_field: str = Field("id", min_length=1, description="JSONL / CSV / datasets: the column holding its id, if any")
+    dataset_split: str = Field("train", min_length=1, description="datasets: which split to read")
+    dedup_threshold: float = Field(0.9, gt=0, le=1, description="MiniLM cosine at or above which two queries are near-duplicates")
+    synthesize: SynthesizeConfig = SynthesizeConfig()
     train: float = Field(0.8, gt=0, lt=1)
     val: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
-    limit: int | None = Field(None, ge=1, description="use only the first N queries (smoke runs)")
+    limit: int | None = Field(None, ge=1, description="use only the first N given queries (smoke runs)")
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> "QueriesConfig":
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+    @model_validator(mode="after")
+    def _some_queries(self) -> "QueriesConfig":
+        if not self.files and self.synthesize.n == 0:
+            raise ValueError("no queries: list files, or set synthesize.n to have them written from the system prompt")
         return self
 
 
@@ -274,9 +307,9 @@ def resolve_config(cfg: RunConfig, base: Path) -> RunConfig:
         data["system_prompt_file"] = None
     if not data["system_prompt"].strip():
         raise ConfigError("system_prompt: the system prompt is empty; there is nothing to distill")
-    data["queries"]["files"] = [str((base / f).resolve()) for f in cfg.queries.files]
-    for role in ("teacher", "student"):
-        spec = data[role]["model"]
-        if spec.endswith(".gguf") or (base / spec).exists():
-            data[role]["model"] = str((base / spec).resolve())
+    data["queries"]["files"] = [f if f.startswith(HUB_PREFIX) else str((base / f).resolve()) for f in cfg.queries.files]
+    for model in (data["teacher"], data["student"], data["queries"]["synthesize"]["model"]):
+        spec = model["model"] if model else ""
+        if spec and (spec.endswith(".gguf") or (base / spec).exists()):
+            model["model"] = str((base / spec).resolve())
     return RunConfig.model_validate(data)

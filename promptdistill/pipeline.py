@@ -27,7 +27,7 @@ class Stage:
 
 
 STAGES = [
-    Stage("queries", queries.stage_inputs, queries.run, lambda r: [r.queries]),
+    Stage("queries", queries.stage_inputs, queries.run, lambda r: [r.queries, r.root / queries.STATS_FILE]),
     Stage("generate", generate.stage_inputs, generate.run, lambda r: [r.teacher], resumable=("queries",),
           aside=lambda r: [r.teacher, r.root / "teacher_errors.jsonl"]),
     Stage("train", train.stage_inputs, train.run,

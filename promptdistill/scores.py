@@ -61,7 +61,9 @@ class _MiniLM:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
-            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
+            # renamed in sentence-transformers 5.x; the old name still works there, with a warning
+            dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            return np.zeros((0, dim()), np.float32)
         emb = self.model.encode(
             list(texts), batch_size=32, convert_to_numpy=True,
             normalize_embeddings=True, show_progress_bar=False,

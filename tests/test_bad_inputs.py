@@ -18,9 +18,9 @@ from promptdistill.config import load_config
 from promptdistill.models import ModelError, resolve_model
 from promptdistill.render import prompt_ids
 from promptdistill.stages.generate import row_key, teacher_messages
-from tiny import save_tiny, tiny_model, tiny_tokenizer
+from tiny import QUESTIONS, save_tiny, tiny_model, tiny_tokenizer
 
-QUERIES = [{"id": f"q{i}", "query": f"What do you think of ship number {i}?"} for i in range(10)]
+QUERIES = [{"id": f"q{i}", "query": q} for i, q in enumerate(QUESTIONS[:10])]
 # What an earlier run left in the run dir; no bad input may change it.
 TEACHER_BEFORE = '{"id": "old", "key": "0123456789abcdef0123", "split": "train", "completion": "Kept as it was."}\n'
 

@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from promptdistill.cli import main
-from tiny import save_chatty_tiny
+from tiny import QUESTIONS, save_chatty_tiny
 
 REPO = Path(__file__).parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -50,7 +50,7 @@ def project(tmp_path_factory) -> Path:
     """A config (teacher = student = the tiny model) and 40 queries; returns the config path."""
     root = tmp_path_factory.mktemp("crash")
     model = save_chatty_tiny(root / "tiny-chatty")
-    queries = [{"id": f"q{i:03d}", "query": f"Question {i}: what do you make of {i * 7} ships on the horizon?"}
+    queries = [{"id": f"q{i:03d}", "query": QUESTIONS[i]}
                for i in range(40)]
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
     config = {

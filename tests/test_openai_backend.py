@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_serve import ENV, KEY, REPO, SYSTEM_PROMPT, TEACHER, TOKEN_ENV, served
+from tiny import QUESTIONS
 
 from promptdistill.backends.openai import OpenAISampler, backoff, retry_after, scrub
 from promptdistill.config import ConfigError, load_config
@@ -34,7 +35,7 @@ def srv(tmp_path_factory, pytestconfig):
 
 def write_project(root: Path, srv, base_url: str, n: int = 10, overrides: dict | None = None, **teacher) -> Path:
     """Queries and a config whose teacher is the served tiny teacher, reached over HTTP."""
-    queries = [{"id": f"q{i:02d}", "query": f"Question {i}: what of the {i * 7} ships?"} for i in range(n)]
+    queries = [{"id": f"q{i:02d}", "query": f"Question {i}: {QUESTIONS[i]}"} for i in range(n)]
     (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     config = {"name": "remote", "run_dir": str(root / "run"), "system_prompt": SYSTEM_PROMPT,
               "teacher": {"model": str(srv.model), "backend": "openai", "base_url": base_url, "api_model": TEACHER,

@@ -262,7 +262,7 @@ def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
     from promptdistill.stages.generate import row_key, teacher_messages
 
     root = Path(root)
-    queries = [{"id": f"q{i:02d}", "query": f"Question number {i} about ships?"} for i in range(n_queries)]
+    queries = [{"id": f"q{i:02d}", "query": QUESTIONS[i]} for i in range(n_queries)]
     (root / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     config = {"name": name, "run_dir": str(root / "run"), "system_prompt": system_prompt,
               "teacher": {"model": str(model)}, "student": {"model": str(model)},
@@ -281,3 +281,24 @@ def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
     append_jsonl(run.teacher, rows)
     run_stage(cfg, "train")
     return cfg, run
+
+
+# Varied test queries. Templated ones ("Question number {i} about ships?") are near-duplicates
+# of each other, which the queries stage keeps in one split, collapsing train/val/test.
+QUESTIONS = [
+    "What do you think of ships?", "Where is the treasure buried?", "How old are you?", "Do you like parrots?",
+    "Can you sing a sea shanty?", "What did you eat for breakfast?", "Who is your captain?", "How do you tie a knot?",
+    "Have you ever seen a storm at sea?", "Why do pirates wear eye patches?", "Which port do you love most?",
+    "Tell me about your first voyage.", "Is the ocean cold at night?", "What is your favourite song?",
+    "How many cannons does your ship carry?", "Do you ever get seasick?", "What would you do with a million coins?",
+    "Can you read a map?", "What scares you the most?", "Who taught you to sail?", "Are mermaids real?",
+    "What is the best way to catch fish?", "How do you navigate by the stars?", "Would you ever retire on land?",
+    "What is in the ship's hold today?", "Do you keep a diary?", "Why is the sky red this morning?",
+    "How do you share the loot?", "Who is your worst enemy?", "What language do sailors speak?",
+    "Can you recommend a good book?", "What happens when someone breaks the code?", "Is rum good for your health?",
+    "How do you fix a torn sail?", "What is your ship called?", "Have you met the king?", "Do you believe in ghosts?",
+    "What is the weather like in the Caribbean?", "Could you teach me to swim?", "Where do you sleep aboard?",
+    "What do you miss about home?", "Which island has the best fruit?", "How fast can your ship go?",
+    "What is the strangest thing you have found?", "Do you trust your crew?", "How do you celebrate a victory?",
+    "What gift would you give a friend?", "Why did you become a pirate?",
+]

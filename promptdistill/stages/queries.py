@@ -1,83 +1,296 @@
-"""Stage 1, queries: load the user's queries, check them, split train/val/test.
+"""Stage 1, queries: load the user's queries, synthesise more if asked, dedup, split.
 
-Writes queries.jsonl: {"id", "query", "split", "source"}. The split is a seeded shuffle
-of the ids, so it is the same on every machine and every re-run.
+Writes queries.jsonl: {"id", "query", "split", "source"} (+ "category" for synthesised
+rows) and queries_stats.json (what dedup dropped, diversity of given vs synthesised).
+
+Order matters: dedup first, then a seeded, group-aware split. Queries whose MiniLM
+cosine reaches `dedup_threshold` form one group (connected components), and a group goes
+to one split whole, so no near-duplicate of a test query is trained on.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
 
-from ..config import RunConfig
-from ..rundir import RunDir, StageError, Timer, atomic_write_text, fingerprint, iter_jsonl, sha256_file
+import numpy as np
+
+from ..config import HUB_PREFIX, QueriesConfig, RunConfig
+from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, iter_jsonl,
+                      sha256_file)
+from ..scores import load_embedder, near_duplicate_pairs, normalise_text
+
+STATS_FILE = "queries_stats.json"
+CLUSTER_DISTANCE = 0.6  # average-linkage cosine distance below which queries count as one cluster
 
 
-def load_queries(path: Path) -> list[dict]:
-    """Rows {"id", "query", "source"} from a .jsonl ({"id"?, "query"}) or .txt file (one per line)."""
-    if not path.is_file():
-        raise StageError(f"queries file {path} not found")
+# --------------------------------------------------------------------------- loaders
+
+
+def _check_utf8(path: Path) -> None:
     data = path.read_bytes()
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise StageError(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
-    rows = []
+
+
+def _records(path: Path, field: str, id_field: str) -> list[tuple[str, dict]]:
+    """(where, record) from a JSONL or CSV file; `where` is 'line N' for error messages."""
     if path.suffix == ".jsonl":
-        for lineno, obj in iter_jsonl(path):
-            query = obj.get("query")
-            if not isinstance(query, str):
-                raise StageError(f"{path}:{lineno}: expected a string field 'query'")
-            rows.append({"id": str(obj.get("id", f"{path.stem}-{lineno}")), "query": query, "line": lineno})
-    elif path.suffix == ".txt":
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                rows.append({"id": f"{path.stem}-{lineno}", "query": line, "line": lineno})
+        return [(str(lineno), obj) for lineno, obj in iter_jsonl(path)]
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or field not in reader.fieldnames:
+            raise StageError(f"{path}:1: no column {field!r} in the CSV header {reader.fieldnames or []} "
+                             f"(set queries.field to the column holding the queries)")
+        return [(str(reader.line_num), row) for row in reader]
+
+
+def _dataset_records(spec: str, field: str, split: str) -> tuple[str, list[tuple[str, dict]]]:
+    """(name, [(row number, record)]) from a `datasets` save_to_disk dir or an hf:OWNER/NAME hub id."""
+    try:
+        import datasets
+    except ImportError:
+        raise StageError(f"{spec}: reading a Hugging Face dataset needs the `datasets` package: "
+                         f"pip install 'promptdistill[datasets]'") from None
+    if spec.startswith(HUB_PREFIX):
+        hub_id = spec[len(HUB_PREFIX):]
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise StageError(f"{spec}: the hub dataset {hub_id!r} needs the network, but HF_HUB_OFFLINE is set; "
+                             f"save it with `save_to_disk` on a connected machine and list that dir instead")
+        try:
+            ds = datasets.load_dataset(hub_id, split=split)
+        except Exception as e:  # the hub raises many kinds; all mean "could not get it"
+            raise StageError(f"{spec}: could not load the hub dataset {hub_id!r} split {split!r}: {e}") from None
     else:
-        raise StageError(f"{path}: unsupported queries format {path.suffix!r} (use .jsonl or .txt)")
+        try:
+            ds = datasets.load_from_disk(spec)
+        except (FileNotFoundError, ValueError) as e:
+            raise StageError(f"{spec}: not a dataset saved with `save_to_disk`: {e}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise StageError(f"{spec}: no split {split!r} (it has {sorted(ds)}); set queries.dataset_split")
+            ds = ds[split]
+    if field not in ds.column_names:
+        raise StageError(f"{spec}: no column {field!r} (it has {ds.column_names}); set queries.field")
+    name = spec.rstrip("/").split("/")[-1]
+    return name, [(str(i), row) for i, row in enumerate(ds, 1)]
+
+
+def load_queries(path: Path | str, field: str = "query", id_field: str = "id", split: str = "train") -> list[dict]:
+    """Rows {"id", "query", "source"} from JSONL, CSV, .txt (one per line), or a `datasets`
+    dir / hf:OWNER/NAME; `field` and `id_field` name the query and id columns."""
+    spec = str(path)
+    if spec.startswith(HUB_PREFIX) or Path(spec).is_dir():
+        name, records = _dataset_records(spec, field, split)
+        stem, where = name, spec
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise StageError(f"queries file {path} not found")
+        _check_utf8(path)
+        stem, name, where = path.stem, path.name, str(path)
+        if path.suffix == ".txt":
+            records = [(str(i), {field: line}) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                       if line.strip()]
+        elif path.suffix in (".jsonl", ".csv"):
+            records = _records(path, field, id_field)
+        else:
+            raise StageError(f"{path}: unsupported queries format {path.suffix!r} (use .jsonl, .csv, .txt or a datasets dir)")
+    rows = []
+    for line, rec in records:
+        query = rec.get(field)
+        if not isinstance(query, str):
+            raise StageError(f"{where}:{line}: expected a string field {field!r}")
+        if not query.strip():
+            raise StageError(f"{where}:{line}: empty query")
+        given_id = rec.get(id_field)
+        rows.append({"id": str(given_id) if given_id not in (None, "") else f"{stem}-{line}",
+                     "query": query.strip(), "source": f"{name}:{line}"})
     if not rows:
-        raise StageError(f"{path}: no queries in this file")
-    for row in rows:
-        if not row["query"].strip():
-            raise StageError(f"{path}:{row['line']}: empty query")
-        row["query"] = row["query"].strip()
-        row["source"] = f"{path.name}:{row.pop('line')}"
+        raise StageError(f"{where}: no queries in this file")
     return rows
 
 
-def split_rows(rows: list[dict], train: float, val: float, seed: int) -> list[dict]:
-    """Seeded shuffle of ids, then cut into train/val/test by the given fractions."""
-    ids = sorted(r["id"] for r in rows)
-    random.Random(seed).shuffle(ids)
-    n_train = round(len(ids) * train)
-    n_val = round(len(ids) * val)
-    split_of = {i: "train" if k < n_train else "val" if k < n_train + n_val else "test" for k, i in enumerate(ids)}
-    return [{"id": r["id"], "query": r["query"], "split": split_of[r["id"]], "source": r["source"]} for r in rows]
+# --------------------------------------------------------------------------- dedup, split, diversity
+
+
+def groups_of(ids: list[str], pairs: list[tuple[int, int, float]]) -> dict[str, str]:
+    """id -> its group's representative (the smallest id): connected components of the pairs."""
+    parent = list(range(len(ids)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j, _ in pairs:
+        parent[root(i)] = root(j)
+    members: dict[int, list[str]] = {}
+    for k, i in enumerate(ids):
+        members.setdefault(root(k), []).append(i)
+    return {i: min(group) for group in members.values() for i in group}
+
+
+def split_rows(rows: list[dict], train: float, val: float, seed: int, group: dict[str, str] | None = None) -> list[dict]:
+    """Seeded shuffle of groups (each id its own group unless `group` maps it to a
+    representative), larger groups first, then cut into train/val/test by the given
+    fractions of rows; a group never straddles two splits."""
+    group = group or {}
+    members: dict[str, list[str]] = {}
+    for r in rows:
+        members.setdefault(group.get(r["id"], r["id"]), []).append(r["id"])
+    reps = sorted(members)
+    random.Random(seed).shuffle(reps)
+    reps.sort(key=lambda rep: -len(members[rep]))  # big groups first, so the small ones even out the cut
+    n_train, n_val = round(len(rows) * train), round(len(rows) * val)
+    split_of, placed = {}, 0
+    for rep in reps:
+        name = "train" if placed < n_train else "val" if placed < n_train + n_val else "test"
+        split_of.update((i, name) for i in members[rep])
+        placed += len(members[rep])
+    return [{"id": r["id"], "query": r["query"], "split": split_of[r["id"]], "source": r["source"]}
+            | ({"category": r["category"]} if "category" in r else {}) for r in rows]
+
+
+def leaks(split_of: dict[str, str], pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The near-duplicate pairs (by id) that straddle two splits: what a leak-free split has none of."""
+    return [(a, b) for a, b in pairs if split_of[a] != split_of[b]]
+
+
+def drop_exact_duplicates(rows: list[dict]) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """Keep the first of each normalised text; (kept, [(dropped, the row it repeats)])."""
+    first: dict[str, dict] = {}
+    kept, dropped = [], []
+    for r in rows:
+        key = normalise_text(r["query"])
+        if key in first:
+            dropped.append((r, first[key]))
+        else:
+            first[key] = r
+            kept.append(r)
+    return kept, dropped
+
+
+def diversity(emb: np.ndarray) -> dict:
+    """Mean pairwise cosine (lower = more varied) and the number of clusters: average-linkage
+    agglomerative clustering that merges while the mean cosine distance between two clusters
+    stays below CLUSTER_DISTANCE. Both from unit MiniLM embeddings."""
+    n = len(emb)
+    if n < 2:
+        return {"n": n, "mean_pairwise_cosine": None, "clusters": n}
+    from sklearn.cluster import AgglomerativeClustering
+
+    sims = emb @ emb.T
+    mean = (sims.sum() - np.trace(sims)) / (n * (n - 1))
+    labels = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average",
+                                     distance_threshold=CLUSTER_DISTANCE).fit_predict(emb)
+    return {"n": n, "mean_pairwise_cosine": round(float(mean), 4), "clusters": int(labels.max() + 1)}
+
+
+def _given(cfg: RunConfig) -> tuple[list[dict], dict]:
+    """The user's queries, checked; exact duplicates dropped with a warning, near ones reported."""
+    q = cfg.queries
+    rows = [row for f in q.files for row in load_queries(f, q.field, q.id_field, q.dataset_split)]
+    dupes = [i for i, n in Counter(r["id"] for r in rows).items() if n > 1]
+    if dupes:
+        where = [r["source"] for r in rows if r["id"] == dupes[0]]
+        raise StageError(f"duplicate query id {dupes[0]!r} at {', '.join(where)} ({len(dupes)} duplicated ids in all)")
+    if q.limit:
+        rows = rows[: q.limit]
+    rows, dropped = drop_exact_duplicates(rows)
+    if dropped:
+        r, first = dropped[0]
+        print(f"warning: dropped {len(dropped)} of your queries that repeat an earlier one word for word, "
+              f"e.g. {r['source']} repeats {first['source']}: {r['query']!r}")
+    return rows, {"n": len(rows) + len(dropped), "exact_duplicates_dropped": len(dropped)}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+NEWER_SETTINGS = ("field", "id_field", "dataset_split", "dedup_threshold")
 
 
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     q = cfg.queries
-    return {"query_files": {f: sha256_file(Path(f)) if Path(f).is_file() else None for f in q.files},
-            "split": fingerprint([q.train, q.val, q.test, q.seed, q.limit])}
+    inputs = {"query_files": {f: sha256_file(Path(f)) if Path(f).is_file() else None for f in q.files},
+              "split": fingerprint([q.train, q.val, q.test, q.seed, q.limit])}
+    # Settings that came later count only when set, so run dirs made before them stay valid.
+    changed = {k: getattr(q, k) for k in NEWER_SETTINGS if getattr(q, k) != QueriesConfig.model_fields[k].default}
+    if changed:
+        inputs["loader_dedup"] = fingerprint(changed)
+    if q.synthesize.n:
+        from ..synthesize import synthesis_key
+
+        # the key adds what shapes a sample beyond these settings: the prompt and the writing model
+        inputs["synthesize"] = fingerprint([q.synthesize.model_dump(mode="json"), synthesis_key(cfg)])
+    return inputs
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:
+    q = cfg.queries
     with Timer() as t:
-        rows = [row for f in cfg.queries.files for row in load_queries(Path(f))]
-        dupes = [i for i, n in Counter(r["id"] for r in rows).items() if n > 1]
-        if dupes:
-            where = [r["source"] for r in rows if r["id"] == dupes[0]]
-            raise StageError(f"duplicate query id {dupes[0]!r} at {', '.join(where)} ({len(dupes)} duplicated ids in all)")
-        if cfg.queries.limit:
-            rows = rows[: cfg.queries.limit]
-        rows = split_rows(rows, cfg.queries.train, cfg.queries.val, cfg.queries.seed)
+        given, given_stats = _given(cfg) if q.files else ([], {"n": 0, "exact_duplicates_dropped": 0})
+        embedder = load_embedder()
+        given_emb = embedder.encode([r["query"] for r in given])
+        near = near_duplicate_pairs(given_emb, threshold=q.dedup_threshold)
+        given_stats["near_duplicate_pairs"] = len(near)
+        if near:
+            i, j, cos = max(near, key=lambda p: p[2])
+            print(f"note: {len(near)} pairs of your queries are near-duplicates (cosine >= {q.dedup_threshold}); "
+                  f"each pair stays in one split. Closest: {given[i]['query']!r} ~ {given[j]['query']!r} ({cos:.2f})")
+        synthesized, synth_stats, synth_emb = [], None, given_emb[:0]
+        if q.synthesize.n:
+            from ..synthesize import synthesize
+
+            synthesized, synth_stats, synth_emb = synthesize(cfg, run, given, given_emb, embedder)
+        rows = given + synthesized
+        emb = np.vstack([given_emb, synth_emb])
+        pairs = near_duplicate_pairs(emb, threshold=q.dedup_threshold)
+        group = groups_of([r["id"] for r in rows], pairs)
+        rows = split_rows(rows, q.train, q.val, q.seed, group)
+        straddling = leaks({r["id"]: r["split"] for r in rows}, [(rows[i]["id"], rows[j]["id"]) for i, j, _ in pairs])
         counts = Counter(r["split"] for r in rows)
+        empty = [name for name, frac in (("val", q.val), ("test", q.test)) if round(len(rows) * frac) and not counts[name]]
+        if empty and len(set(group.values())) < len(rows):
+            biggest = Counter(group.values()).most_common(1)[0][1]
+            print(f"warning: the {' and '.join(empty)} split is empty: near-duplicate groups go to one split whole and "
+                  f"the largest holds {biggest} of {len(rows)} queries; raise queries.dedup_threshold to group fewer")
         if counts["train"] == 0:
-            raise StageError(f"the train split is empty: {len(rows)} queries x queries.train {cfg.queries.train} rounds to 0; "
+            raise StageError(f"the train split is empty: {len(rows)} queries x queries.train {q.train} rounds to 0; "
                              f"add queries or raise queries.train")
+        stats = {"given": given_stats, "synthesized": synth_stats,
+                 "diversity": {"given": diversity(given_emb), "synthesized": diversity(synth_emb)},
+                 "cluster_distance": CLUSTER_DISTANCE, "dedup_threshold": q.dedup_threshold,
+                 "split": dict(counts), "split_groups": len(set(group.values())),
+                 "near_duplicates_across_splits": len(straddling)}
         atomic_write_text(run.queries, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return (f"queries: {len(rows)} queries -> train {counts['train']}, val {counts['val']}, "
+        atomic_write_json(run.root / STATS_FILE, stats)
+    if synth_stats:
+        print(diversity_table(stats))
+    made = f" ({len(given)} given, {len(synthesized)} synthesized)" if synth_stats else ""
+    return (f"queries: {len(rows)} queries{made} -> train {counts['train']}, val {counts['val']}, "
             f"test {counts['test']} in {t.seconds:.1f}s")
+
+
+def diversity_table(stats: dict) -> str:
+    """Given vs synthesised side by side, as printed after the stage and kept in queries_stats.json."""
+    d, s = stats["diversity"], stats["synthesized"]
+
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"{'':24}{'given':>10}{'synthesized':>13}"]
+    for label, key in (("queries", "n"), ("mean pairwise cosine", "mean_pairwise_cosine"), ("clusters", "clusters")):
+        lines.append(f"{label:24}{cell(d['given'][key]):>10}{cell(d['synthesized'][key]):>13}")
+    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v)
+    lines.append(f"synthesis: {s['tried']} tried, {s['kept']} kept; dropped: {dropped or 'none'}")
+    return "\n".join(lines)
