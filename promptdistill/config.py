@@ -143,7 +143,7 @@ class EvalConfig(Strict):
 class ChecksConfig(Strict):
     """Where `distill validate` draws the line between a warning and an error for the
     teacher's answers (per-answer problems that one bad row does not make fatal)."""
-    max_unusable_share: float = Field(0.5, ge=0, le=1, description="error if more of the answers than this are "
+    max_unusable_share: float = Field(0.75, ge=0, le=1, description="error if more of the answers than this are "
                                       "empty or cut off at max_tokens before a full sentence (train drops them)")
     max_refusal_share: float = Field(0.1, ge=0, le=1, description="error if more of the answers than this refuse "
                                      "or speak as an AI model")

@@ -153,12 +153,12 @@ def test_truncated_answers_warn_then_fail_past_the_share(tiny, tmp_path):
     assert problems(config, "error") == []
     only(problems(config, "warning"), "3 of 10 answers (30%) hit sampling.max_tokens=16", "drops the 0 with none",
          f"first cut: {teacher}:1 (q0)")
-    for a in answers[:6]:
+    for a in answers[:8]:
         a.update(completion="Arr, the sea and the wind and the", finish_reason="length")  # no sentence: dropped
     config = project(tmp_path, tiny, answers=answers)
-    only(problems(config, "error"), f"{teacher}: 6 of 10 answers (60%) are empty or cut off before a full sentence, "
-         "more than checks.max_unusable_share=0.5")
-    assert problems(config, "error", "checks.max_unusable_share=0.7") == []
+    only(problems(config, "error"), f"{teacher}: 8 of 10 answers (80%) are empty or cut off before a full sentence, "
+         "more than checks.max_unusable_share=0.75")
+    assert problems(config, "error", "checks.max_unusable_share=0.85") == []
 
 
 def test_answer_reciting_the_system_prompt(tiny, tmp_path):
