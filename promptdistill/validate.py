@@ -21,6 +21,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 from .config import ModelConfig, RunConfig
+from .models import resolve_model
 from .render import prompt_ids, render_example, render_text, student_view
 from .rundir import RunDir, StageError, iter_jsonl, read_jsonl
 from .scores import load_embedder, near_duplicate_pairs, normalise_text
@@ -84,31 +85,28 @@ class ValidationFailed(StageError):
 
 
 @dataclass(frozen=True)
-class Tokenizer:
+class ModelTokenizer:
     """A model's tokenizer and context length, loaded without its weights."""
 
-    role: str  # "teacher" | "student"
     tokenizer: object
     context: int | None
 
 
-def load_tokenizer(role: str, model: ModelConfig) -> Tokenizer | None:
+def load_tokenizer(model: ModelConfig) -> ModelTokenizer | None:
     """None for a remote model (its tokenizer is on the server)."""
     if model.backend != "local":
         return None
     from transformers import AutoConfig, AutoTokenizer
 
-    from .models import resolve_model
-
     path = resolve_model(model.model)
-    return Tokenizer(role, AutoTokenizer.from_pretrained(path), window_of(AutoConfig.from_pretrained(path)))
+    return ModelTokenizer(AutoTokenizer.from_pretrained(path), window_of(AutoConfig.from_pretrained(path)))
 
 
-def load_tokenizers(cfg: RunConfig, report: Report) -> dict[str, Tokenizer]:
+def load_tokenizers(cfg: RunConfig, report: Report) -> dict[str, ModelTokenizer]:
     out = {}
     for role in ("teacher", "student"):
         model = getattr(cfg, role)
-        tok = load_tokenizer(role, model)
+        tok = load_tokenizer(model)
         if tok is None:
             report.notes.append(f"{role} {model.model} is remote (backend {model.backend}): no local tokenizer, "
                                 f"so its token counts, context and chat template are not checked")
@@ -134,7 +132,7 @@ def default_system_prompt(tokenizer) -> str | None:
     return None
 
 
-def template_problems(cfg: RunConfig, toks: dict[str, Tokenizer]) -> list[Problem]:
+def template_problems(cfg: RunConfig, toks: dict[str, ModelTokenizer]) -> list[Problem]:
     """The teacher's template must carry the system prompt; the student's must render a user
     turn alone and locate an answer after it. A tokenizer that fails here is removed from
     `toks`, so the token counts after this do not fail on it again."""
@@ -241,7 +239,7 @@ def leakage_problems(rows: list[dict], threshold: float) -> list[Problem]:
 # --------------------------------------------------------------------------- context
 
 
-def context_problems(cfg: RunConfig, rows: list[dict], toks: dict[str, Tokenizer]) -> list[Problem]:
+def context_problems(cfg: RunConfig, rows: list[dict], toks: dict[str, ModelTokenizer]) -> list[Problem]:
     """The teacher prompt (system prompt + query) plus max_tokens must fit the teacher's
     context; a student example longer than train.max_seq_len is skipped by train."""
     problems = []
