@@ -266,3 +266,15 @@ def test_run_stops_before_train_and_loses_no_answer(tiny, tmp_path, capsys):
     assert teacher.read_bytes() == before
     assert not (tmp_path / "run" / "student").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
     assert "train" not in json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
+
+
+def test_no_validate_skips_the_checks(tiny, tmp_path, capsys):
+    # An over-long query: the checks stop `distill run` before generate; without them,
+    # generate's own context check refuses it once the model is loaded.
+    config = project(tmp_path, tiny, queries=TOPICS + ["What do you think of the quick brown fox? " * 100], splits=None)
+    assert main(["run", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("error: validate: generate not started")
+    assert main(["run", str(config), "--no-validate"]) == 2
+    err = capsys.readouterr().err
+    assert "validate" not in err and err.startswith("error: query 'q10' (queries.jsonl:11): its teacher prompt")
+    assert not (tmp_path / "run" / "teacher.jsonl").exists()
