@@ -34,6 +34,7 @@ from .stages.train import training_answer
 TEMPLATE_ERRORS = (ValueError, TypeError, TemplateError)
 
 DEFAULT_NEAR_DUPLICATE = 0.9  # MiniLM cosine; queries.dedup_threshold overrides it when the config has one
+CHUNK = 2048  # held-out queries compared with every train query at once
 
 # Phrases of a model stepping out of any persona: refusing, or saying what it is. Narrow on
 # purpose: "I'm sorry for your loss" is in character, "I'm sorry, but I can't" is not.
@@ -223,8 +224,10 @@ def leakage_problems(rows: list[dict], threshold: float) -> list[Problem]:
     if not train or not held:
         return []
     embedder = load_embedder()
-    pairs = near_duplicate_pairs(embedder.encode([r["query"] for r in held]),
-                                 embedder.encode([r["query"] for r in train]), threshold)
+    held_emb, train_emb = embedder.encode([r["query"] for r in held]), embedder.encode([r["query"] for r in train])
+    pairs = []
+    for start in range(0, len(held), CHUNK):  # bounded memory: CHUNK x len(train) similarities at a time
+        pairs += [(start + i, j, cos) for i, j, cos in near_duplicate_pairs(held_emb[start:start + CHUNK], train_emb, threshold)]
     problems = []
     for i, j, cos in sorted(pairs, key=lambda p: -p[2]):
         h, t = held[i], train[j]

@@ -126,12 +126,14 @@ def test_duplicate_ids(tiny, tmp_path):
     only(problems(config, "error"), "query 'a': duplicate id at queries.jsonl:1, queries.jsonl:2")
 
 
-def test_near_duplicates_across_splits(tiny, tmp_path):
+def test_near_duplicates_across_splits(tiny, tmp_path, monkeypatch):
     # MiniLM cosine: 0.94 for the age pair; 0.85 for bury/hide treasure (below 0.9, not flagged)
     queries = TOPICS + ["What is the age of your ship?", "Where do you hide your treasure?"]
     config = project(tmp_path, tiny, queries=queries, splits=SPLITS + ["test", "val"])
-    only(problems(config, "error"), "query 'q10' (queries.jsonl:11) [test]: near-duplicate of train query 'q0' "
-         "(queries.jsonl:1), cosine 0.94")
+    found = only(problems(config, "error"), "query 'q10' (queries.jsonl:11) [test]: near-duplicate of train query 'q0' "
+                 "(queries.jsonl:1), cosine 0.94")
+    monkeypatch.setattr("promptdistill.validate.CHUNK", 1)  # held-out queries one at a time: same answer
+    assert problems(config, "error") == [found]
     assert problems(config, "error", "queries.train=0.5", "queries.val=0.25", "queries.test=0.25")  # same data
     same_split = project(tmp_path, tiny, queries=queries, splits=SPLITS + ["train", "train"])
     assert problems(same_split, "error") == []  # near-duplicates inside train leak nothing
