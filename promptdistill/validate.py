@@ -8,8 +8,9 @@ Two groups of checks, both returning a list of Problems (never raising for what 
 - answer checks, before training: teacher answers that are empty, cut off at max_tokens,
   recite the system prompt, or refuse / speak as an AI.
 
-Only tokenizers and model configs are loaded, never weights. A remote (openai backend)
-model has no local tokenizer: its token counts are skipped with a note.
+Only tokenizers and model configs are loaded, never weights. A model behind an
+OpenAI-compatible server (openai backend) has no local tokenizer: its token counts are
+skipped with a note.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ class ModelTokenizer:
 
 
 def load_tokenizer(model: ModelConfig) -> ModelTokenizer | None:
-    """None for a remote model (its tokenizer is on the server)."""
-    if model.backend != "local":
+    """None for an OpenAI-compatible server's model (its tokenizer is on the server); local
+    and tinker models render with the run's local copy of the model."""
+    if model.backend == "openai":
         return None
     from transformers import AutoConfig, AutoTokenizer
 
