@@ -26,11 +26,15 @@ def _verb(sub, name: str, help_text: str, *examples: str) -> argparse.ArgumentPa
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _stage_verb(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
-    p = _verb(sub, name, help_text, example)
+def _config_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("config", help="a run config (YAML), or a run dir holding config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-4 (repeatable)")
+    return p
+
+
+def _stage_verb(sub, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    p = _config_args(_verb(sub, name, help_text, example))
     p.add_argument("--force", action="store_true",
                    help="move this stage's earlier outputs (and later stages') aside and start it afresh")
     return p
@@ -39,8 +43,11 @@ def _stage_verb(sub, name: str, help_text: str, example: str) -> argparse.Argume
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Bake a system prompt into a student model's weights.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    _stage_verb(sub, "run", "Run every stage in order (queries, generate, train, eval, report), skipping what is done.",
-                "distill run examples/beethoven/config.yaml --set train.steps=20")
+    run = _stage_verb(sub, "run", "Run every stage in order (queries, generate, train, eval, report), skipping what is "
+                      "done; `distill validate`'s checks run before generate and train.",
+                      "distill run examples/beethoven/config.yaml --set train.steps=20")
+    run.add_argument("--no-validate", dest="checks", action="store_false",
+                     help="skip the checks before generate and train (their errors would stop the run)")
     queries = _stage_verb(sub, "queries", "Load and check the queries, synthesise more from the system prompt if asked, "
                           "dedup, and split them into train/val/test (writes queries.jsonl, queries_stats.json).",
                           "distill queries examples/beethoven/config.yaml --synthesize 300")
@@ -54,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_verb(sub, "eval", "Score student vs teacher vs base on the test split; measure tokens, cost and latency "
                 "(writes eval.jsonl, summary.json).", "distill eval runs/beethoven")
     _stage_verb(sub, "report", "Write report.md and plots from a finished evaluation.", "distill report runs/beethoven")
+
+    _config_args(_verb(sub, "validate", "Check a config and its data before spending compute: templates, queries "
+                       "(empty, duplicate, near-duplicate across splits), context, and the teacher's answers once "
+                       "generated. Exits 2 on errors.",
+                       "distill validate examples/beethoven/config.yaml", "distill validate runs/beethoven"))
+
+    look = _verb(sub, "inspect", "Describe a queries file, a teacher file or a run dir: counts, duplicates, lengths in "
+                 "characters and tokens (with a histogram PNG), splits, prompt size, answers that hit max_tokens.",
+                 "distill inspect runs/beethoven",
+                 "distill inspect my_queries.jsonl --config config.yaml --json out/inspect.json")
+    look.add_argument("path", help="a queries file (.jsonl/.txt), a teacher.jsonl, or a run dir")
+    look.add_argument("--config", help="a run config whose tokenizers count tokens (a run dir uses its own)")
+    look.add_argument("--json", dest="json_path", metavar="PATH",
+                      help="write the summary here, and the histogram beside it (default: inspect.json and "
+                           "inspect_lengths.png in a run dir; nothing for a file)")
 
     chat = _verb(sub, "chat", "Talk to the distilled student, which gets no system prompt; answers stream, one question "
                  "per line, so piped stdin works too.", "distill chat runs/beethoven --compare",
@@ -159,6 +181,17 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
 
             return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env)
+        if args.verb == "validate":
+            from .validate import validate
+
+            report = validate(load_config(args.config, args.overrides))
+            print(report.text())
+            return 2 if report.errors else 0
+        if args.verb == "inspect":
+            from .inspect import inspect_path
+
+            inspect_path(Path(args.path), args.config, Path(args.json_path) if args.json_path else None)
+            return 0
         if args.verb == "chat":
             from .rundir import RunDir
             from .stages.chat import chat
@@ -171,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [f"queries.synthesize.n={args.synthesize}"] if getattr(args, "synthesize", None) is not None else []
         cfg = load_config(args.config, args.overrides + extra)
         if args.verb == "run":
-            pipeline.run_all(cfg, force=args.force)
+            pipeline.run_all(cfg, force=args.force, checks=args.checks)
         elif distributed.world_size() > 1:
             _train_data_parallel(cfg, args.force)
         else:

@@ -173,6 +173,17 @@ class EvalConfig(Strict):
     bootstrap: int = Field(2000, ge=100)
 
 
+class ChecksConfig(Strict):
+    """Where `distill validate` draws the line between a warning and an error for the
+    teacher's answers (per-answer problems that one bad row does not make fatal)."""
+    max_unusable_share: float = Field(0.75, ge=0, le=1, description="error if more of the answers than this are "
+                                      "empty or cut off at max_tokens before a full sentence (train drops them)")
+    max_refusal_share: float = Field(0.1, ge=0, le=1, description="error if more of the answers than this refuse "
+                                     "or speak as an AI model")
+    verbatim_words: int = Field(12, ge=4, description="an answer repeating this many consecutive words of the "
+                                "system prompt is an error (the student would learn to recite it)")
+
+
 class Price(Strict):
     input_per_1m: float = Field(ge=0, description="price per 1M input tokens")
     output_per_1m: float = Field(ge=0, description="price per 1M output tokens")
@@ -199,6 +210,7 @@ class RunConfig(Strict):
     lora: LoraConfig = LoraConfig()
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
+    checks: ChecksConfig = ChecksConfig()
     pricing: PricingConfig | None = None
 
     @model_validator(mode="after")

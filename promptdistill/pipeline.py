@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import distributed
+from . import distributed, validate
 from .config import RunConfig
-from .rundir import RunDir, Timer, atomic_write_text
+from .rundir import RunDir, StageError, Timer, atomic_write_text
 from .stages import evaluate, generate, queries, report, train
 
 
@@ -77,13 +77,27 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> str:
     return summary
 
 
+def _will_run(cfg: RunConfig, run: RunDir, stage: Stage) -> bool:
+    """True if `stage` has work to do; one that is done spends nothing, so needs no checks,
+    and one whose inputs changed is refused by run_stage with its own message."""
+    try:
+        return not run.stage_done(stage.name, stage.inputs(cfg, run), stage.resumable)
+    except StageError:
+        return False
+
+
 def _snapshot(paths: list[Path]) -> dict:
     return {p: (p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in paths}
 
 
-def run_all(cfg: RunConfig, force: bool = False) -> None:
+def run_all(cfg: RunConfig, force: bool = False, checks: bool = True) -> None:
+    """Every stage in order; with `checks`, validate's cheap checks before generate and its
+    answer checks before train (errors stop the run there, warnings are printed)."""
+    run = RunDir(cfg.run_path)
     with Timer() as t:
         for stage in STAGES:
+            if checks and stage.name in ("generate", "train") and _will_run(cfg, run, stage):
+                validate.gate(cfg, run, stage.name)
             run_stage(cfg, stage.name, force=force and stage is STAGES[0])
     summary = json.loads((cfg.run_path / "summary.json").read_text(encoding="utf-8"))
     print(f"\nrun: all stages done in {t.seconds:.1f}s; report in {cfg.run_path / 'report.md'}\n")

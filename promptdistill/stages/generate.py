@@ -56,7 +56,31 @@ ERRORS_FILE = "teacher_errors.jsonl"
 def context_window(sampler) -> int | None:
     """The teacher's context length, when the backend exposes its model's config (local does;
     a remote one does not, and its server refuses an over-long prompt itself)."""
-    return getattr(getattr(getattr(sampler, "model", None), "config", None), "max_position_embeddings", None)
+    config = getattr(getattr(sampler, "model", None), "config", None)
+    return window_of(config) if config is not None else None
+
+
+def window_of(model_config) -> int | None:
+    """A transformers model config's context length (multimodal configs keep it in their text config)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def query_place(q: dict) -> str:
+    return f"query {q['id']!r} ({q['source']})"
+
+
+def context_overflows(cfg: RunConfig, queries: list[dict], count_prompt_tokens, limit: int) -> list[tuple[dict, str]]:
+    """(query, what is wrong) for each query whose teacher prompt plus sampling.max_tokens
+    does not fit in `limit` tokens; `count_prompt_tokens(messages)` counts a rendered prompt."""
+    budget, out = cfg.sampling.max_tokens, []
+    for q in queries:
+        n = count_prompt_tokens(teacher_messages(cfg, q["query"]))
+        if n is not None and n + budget > limit:
+            out.append((q, (f"its teacher prompt (system prompt + query) is {n} tokens, "
+                            f"+ sampling.max_tokens {budget} = {n + budget} > the teacher's context of {limit} tokens; "
+                            f"shorten the query or the system prompt, or lower sampling.max_tokens")))
+    return out
 
 
 def check_context(cfg: RunConfig, sampler, todo: list[dict]) -> None:
@@ -66,17 +90,10 @@ def check_context(cfg: RunConfig, sampler, todo: list[dict]) -> None:
     limit = context_window(sampler)
     if limit is None:
         return
-    budget = cfg.sampling.max_tokens
-    sizes = [(q, sampler.count_prompt_tokens(teacher_messages(cfg, q["query"]))) for q in todo]
-    over = [(q, n) for q, n in sizes if n is not None and n + budget > limit]
+    over = context_overflows(cfg, todo, sampler.count_prompt_tokens, limit)
     if over:
-        q, n = over[0]
-        more = f" ({len(over)} queries in all)" if len(over) > 1 else ""
-        raise StageError(
-            f"query {q['id']!r} ({q['source']}): its teacher prompt (system prompt + query) is {n} tokens, "
-            f"+ sampling.max_tokens {budget} = {n + budget} > the teacher's context of {limit} tokens{more}; "
-            f"shorten the query or the system prompt, or lower sampling.max_tokens"
-        )
+        q, message = over[0]
+        raise StageError(f"{query_place(q)}: {message}" + (f" ({len(over)} queries in all)" if len(over) > 1 else ""))
 
 
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
