@@ -33,7 +33,7 @@ from promptdistill.cli import main
 from promptdistill.config import load_config
 from promptdistill.rundir import RunDir, StageError
 from promptdistill.stages import train
-from tiny import save_chatty_tiny
+from tiny import QUESTIONS, save_chatty_tiny
 
 REPO = Path(__file__).parents[1]
 # One thread per process: the two workers share this machine's cores.
@@ -55,8 +55,7 @@ def project(tmp_path_factory) -> Path:
     teacher's answers but no training yet; returns the config path."""
     root = tmp_path_factory.mktemp("distributed")
     model = save_chatty_tiny(root / "tiny-chatty")
-    queries = [{"id": f"q{i:03d}", "query": f"Question {i}: what do you make of {i * 7} ships on the horizon?"}
-               for i in range(32)]
+    queries = [{"id": f"q{i:03d}", "query": QUESTIONS[i]} for i in range(32)]
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
     config = {
         "name": "dp", "system_prompt": "You are a cheerful pirate captain. Answer briefly, with nautical words.",

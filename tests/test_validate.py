@@ -237,11 +237,12 @@ def test_remote_teacher_is_noted_not_failed(tiny, tmp_path):
 
 
 def test_run_stops_before_generate_and_keeps_the_split(tiny, tmp_path, capsys):
-    config = project(tmp_path, tiny, queries=TOPICS + ["How old is your ship?!"], splits=None)
+    # (An exact duplicate no longer gets this far: the queries stage drops it with a warning.)
+    config = project(tmp_path, tiny, queries=TOPICS + ["What do you think of the quick brown fox? " * 100], splits=None)
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: validate: generate not started, nothing changed in {tmp_path / 'run'}")
-    assert "the same query (normalised: 'how old is your ship') appears 2 times" in err and "--no-validate" in err
+    assert "query 'q10' (queries.jsonl:11): its teacher prompt" in err and "--no-validate" in err
     run = tmp_path / "run"
     assert (run / "queries.jsonl").is_file() and not (run / "teacher.jsonl").exists()
     manifest = json.loads((run / "manifest.json").read_text())
