@@ -67,37 +67,44 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     The system prompt is the same in every row of a teacher batch. Copying its keys and
     values into every row (what a batched KV cache does) multiplies the memory by the
     batch size and makes every decoding step read all those copies. Here the prefix is
-    stored once, [kv_heads, P, d], and the row's query heads are grouped by key/value
-    head so one batched matmul scores all rows against it; the rows' own keys (the cache,
-    the query and the answer so far) are scored as usual with their padding mask, and
-    one softmax runs over both parts. Without `shared_prefix` this is plain SDPA."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    stored once, [kv_heads, P, d]: every row's queries for a key/value head are stacked
+    into one matmul against it. The rows' own keys (the cache: query and answer so far) are
+    scored per row with their padding mask, and one softmax spans both parts without
+    concatenating them (a shared maximum, then the two sums). Query heads stay grouped by
+    their key/value head throughout, so no key or value is ever repeated or copied.
+    Without `shared_prefix` this is plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if shared_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     prefix_keys, prefix_values = shared_prefix[module.layer_idx]
     batch, heads, width, dim = query.shape
-    kv_heads, plen = prefix_keys.shape[0], prefix_keys.shape[1]
-    group = heads // kv_heads
+    kv_heads, own_len = key.shape[1], key.shape[2]
+    rows = heads // kv_heads * width  # query rows per key/value head and batch row
     scale = scaling if scaling is not None else dim ** -0.5
-    grouped = query.reshape(batch, kv_heads, group * width, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
-    prefix_scores = (grouped @ prefix_keys.transpose(1, 2)) * scale  # [kv_heads, batch*group*width, P]
-    prefix_scores = prefix_scores.reshape(kv_heads, batch, heads // kv_heads * width, plen).transpose(0, 1)
-    prefix_scores = prefix_scores.reshape(batch, heads, width, plen)
-    own_keys, own_values = repeat_kv(key, group), repeat_kv(value, group)
-    own_scores = (query @ own_keys.transpose(2, 3)) * scale  # [batch, heads, width, S]
+    grouped = query.reshape(batch, kv_heads, rows, dim)
+    stacked = grouped.transpose(0, 1).reshape(kv_heads, batch * rows, dim)
+    prefix_scores = (stacked @ prefix_keys.transpose(1, 2)) * scale  # [kv_heads, batch*rows, P]
+    own_scores = (grouped @ key.transpose(2, 3)) * scale  # [batch, kv_heads, rows, S]
     if attention_mask is None:  # the mask builder left causality to the kernel: apply it here
-        attention_mask = torch.ones(width, own_keys.shape[2], dtype=torch.bool, device=query.device).tril(
-            own_keys.shape[2] - width)
-    if attention_mask.dtype == torch.bool:
-        own_scores = own_scores.masked_fill(~attention_mask, float("-inf"))
+        attention_mask = torch.ones(width, own_len, dtype=torch.bool, device=query.device).tril(own_len - width)
+    per_head = own_scores.view(batch, kv_heads, heads // kv_heads, width, own_len)
+    mask = attention_mask.reshape(-1, 1, 1, width, own_len)  # [batch or 1, 1, 1, width, S]
+    if mask.dtype == torch.bool:
+        per_head.masked_fill_(~mask, float("-inf"))
     else:
-        own_scores = own_scores + attention_mask
-    weights = torch.softmax(torch.cat([prefix_scores, own_scores], -1).float(), -1).to(query.dtype)
-    prefix_weights = weights[..., :plen].reshape(batch, kv_heads, group * width, plen).transpose(0, 1)
-    out = (prefix_weights.reshape(kv_heads, -1, plen) @ prefix_values).reshape(kv_heads, batch, group * width, dim)
-    out = out.transpose(0, 1).reshape(batch, heads, width, dim) + weights[..., plen:] @ own_values
-    return out.transpose(1, 2).contiguous(), None
+        per_head.add_(mask)
+
+    def by_row(t: torch.Tensor) -> torch.Tensor:  # [kv_heads, batch*rows, ...] -> [batch, kv_heads, rows, ...]
+        return t.view(kv_heads, batch, rows, *t.shape[2:]).transpose(0, 1)
+
+    peak = torch.maximum(by_row(prefix_scores.amax(-1)), own_scores.amax(-1))  # [batch, kv_heads, rows]
+    own_weights = torch.exp(own_scores - peak[..., None])
+    prefix_weights = torch.exp(prefix_scores - peak.transpose(0, 1).reshape(kv_heads, batch * rows, 1))
+    total = own_weights.sum(-1) + by_row(prefix_weights.sum(-1))
+    out = own_weights @ value + by_row(prefix_weights @ prefix_values)  # [batch, kv_heads, rows, d]
+    out = out / total[..., None]
+    return out.view(batch, heads, width, dim).transpose(1, 2).contiguous(), None
 
 
 def use_shared_prefix_attention(model) -> bool:
