@@ -30,7 +30,7 @@ COMPARISONS = ["machine", "generation", "training", "latency", "e2e", "concurren
 # The settings of the full run; --quick and the size flags shrink them.
 FULL = {
     "generation": {"queries": 64, "max_tokens": 96, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.15,
-                   "batch_sizes": [64, 32]},
+                   "batch_sizes": [128, 64]},
     "training": {"examples": 128, "steps": 16, "batch_size": 8, "lr": 2e-4, "rank": 16, "alpha": 32, "seed": 0,
                  "max_length": 512, "warmup_steps": 2},
     "latency": {"queries": 16, "max_tokens": 96},

@@ -181,7 +181,11 @@ class ChecksConfig(Strict):
     max_refusal_share: float = Field(0.1, ge=0, le=1, description="error if more of the answers than this refuse "
                                      "or speak as an AI model")
     verbatim_words: int = Field(12, ge=4, description="an answer repeating this many consecutive words of the "
-                                "system prompt is an error (the student would learn to recite it)")
+                                "system prompt recites it (the student would learn to recite it)")
+    # A question like "what are your rules?" draws an honest recital now and then (3 of 300
+    # synthesised Beethoven queries did): a warning each; many of them, an error.
+    max_recital_share: float = Field(0.02, ge=0, le=1, description="error if more of the answers than this recite "
+                                     "the system prompt verbatim")
 
 
 class Price(Strict):

@@ -284,7 +284,7 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
     c = cfg.checks
     words = normalise_text(cfg.system_prompt).split()
     grams = {tuple(words[i:i + c.verbatim_words]) for i in range(len(words) - c.verbatim_words + 1)}
-    problems, cut, dropped, unusable, refusals, total = [], [], [], [], [], 0
+    problems, cut, dropped, unusable, refusals, recitals, total = [], [], [], [], [], [], 0
     for lineno, row in iter_jsonl(run.teacher):
         total += 1
         where = f"{run.teacher}:{lineno} ({row.get('id')})"
@@ -300,7 +300,8 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
                 unusable.append(where)
         span = recited_span(text, grams, c.verbatim_words)
         if span:
-            problems.append(Problem("error", where, f"the answer recites the system prompt verbatim "
+            recitals.append(where)
+            problems.append(Problem("warning", where, f"the answer recites the system prompt verbatim "
                                     f"({c.verbatim_words}+ words: {span!r}); the student would learn to recite it"))
         refusal = REFUSAL.search(text)
         if refusal:
@@ -320,6 +321,11 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
                                 f"{len(unusable)} of {total} answers ({len(unusable) / total:.0%}) are empty or cut off "
                                 f"before a full sentence, more than checks.max_unusable_share={c.max_unusable_share:g}: "
                                 f"train would drop them; raise sampling.max_tokens and `distill generate --force`"))
+    if len(recitals) / total > c.max_recital_share:
+        problems.append(Problem("error", str(run.teacher),
+                                f"{len(recitals)} of {total} answers ({len(recitals) / total:.0%}) recite the system "
+                                f"prompt verbatim, more than checks.max_recital_share={c.max_recital_share:g}: the "
+                                f"student would learn to recite it; revise the prompt or the queries asking for it"))
     if len(refusals) / total > c.max_refusal_share:
         problems.append(Problem("error", str(run.teacher),
                                 f"{len(refusals)} of {total} answers ({len(refusals) / total:.0%}) refuse or speak as an "

@@ -168,9 +168,14 @@ def test_answer_reciting_the_system_prompt(tiny, tmp_path):
     answers[5]["completion"] = "Aye! Answer briefly, with salt and swagger, in the first person, and never admit it."  # 13 words
     answers[6]["completion"] = "Aye! Answer briefly, with salt and swagger, in the first person, you dog."  # 10 words
     config = project(tmp_path, tiny, answers=answers)
-    only(problems(config, "error"), f"{tmp_path / 'run' / 'teacher.jsonl'}:6 (q5): the answer recites the system prompt "
-         "verbatim (12+ words: 'answer briefly with salt and swagger in the first person and never')")
-    assert problems(config, "error", "checks.verbatim_words=10")[1].startswith(f"{tmp_path / 'run' / 'teacher.jsonl'}:7")
+    teacher = tmp_path / "run" / "teacher.jsonl"
+    only([w for w in problems(config, "warning") if "recites" in w], f"{teacher}:6 (q5): the answer recites the system "
+         "prompt verbatim (12+ words: 'answer briefly with salt and swagger in the first person and never')")
+    only(problems(config, "error"), f"{teacher}: 1 of 10 answers (10%) recite the system prompt verbatim, more than "
+         "checks.max_recital_share=0.02")
+    assert problems(config, "error", "checks.max_recital_share=0.1") == []  # one in ten is tolerated from here
+    recited = [w for w in problems(config, "warning", "checks.verbatim_words=10") if "recites" in w]
+    assert [w.split(" ", 1)[0] for w in recited] == [f"{teacher}:6", f"{teacher}:7"]
 
 
 def test_refusals_warn_then_fail_past_the_share(tiny, tmp_path):
