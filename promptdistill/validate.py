@@ -316,21 +316,17 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
                                 f"{len(cut)} of {total} answers ({len(cut) / total:.0%}) hit sampling.max_tokens="
                                 f"{cfg.sampling.max_tokens}; train trims them to their last full sentence, and drops the "
                                 f"{len(dropped)} with none in their first half (first cut: {cut[0]})"))
-    if len(unusable) / total > c.max_unusable_share:
-        problems.append(Problem("error", str(run.teacher),
-                                f"{len(unusable)} of {total} answers ({len(unusable) / total:.0%}) are empty or cut off "
-                                f"before a full sentence, more than checks.max_unusable_share={c.max_unusable_share:g}: "
-                                f"train would drop them; raise sampling.max_tokens and `distill generate --force`"))
-    if len(recitals) / total > c.max_recital_share:
-        problems.append(Problem("error", str(run.teacher),
-                                f"{len(recitals)} of {total} answers ({len(recitals) / total:.0%}) recite the system "
-                                f"prompt verbatim, more than checks.max_recital_share={c.max_recital_share:g}: the "
-                                f"student would learn to recite it; revise the prompt or the queries asking for it"))
-    if len(refusals) / total > c.max_refusal_share:
-        problems.append(Problem("error", str(run.teacher),
-                                f"{len(refusals)} of {total} answers ({len(refusals) / total:.0%}) refuse or speak as an "
-                                f"AI, more than checks.max_refusal_share={c.max_refusal_share:g}: the student would "
-                                f"learn to refuse; revise the system prompt or the queries"))
+    shares = [(unusable, "are empty or cut off before a full sentence", "max_unusable_share",
+               "train would drop them; raise sampling.max_tokens and `distill generate --force`"),
+              (recitals, "recite the system prompt verbatim", "max_recital_share",
+               "the student would learn to recite it; revise the prompt or the queries asking for it"),
+              (refusals, "refuse or speak as an AI", "max_refusal_share",
+               "the student would learn to refuse; revise the system prompt or the queries")]
+    for rows, what, field, consequence in shares:  # one bad answer is a warning; many are an error
+        limit = getattr(c, field)
+        if len(rows) / total > limit:
+            problems.append(Problem("error", str(run.teacher), f"{len(rows)} of {total} answers ({len(rows) / total:.0%}) "
+                                    f"{what}, more than checks.{field}={limit:g}: {consequence}"))
     return problems
 
 
