@@ -192,6 +192,10 @@ class Price(Strict):
     input_per_1m: float = Field(ge=0, description="price per 1M input tokens")
     output_per_1m: float = Field(ge=0, description="price per 1M output tokens")
 
+    def million_calls(self, input_tokens: float, output_tokens: float) -> float:
+        """What 1M calls of this many input and output tokens cost (divide by 1e6 for one call)."""
+        return input_tokens * self.input_per_1m + output_tokens * self.output_per_1m
+
 
 class PricingConfig(Strict):
     source: str = Field(description="where these prices come from")

@@ -259,6 +259,13 @@ def normalise_text(text: str) -> str:
     return " ".join(kept.split())
 
 
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """Every run of `n` consecutive words of the normalised text, in order: what "copied
+    from the prompt" is measured in."""
+    words = normalise_text(text).split()
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
 def near_duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None,
                          threshold: float = 0.9) -> list[tuple[int, int, float]]:
     """(i, j, cosine) for rows of unit embeddings `a` and `b` with cosine >= threshold.

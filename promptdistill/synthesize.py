@@ -30,7 +30,7 @@ from .backends import make_sampler
 from .backends.base import SamplingParams
 from .config import ModelConfig, RunConfig
 from .rundir import RunDir, StageError, append_jsonl, fingerprint, read_jsonl, sha256_text
-from .scores import Embedder, near_duplicate_pairs, normalise_text
+from .scores import Embedder, near_duplicate_pairs, normalise_text, word_ngrams
 from .stages.generate import row_seed
 
 CACHE_FILE = "synthesized.jsonl"
@@ -85,8 +85,7 @@ def parse_query(text: str) -> str:
 
 
 def _shingles(text: str) -> set[tuple[str, ...]]:
-    words = normalise_text(text).split()
-    return {tuple(words[i:i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
+    return set(word_ngrams(text, SHINGLE))
 
 
 def reject_reason(raw: str, query: str, prompt_shingles: set, max_chars: int) -> str | None:

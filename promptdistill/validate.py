@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from jinja2 import TemplateError
 
@@ -25,7 +24,7 @@ from .config import ModelConfig, RunConfig
 from .models import resolve_model
 from .render import prompt_ids, render_example, render_text, student_view
 from .rundir import RunDir, StageError, iter_jsonl, read_jsonl
-from .scores import load_embedder, near_duplicate_pairs, normalise_text
+from .scores import load_embedder, near_duplicate_pairs, normalise_text, word_ngrams
 from .stages.generate import context_overflows, query_place, teacher_messages, window_of
 from .stages.queries import load_queries
 from .stages.train import training_answer
@@ -34,7 +33,6 @@ from .stages.train import training_answer
 # template indexing a message that is not there (TypeError / jinja's UndefinedError).
 TEMPLATE_ERRORS = (ValueError, TypeError, TemplateError)
 
-DEFAULT_NEAR_DUPLICATE = 0.9  # MiniLM cosine; queries.dedup_threshold overrides it when the config has one
 CHUNK = 2048  # held-out queries compared with every train query at once
 
 # Phrases of a model stepping out of any persona: refusing, or saying what it is. Narrow on
@@ -183,15 +181,15 @@ def current_queries(cfg: RunConfig, run: RunDir, report: Report) -> list[dict]:
     query files as loaded (no split yet)."""
     if run.queries.exists():
         return read_jsonl(run.queries)
-    rows = []
-    for f in cfg.queries.files:
+    q, rows = cfg.queries, []
+    for f in q.files:
         try:
-            rows += load_queries(Path(f))
+            rows += load_queries(f, q.field, q.id_field, q.dataset_split)
         except StageError as e:
             report.problems.append(Problem("error", f, str(e)))
     report.notes.append(f"{run.queries} does not exist yet: the cross-split near-duplicate check needs the split "
                         f"(`distill queries` makes it)")
-    return rows[: cfg.queries.limit] if cfg.queries.limit else rows
+    return rows[: q.limit] if q.limit else rows
 
 
 def query_problems(rows: list[dict]) -> list[Problem]:
@@ -212,10 +210,6 @@ def query_problems(rows: list[dict]) -> list[Problem]:
             problems.append(Problem("error", f"query {group[0]['id']!r}",
                                     f"the same query (normalised: {text!r}) appears {len(group)} times: {places}"))
     return problems
-
-
-def near_duplicate_threshold(cfg: RunConfig) -> float:
-    return getattr(cfg.queries, "dedup_threshold", None) or DEFAULT_NEAR_DUPLICATE
 
 
 def leakage_problems(rows: list[dict], threshold: float) -> list[Problem]:
@@ -273,17 +267,12 @@ def context_problems(cfg: RunConfig, rows: list[dict], toks: dict[str, ModelToke
 
 def recited_span(answer: str, prompt_grams: set[tuple[str, ...]], n: int) -> str | None:
     """The first run of `n` consecutive (normalised) words of the answer found in the prompt."""
-    words = normalise_text(answer).split()
-    for i in range(len(words) - n + 1):
-        if tuple(words[i:i + n]) in prompt_grams:
-            return " ".join(words[i:i + n])
-    return None
+    return next((" ".join(gram) for gram in word_ngrams(answer, n) if gram in prompt_grams), None)
 
 
 def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
     c = cfg.checks
-    words = normalise_text(cfg.system_prompt).split()
-    grams = {tuple(words[i:i + c.verbatim_words]) for i in range(len(words) - c.verbatim_words + 1)}
+    grams = set(word_ngrams(cfg.system_prompt, c.verbatim_words))
     problems, cut, dropped, unusable, refusals, recitals, total = [], [], [], [], [], [], 0
     for lineno, row in iter_jsonl(run.teacher):
         total += 1
@@ -322,11 +311,11 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
                "the student would learn to recite it; revise the prompt or the queries asking for it"),
               (refusals, "refuse or speak as an AI", "max_refusal_share",
                "the student would learn to refuse; revise the system prompt or the queries")]
-    for rows, what, field, consequence in shares:  # one bad answer is a warning; many are an error
-        limit = getattr(c, field)
+    for rows, what, setting, consequence in shares:  # one bad answer is a warning; many are an error
+        limit = getattr(c, setting)
         if len(rows) / total > limit:
             problems.append(Problem("error", str(run.teacher), f"{len(rows)} of {total} answers ({len(rows) / total:.0%}) "
-                                    f"{what}, more than checks.{field}={limit:g}: {consequence}"))
+                                    f"{what}, more than checks.{setting}={limit:g}: {consequence}"))
     return problems
 
 
@@ -340,7 +329,7 @@ def before_generate(cfg: RunConfig, run: RunDir) -> Report:
     report.problems += template_problems(cfg, toks)
     rows = current_queries(cfg, run, report)
     report.problems += query_problems(rows)
-    report.problems += leakage_problems(rows, near_duplicate_threshold(cfg))
+    report.problems += leakage_problems(rows, cfg.queries.dedup_threshold)
     report.problems += context_problems(cfg, rows, toks)
     return report
 

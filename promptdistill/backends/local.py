@@ -317,12 +317,13 @@ NUCLEUS_CANDIDATES = 1024  # top-p rarely needs more; when it does we fall back 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, token ids) of each row's smallest set of top tokens reaching `top_p`,
-    zero beyond it. Sorting the whole vocabulary every step cost more than the model's
-    attention; the nucleus almost always lies in the top 1024, and when a row's does not,
-    the full sort gives the exact set."""
-    k = probs.shape[-1] if top_p >= 1.0 else min(NUCLEUS_CANDIDATES, probs.shape[-1])
-    top, ids = probs.topk(k, dim=-1) if k < probs.shape[-1] else probs.sort(-1, descending=True)
-    if top_p < 1.0 and k < probs.shape[-1] and bool((top.sum(-1) < top_p).any()):
+    zero beyond it; with top_p 1, every token in vocabulary order (nothing to sort). Sorting
+    the whole vocabulary every step cost more than the model's attention; the nucleus almost
+    always lies in the top 1024, and when a row's does not, the full sort gives the exact set."""
+    if top_p >= 1.0:
+        return probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+    top, ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    if top.shape[-1] < probs.shape[-1] and bool((top.sum(-1) < top_p).any()):
         top, ids = probs.sort(-1, descending=True)
     outside = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
     return top.masked_fill(outside, 0.0), ids

@@ -97,8 +97,9 @@ def likelihoods(models: Models, rows: list[dict], system_prompt: str | None, ada
             continue
     index = sorted(datums, key=lambda i: len(datums[i].input_tokens))  # similar lengths, less padding
     with models.adapter(on=adapter_on):
-        for start in range(0, len(index), models.batch_size // 2 or 1):
-            chunk = index[start:start + (models.batch_size // 2 or 1)]
+        size = models.batch_size // 2 or 1
+        for start in range(0, len(index), size):
+            chunk = index[start:start + size]
             for i, (nll, n) in zip(chunk, scorer.per_example([datums[i] for i in chunk])):
                 out[i] = nll / n
     return out
@@ -142,12 +143,11 @@ def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
     if p is None:
         return None
     per_million = {
-        "teacher": tokens["teacher_input"] * p.teacher.input_per_1m + tokens["teacher_output"] * p.teacher.output_per_1m,
-        "student": tokens["student_input"] * p.student.input_per_1m + tokens["student_output"] * p.student.output_per_1m,
+        "teacher": p.teacher.million_calls(tokens["teacher_input"], tokens["teacher_output"]),
+        "student": p.student.million_calls(tokens["student_input"], tokens["student_output"]),
     }
     teacher_rows = read_jsonl(run.teacher)
-    generation = sum(r["tokens"]["prompt"] * p.teacher.input_per_1m + r["tokens"]["completion"] * p.teacher.output_per_1m
-                     for r in teacher_rows) / 1e6
+    generation = sum(p.teacher.million_calls(r["tokens"]["prompt"], r["tokens"]["completion"]) for r in teacher_rows) / 1e6
     trained_tokens = sum(m.get("tokens", 0) for m in read_jsonl(run.metrics))
     training = trained_tokens * p.training_per_1m_tokens / 1e6
     saving_per_query = (per_million["teacher"] - per_million["student"]) / 1e6

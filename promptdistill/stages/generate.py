@@ -142,8 +142,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 new_tokens += sum(o.completion_tokens for _, _, o in good)
                 truncated += sum(o.finish_reason == "length" for _, _, o in good)
                 if price is not None:  # what this stage has spent so far, at the config's teacher prices
-                    cost += sum(o.prompt_tokens * price.input_per_1m + o.completion_tokens * price.output_per_1m
-                                for _, _, o in good) / 1e6
+                    cost += sum(price.million_calls(o.prompt_tokens, o.completion_tokens) for _, _, o in good) / 1e6
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated,
                                 **({"failed": failed} if failed else {}),

@@ -241,20 +241,19 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         given, given_stats = _given(cfg) if q.files else ([], {"n": 0, "exact_duplicates_dropped": 0})
         embedder = load_embedder()
         given_emb = embedder.encode([r["query"] for r in given])
-        near = near_duplicate_pairs(given_emb, threshold=q.dedup_threshold)
-        given_stats["near_duplicate_pairs"] = len(near)
-        if near:
-            i, j, cos = max(near, key=lambda p: p[2])
-            print(f"note: {len(near)} pairs of your queries are near-duplicates (cosine >= {q.dedup_threshold}); "
-                  f"each pair stays in one split. Closest: {given[i]['query']!r} ~ {given[j]['query']!r} ({cos:.2f})")
         synthesized, synth_stats, synth_emb = [], None, given_emb[:0]
         if q.synthesize.n:
             from ..synthesize import synthesize
 
             synthesized, synth_stats, synth_emb = synthesize(cfg, run, given, given_emb, embedder)
         rows = given + synthesized
-        emb = np.vstack([given_emb, synth_emb])
-        pairs = near_duplicate_pairs(emb, threshold=q.dedup_threshold)
+        pairs = near_duplicate_pairs(np.vstack([given_emb, synth_emb]), threshold=q.dedup_threshold)
+        near = [p for p in pairs if p[1] < len(given)]  # both of yours (given rows come first, and i < j)
+        given_stats["near_duplicate_pairs"] = len(near)
+        if near:
+            i, j, cos = max(near, key=lambda p: p[2])
+            print(f"note: {len(near)} pairs of your queries are near-duplicates (cosine >= {q.dedup_threshold}); "
+                  f"each pair stays in one split. Closest: {given[i]['query']!r} ~ {given[j]['query']!r} ({cos:.2f})")
         group = groups_of([r["id"] for r in rows], pairs)
         rows = split_rows(rows, q.train, q.val, q.seed, group)
         straddling = leaks({r["id"]: r["split"] for r in rows}, [(rows[i]["id"], rows[j]["id"]) for i, j, _ in pairs])

@@ -269,7 +269,8 @@ def build_markdown(summary: dict, rows: list[dict], metrics: list[dict], manifes
     md += [f"- Note: {note}" for note in summary.get("notes") or []] + ([""] if summary.get("notes") else [])
 
     md += ["## Headline", ""]
-    md += table(["What", "Value"], [[line.split(": ", 1)[0][:1].upper() + line.split(": ", 1)[0][1:], line.split(": ", 1)[1]] for line in headline(summary)])
+    pairs = [line.split(": ", 1) for line in headline(summary)]
+    md += table(["What", "Value"], [[what[:1].upper() + what[1:], value] for what, value in pairs])
     md += [""]
 
     md += quality_section(summary, "quality.png" in plots)
