@@ -213,7 +213,8 @@ def train_flops(model, examples: list) -> dict:
 def train_ours(spec: dict) -> dict:
     """LocalTrainer with the train stage's recipe: micro_batch order, token-mean weights, lr_at."""
     from promptdistill.backends.local import LocalTrainer
-    from promptdistill.stages.train import lr_at, micro_batch, weighted
+    from promptdistill.objectives.sft import weighted
+    from promptdistill.stages.train import lr_at, micro_batch
 
     trainer = LocalTrainer(model_dir(), rank=spec["rank"], alpha=spec["alpha"], dropout=0.0, target_modules="all-linear",
                            weight_decay=0.0, max_grad_norm=1.0, device="cpu", seed=spec["seed"])

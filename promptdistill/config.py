@@ -143,7 +143,33 @@ class LoraConfig(Strict):
     target_modules: str | list[str] = "all-linear"
 
 
+OBJECTIVES = ("sft", "kl", "on_policy")
+
+
+class OnPolicyConfig(Strict):
+    """How the student samples its own answers in an on_policy step."""
+    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature (1: its own distribution)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: sampling.max_tokens")
+    samples_per_query: int = Field(1, ge=1, description="answers sampled per train query in a step")
+
+
+class Phase(Strict):
+    objective: Literal[OBJECTIVES]
+    steps: int = Field(ge=1)
+
+
 class TrainConfig(Strict):
+    objective: Literal[OBJECTIVES] = Field(
+        "sft", description="sft: cross-entropy on the teacher's sampled answers | kl: cross-entropy against the "
+        "teacher's top-k next-token distribution WITH the prompt | on_policy: reverse KL to the prompted teacher "
+        "on the student's own samples")
+    phases: list[Phase] | None = Field(None, min_length=1, description="a schedule, e.g. [{objective: kl, steps: 20}, "
+                                       "{objective: on_policy, steps: 10}]; replaces objective and steps/epochs")
+    topk: int = Field(64, ge=1, description="kl: how many of the teacher's likeliest tokens per position are kept")
+    sft_weight: float = Field(0.0, ge=0, le=1, description="kl: share of the loss on the teacher's sampled token "
+                              "(hard label); the rest on its top-k distribution")
+    on_policy: OnPolicyConfig = OnPolicyConfig()
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -162,9 +188,24 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
+        if self.phases is not None:
+            if self.steps is not None or self.epochs is not None:
+                raise ValueError("train.phases sets the step budget; leave out train.steps and train.epochs")
+            return self
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of train.steps or train.epochs")
+            raise ValueError("set exactly one of train.steps or train.epochs (or train.phases)")
         return self
+
+    def objective_at(self, step: int) -> str:
+        """The objective of optimiser step `step` (0-based)."""
+        for phase in self.phases or []:
+            if step < phase.steps:
+                return phase.objective
+            step -= phase.steps
+        return self.phases[-1].objective if self.phases else self.objective
+
+    def objectives(self) -> set[str]:
+        return {p.objective for p in self.phases} if self.phases else {self.objective}
 
 
 class EvalConfig(Strict):

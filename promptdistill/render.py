@@ -37,8 +37,13 @@ class Datum:
     scored on predicting `target_tokens` (the inputs shifted by one), weighted by `weights`."""
 
     input_tokens: list[int]
-    target_tokens: list[int]
-    weights: list[float]
+    # One token per position, or K per position for soft labels (a teacher's top-K tokens,
+    # each weighted by its probability: Tinker's 2-D cross_entropy targets).
+    target_tokens: list[int] | list[list[int]]
+    weights: list[float] | list[list[float]]
+    # loss "reverse_kl" (local trainer only): the teacher's log-probabilities over the whole
+    # vocabulary at each weighted position, a [positions, vocab] tensor.
+    teacher_logprobs: object = None
 
 
 def render_text(tokenizer, messages: list[Message], generation_prompt: bool) -> str:

@@ -23,7 +23,7 @@ from promptdistill.backends.tinker import TinkerSampler, api_key, lora_layers, s
 from promptdistill.config import ConfigError, LoraConfig, ModelConfig, load_config
 from promptdistill.models import ModelError, resolve_model
 from promptdistill.render import render_example
-from promptdistill.stages.train import weighted
+from promptdistill.objectives.sft import weighted
 
 PAIRS = [("Where is the gold?", "Under the old oak, matey."),
          ("Who are you?", "Captain Redbeard, scourge of the seven seas! Fear me."),
@@ -136,8 +136,8 @@ class OrderRecorder(LocalTrainer):
 
     calls: list[str] = []
 
-    def forward_backward(self, batch):
-        done = super().forward_backward(batch)
+    def forward_backward(self, batch, loss_fn="cross_entropy"):
+        done = super().forward_backward(batch, loss_fn)
         self.calls.append("submit forward_backward")
         return RecordedRead(done, self.calls)
 

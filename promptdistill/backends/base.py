@@ -72,12 +72,13 @@ class StepResult:
 
 
 class Trainer(Protocol):
-    def forward_backward(self, batch: list[Datum]) -> Pending[StepResult]:
-        """Accumulate gradients of sum(weights * nll(target_tokens)). Call `.result()` only
+    def forward_backward(self, batch: list[Datum], loss_fn: str = "cross_entropy") -> Pending[StepResult]:
+        """Accumulate gradients of sum(weights * loss) for the named loss (cross_entropy, with one
+        or K target tokens per position; a backend may offer more). Call `.result()` only
         after the step's optim_step is submitted: a remote backend then pipelines them."""
         ...
 
-    def forward(self, batch: list[Datum]) -> StepResult:
+    def forward(self, batch: list[Datum], loss_fn: str = "cross_entropy") -> StepResult:
         """The same loss, no gradients (validation)."""
         ...
 

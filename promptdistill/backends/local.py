@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .. import distributed
+from .. import distributed, divergence
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams, StepResult
 
@@ -159,6 +160,15 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str
     return model, tokenizer
 
 
+@torch.no_grad()
+def prefix_kv(model, prefix: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of `prefix`, [kv_heads, len, head_dim]: one copy that every
+    row of a batch attends to through shared_prefix_attention."""
+    cache = new_cache()
+    model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+
+
 def _common_prefix_len(seqs: list[list[int]]) -> int:
     first, n = seqs[0], min(len(s) for s in seqs)
     for i in range(n):
@@ -208,13 +218,9 @@ class LocalSampler:
         self._prefix = None
 
     def _prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (keys, values) of `prefix`, [kv_heads, len, head_dim]: computed once, one
-        copy for the whole batch, reused while batches share the prefix."""
+        """The prefix's keys and values, reused while batches share the prefix."""
         if self._prefix is None or self._prefix[0] != tuple(prefix):
-            cache = new_cache()
-            ids = torch.tensor([prefix], device=self.device)
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            self._prefix = (tuple(prefix), [(layer.keys[0], layer.values[0]) for layer in cache.layers])
+            self._prefix = (tuple(prefix), prefix_kv(self.model, prefix, self.device))
         return self._prefix[1]
 
     @torch.no_grad()
@@ -329,10 +335,25 @@ def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tens
     return top.masked_fill(outside, 0.0), ids
 
 
+@dataclass
+class Scored:
+    """The output layer's logits at every position with weight > 0, flattened over the
+    batch: `row[i]` is the datum position i belongs to, `target[i]` the token it predicts."""
+
+    logits: torch.Tensor  # [positions, vocab], float32
+    target: torch.Tensor  # [positions] (1-D targets) or [positions, K] (soft targets)
+    weight: torch.Tensor  # same shape as target
+    row: torch.Tensor  # [positions]
+
+
 class AnswerScorer:
-    """Teacher-forced negative log-likelihood of the weighted target tokens. The output
-    layer runs only at those positions: on a 135M model with a 49k vocabulary it is a
-    fifth of the compute, and the loss never looks anywhere else."""
+    """Teacher-forced logits at the weighted target tokens. The output layer runs only at
+    those positions: on a 135M model with a 49k vocabulary it is a fifth of the compute,
+    and the losses and scores never look anywhere else.
+
+    `share_prefix=True` (no gradients: a teacher scoring answers WITH its long system prompt)
+    runs the datums' common prefix once and has every row attend to that one copy, as the
+    sampler does, so scoring 128 answers costs 128 answers, not 128 prompts."""
 
     def __init__(self, model):
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -341,29 +362,46 @@ class AnswerScorer:
         self.output = causal_lm.get_output_embeddings()
         self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
         self.device = next(model.parameters()).device
+        self._prefix: tuple[tuple[int, ...], list] | None = None
 
-    def token_nll(self, batch: list[Datum]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(nll, weight, row) for every position with weight > 0."""
-        width = max(len(d.input_tokens) for d in batch)
+    def scored(self, batch: list[Datum], share_prefix: bool = False) -> Scored:
+        first_weighted = min(next(i for i, w in enumerate(d.weights) if _weighs(w)) for d in batch)
+        shared = min(_common_prefix_len([d.input_tokens for d in batch]), first_weighted) if share_prefix else 0
+        extra = {}
+        if shared >= MIN_SHARED_PREFIX and use_shared_prefix_attention(self.model):
+            key = tuple(batch[0].input_tokens[:shared])
+            if self._prefix is None or self._prefix[0] != key:
+                self._prefix = (key, prefix_kv(self.model, list(key), self.device))
+            extra["shared_prefix"] = self._prefix[1]
+        else:
+            shared = 0
+        width = max(len(d.input_tokens) for d in batch) - shared
+        soft = isinstance(batch[0].target_tokens[0], (list, tuple))
+        k = len(batch[0].target_tokens[0]) if soft else None
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         attention = torch.zeros_like(ids)
-        targets = torch.zeros_like(ids)
-        weights = torch.zeros((len(batch), width))
+        targets = torch.zeros((len(batch), width, k) if soft else (len(batch), width), dtype=torch.long)
+        weights = torch.zeros(targets.shape)
         for r, d in enumerate(batch):  # right padding; padded positions carry weight 0
-            n = len(d.input_tokens)
-            ids[r, :n] = torch.tensor(d.input_tokens)
+            n = len(d.input_tokens) - shared
+            ids[r, :n] = torch.tensor(d.input_tokens[shared:])
             attention[r, :n] = 1
-            targets[r, :n] = torch.tensor(d.target_tokens)
-            weights[r, :n] = torch.tensor(d.weights)
+            targets[r, :n] = torch.tensor(d.target_tokens[shared:])
+            weights[r, :n] = torch.tensor(d.weights[shared:])
         ids, attention, targets, weights = (t.to(self.device) for t in (ids, attention, targets, weights))
-        hidden = self.decoder(input_ids=ids, attention_mask=attention).last_hidden_state
-        scored = weights > 0
+        positions = (shared + torch.arange(width, device=self.device)).expand(len(batch), -1)
+        hidden = self.decoder(input_ids=ids, attention_mask=attention, position_ids=positions, **extra).last_hidden_state
+        scored = (weights > 0).any(-1) if soft else weights > 0
         logits = self.output(hidden[scored]).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        nll = F.cross_entropy(logits, targets[scored], reduction="none")
         rows = torch.arange(len(batch), device=self.device)[:, None].expand(-1, width)[scored]
-        return nll, weights[scored], rows
+        return Scored(logits, targets[scored], weights[scored], rows)
+
+    def token_nll(self, batch: list[Datum]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(nll, weight, row) for every position with weight > 0 (1-D targets)."""
+        s = self.scored(batch)
+        return F.cross_entropy(s.logits, s.target, reduction="none"), s.weight, s.row
 
     @torch.no_grad()
     def per_example(self, batch: list[Datum]) -> list[tuple[float, int]]:
@@ -373,6 +411,10 @@ class AnswerScorer:
         sums = torch.zeros(len(batch), device=nll.device).index_add_(0, rows, nll)
         counts = torch.bincount(rows, minlength=len(batch))
         return [(float(s), int(c)) for s, c in zip(sums, counts)]
+
+
+def _weighs(w) -> bool:
+    return any(x > 0 for x in w) if isinstance(w, (list, tuple)) else w > 0
 
 
 class LocalTrainer:
@@ -401,20 +443,35 @@ class LocalTrainer:
         self.sample_batch_size = sample_batch_size
         self.scorer = AnswerScorer(self.model)
 
-    def _loss(self, batch: list[Datum]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        nll, weights, _ = self.scorer.token_nll(batch)
-        return (nll * weights).sum(), nll.detach().sum(), len(nll)
+    def _loss(self, batch: list[Datum], loss_fn: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(sum of weight x per-token loss, the per-token losses summed unweighted, positions).
+        cross_entropy: -log p(target), or with K targets per position the soft cross-entropy
+        sum_k w_k (-log p(target_k)) (its per-token value divides by sum_k w_k); reverse_kl:
+        KL(model || teacher) over the vocabulary, the teacher's log-probabilities carried by the datums."""
+        if loss_fn == "cross_entropy" and not isinstance(batch[0].target_tokens[0], (list, tuple)):
+            nll, weights, _ = self.scorer.token_nll(batch)  # the fused kernel: the SFT path
+            return (nll * weights).sum(), nll.detach().sum(), len(nll)
+        s = self.scorer.scored(batch)
+        if loss_fn == "cross_entropy":
+            picked = -torch.log_softmax(s.logits, -1).gather(-1, s.target)  # [positions, K]
+            per_token = (picked * s.weight).sum(-1) / s.weight.sum(-1)
+            return (picked * s.weight).sum(), per_token.detach().sum(), len(per_token)
+        if loss_fn == "reverse_kl":
+            teacher = torch.cat([d.teacher_logprobs for d in batch]).to(s.logits.device)
+            per_token = divergence.forward_kl(s.logits, teacher)  # KL(student || teacher)
+            return (per_token * s.weight).sum(), per_token.detach().sum(), len(per_token)
+        raise ValueError(f"the local trainer has no loss {loss_fn!r}")
 
-    def forward_backward(self, batch: list[Datum]) -> StepResult:
+    def forward_backward(self, batch: list[Datum], loss_fn: str = "cross_entropy") -> StepResult:
         self.model.train()
-        loss, nll_sum, tokens = self._loss(batch)
+        loss, nll_sum, tokens = self._loss(batch, loss_fn)
         loss.backward()
         return StepResult(loss=float(loss.detach()), nll_sum=float(nll_sum), tokens=tokens)
 
     @torch.no_grad()
-    def forward(self, batch: list[Datum]) -> StepResult:
+    def forward(self, batch: list[Datum], loss_fn: str = "cross_entropy") -> StepResult:
         self.model.eval()
-        loss, nll_sum, tokens = self._loss(batch)
+        loss, nll_sum, tokens = self._loss(batch, loss_fn)
         return StepResult(loss=float(loss), nll_sum=float(nll_sum), tokens=tokens)
 
     def optim_step(self, lr: float) -> dict:

@@ -32,12 +32,19 @@ from tinker import types
 from ..config import LoraConfig, ModelConfig, TrainConfig
 from ..models import ADAPTER_FILES, ModelError, resolve_model
 from ..render import Datum, Message, prompt_ids, stop_token_ids
-from ..rundir import atomic_write_json
+from ..rundir import StageError, atomic_write_json
 from .base import Completion, SamplingParams, StepResult
 
 LOSS_FN = "cross_entropy"
 STATE_FILE = "tinker_state.json"  # written last by save_state: train.STATE_FILES lists it
 DOWNLOAD_TIMEOUT = 120  # seconds per adapter file
+
+
+def tinker_batch(batch: list[Datum], loss_fn: str) -> list[types.Datum]:
+    if loss_fn != LOSS_FN or isinstance(batch[0].target_tokens[0], (list, tuple)):
+        raise StageError("train.objective: on Tinker only sft (cross_entropy on one target token per position) is "
+                         "supported so far; train kl and on_policy students with student.backend local")
+    return [to_tinker_datum(d) for d in batch]
 
 
 def to_tinker_datum(d: Datum) -> types.Datum:
@@ -150,11 +157,11 @@ class TinkerTrainer:
         self.adam = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": train.weight_decay,
                      "grad_clip_norm": train.max_grad_norm or 0.0}
 
-    def forward_backward(self, batch: list[Datum]) -> PendingStep:
-        return PendingStep(batch, self.client.forward_backward([to_tinker_datum(d) for d in batch], LOSS_FN))
+    def forward_backward(self, batch: list[Datum], loss_fn: str = LOSS_FN) -> PendingStep:
+        return PendingStep(batch, self.client.forward_backward(tinker_batch(batch, loss_fn), LOSS_FN))
 
-    def forward(self, batch: list[Datum]) -> StepResult:
-        return step_result(batch, self.client.forward([to_tinker_datum(d) for d in batch], LOSS_FN).result())
+    def forward(self, batch: list[Datum], loss_fn: str = LOSS_FN) -> StepResult:
+        return step_result(batch, self.client.forward(tinker_batch(batch, loss_fn), LOSS_FN).result())
 
     def optim_step(self, lr: float) -> dict:
         metrics = self.client.optim_step(types.AdamParams(learning_rate=lr, **self.adam)).result().metrics or {}

@@ -24,14 +24,16 @@ import statistics
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import scores
+from .. import divergence, scores
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from ..config import RunConfig
 from ..models import check_adapter, resolve_model
-from ..render import RenderError, prompt_ids, render_example, to_datum
+from ..render import Datum, RenderError, prompt_ids, render_example, to_datum
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fmt_seconds, json_safe,
                       read_jsonl, sha256_file)
 from .generate import answer_settings, row_seed, sampling_params
@@ -54,6 +56,8 @@ class Models:
         else:
             self.teacher, self.teacher_tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device)
             self.shared = False
+        # KL over the full vocabulary needs both models to number the tokens alike.
+        self.full_vocab = self.shared or self.teacher_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self.batch_size = cfg.sampling.batch_size
 
     def adapter(self, on: bool):
@@ -83,25 +87,103 @@ def answer(models: Models, who: str, rows: list[dict], params: SamplingParams, s
     return out
 
 
-def likelihoods(models: Models, rows: list[dict], system_prompt: str | None, adapter_on: bool) -> np.ndarray:
-    """Mean NLL per token of each teacher answer (and its end-of-turn) under the student
-    model, with or without the adapter and the system prompt; nan where it cannot render."""
-    scorer = AnswerScorer(models.student)
+def rows_datums(tokenizer, rows: list[dict], system_prompt: str | None) -> dict[int, Datum]:
+    """Each test row's teacher answer rendered for teacher-forcing, with or without the prompt."""
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    out = np.full(len(rows), np.nan)
     datums = {}
     for i, r in enumerate(rows):
-        try:
-            datums[i] = to_datum(render_example(models.tokenizer, head + student_messages(r["query"]), r["answer"], r["id"]))
-        except RenderError:
+        with contextlib.suppress(RenderError):
+            datums[i] = to_datum(render_example(tokenizer, head + student_messages(r["query"]), r["answer"], r["id"]))
+    return datums
+
+
+def own_answer_datum(tokenizer, messages: list[dict], completion: Completion) -> Datum:
+    """A sampled answer, token for token (no re-tokenisation of its text), after `messages`."""
+    prompt = prompt_ids(tokenizer, messages)
+    ids = prompt + completion.token_ids
+    return Datum(ids[:-1], ids[1:], [0.0] * (len(prompt) - 1) + [1.0] * len(completion.token_ids))
+
+
+def logits_by_row(models: Models, who: str, datums: list[Datum],
+                  share_prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher-forced logits at each datum's weighted positions, as `who` (teacher: the
+    teacher model; student: adapter on; base: adapter off)."""
+    scorer = AnswerScorer(models.teacher if who == "teacher" else models.student)
+    with torch.no_grad(), models.context(who):
+        s = scorer.scored(datums, share_prefix=share_prefix)
+    return [s.logits[s.row == i] for i in range(len(datums))], [s.target[s.row == i] for i in range(len(datums))]
+
+
+def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher_topk: dict | None) -> dict:
+    """On each test row's teacher answer, per token and averaged per row:
+      nll        of the answer under student, base (no prompt) and base WITH the prompt (likelihood);
+      fidelity   forward KL(teacher WITH the prompt || student / base WITHOUT it), over the full
+                 vocabulary when the teacher is local and shares the student's tokenizer, else
+                 against the teacher's top-k log-probabilities (`teacher_topk`: row key -> (ids, logprobs)),
+                 else not computed (None).
+    Rows that cannot render get nan. Also the per-token KL of the student, for the report."""
+    n = len(rows)
+    out = {name: np.full(n, np.nan) for name in ("student", "base", "base_with_prompt")}
+    kl = {"student": np.full(n, np.nan), "base": np.full(n, np.nan)} if (models.full_vocab or teacher_topk) else None
+    token_kl: list[list[float] | None] = [None] * n
+    plain, prompted = rows_datums(models.tokenizer, rows, None), rows_datums(models.tokenizer, rows, system_prompt)
+    teacher = rows_datums(models.teacher_tokenizer, rows, system_prompt) if not models.shared else prompted
+    index = sorted(set(plain) & set(prompted) & set(teacher), key=lambda i: len(plain[i].input_tokens))  # less padding
+    size = max(1, models.batch_size // 4)
+    for start in tqdm(range(0, len(index), size), desc="eval: teacher-forced scores", unit="batch", leave=False):
+        chunk = index[start:start + size]
+        by_who = {who: logits_by_row(models, who, [plain[i] for i in chunk]) for who in ("student", "base")}
+        ceiling, targets = logits_by_row(models, "base", [prompted[i] for i in chunk], share_prefix=True)
+        for who, (logits, _) in by_who.items():
+            for j, i in enumerate(chunk):
+                out[who][i] = float(F.cross_entropy(logits[j], targets[j]))
+        for j, i in enumerate(chunk):
+            out["base_with_prompt"][i] = float(F.cross_entropy(ceiling[j], targets[j]))
+        if kl is None:
             continue
-    index = sorted(datums, key=lambda i: len(datums[i].input_tokens))  # similar lengths, less padding
-    with models.adapter(on=adapter_on):
-        size = models.batch_size // 2 or 1
-        for start in range(0, len(index), size):
-            chunk = index[start:start + size]
-            for i, (nll, n) in zip(chunk, scorer.per_example([datums[i] for i in chunk])):
-                out[i] = nll / n
+        if models.full_vocab:
+            if models.shared:
+                t_logits, t_targets = ceiling, targets
+            else:
+                t_logits, t_targets = logits_by_row(models, "teacher", [teacher[i] for i in chunk], share_prefix=True)
+            for j, i in enumerate(chunk):
+                if not torch.equal(t_targets[j], targets[j]):  # the two tokenizations of the answer differ
+                    continue
+                for who, (logits, _) in by_who.items():
+                    per_token = divergence.forward_kl(t_logits[j], logits[j])
+                    kl[who][i] = float(per_token.mean())
+                    if who == "student":
+                        token_kl[i] = per_token.tolist()
+        else:
+            for j, i in enumerate(chunk):
+                top = teacher_topk.get(rows[i]["key"])
+                if top is None or not torch.equal(top[2], targets[j]):  # the teacher scored other tokens
+                    continue
+                for who, (logits, _) in by_who.items():
+                    per_token = divergence.topk_forward_kl(top[0], top[1], logits[j])
+                    kl[who][i] = float(per_token.mean())
+                    if who == "student":
+                        token_kl[i] = per_token.tolist()
+    answer_tokens = {i: [t for t, w in zip(d.target_tokens, d.weights) if w > 0] for i, d in plain.items()}
+    return {"nll": out, "kl": kl, "token_kl": token_kl, "answer_tokens": answer_tokens}
+
+
+def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Completion]]) -> dict[str, np.ndarray]:
+    """Reverse KL(model || teacher WITH the prompt) per token on the model's OWN test answers
+    (sampled without the prompt, as it will be served), for student and base."""
+    out = {}
+    size = max(1, models.batch_size // 4)
+    for who in ("student", "base"):
+        values = np.full(len(rows), np.nan)
+        for start in tqdm(range(0, len(rows), size), desc=f"eval: on-policy fidelity ({who})", unit="batch", leave=False):
+            chunk = range(start, min(start + size, len(rows)))
+            own = [own_answer_datum(models.tokenizer, student_messages(rows[i]["query"]), answers[who][i]) for i in chunk]
+            judged = [own_answer_datum(models.teacher_tokenizer, rows[i]["messages"], answers[who][i]) for i in chunk]
+            model_logits, _ = logits_by_row(models, who, own)
+            teacher_logits, _ = logits_by_row(models, "teacher", judged, share_prefix=True)
+            for j, i in enumerate(chunk):
+                values[i] = float(divergence.reverse_kl(model_logits[j], teacher_logits[j]).mean())
+        out[who] = values
     return out
 
 
@@ -134,6 +216,40 @@ def summarise(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray, n_boot
     out["retained"] = {"mean": value, "ci95": [lo, hi]}
     out["n"] = int(keep.sum())
     return out
+
+
+def _num(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
+def teacher_topk(rows: list[dict]) -> dict:
+    """Row key -> (top-k ids, their log-probabilities, the sampled ids), from the `logprobs`
+    generate recorded (sampling.top_logprobs), for rows whose tokens carry ids."""
+    out = {}
+    for r in rows:
+        entries = r.get("logprobs") or []
+        if not entries or any(e.get("id") is None or not e.get("top") for e in entries):
+            continue
+        out[r["key"]] = (torch.tensor([[t[1] for t in e["top"]] for e in entries]),
+                         torch.tensor([[t[2] for t in e["top"]] for e in entries]),
+                         torch.tensor([e["id"] for e in entries]))
+    return out
+
+
+def topk_k(topk: dict) -> int:
+    return next(iter(topk.values()))[0].shape[1] if topk else 0
+
+
+def divergent_tokens(tokenizer, forced: dict, i: int, k: int = 5) -> list[dict] | None:
+    """The k answer tokens where the student's next-token distribution is furthest from the
+    prompted teacher's: where the prompt's behaviour did not arrive. Each with the text
+    before it (what both were reading) and the token the teacher wrote there."""
+    per_token, answer = forced["token_kl"][i], forced["answer_tokens"].get(i)
+    if per_token is None or answer is None:
+        return None
+    worst = sorted(range(len(per_token)), key=lambda p: -per_token[p])[:k]
+    return [{"position": p, "kl": per_token[p], "token": tokenizer.decode([answer[p]]),
+             "before": tokenizer.decode(answer[max(0, p - 8):p])} for p in sorted(worst)]
 
 
 def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
@@ -173,7 +289,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         splits = load_split(cfg, run)
         by_key = {r["key"]: r for r in read_jsonl(run.teacher)}
         test = [dict(r, messages=by_key[r["key"]]["messages"], teacher=by_key[r["key"]]["completion"],
-                     teacher_tokens=by_key[r["key"]]["tokens"]) for r in splits["test"]]
+                     teacher_tokens=by_key[r["key"]]["tokens"], logprobs=by_key[r["key"]].get("logprobs"))
+                for r in splits["test"]]
         if len(test) < 2:
             raise StageError(f"only {len(test)} usable test answers; eval needs a test split (queries.test > 0)")
         train_rows = splits["train"][: cfg.eval.classifier_train_size]
@@ -200,14 +317,30 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             classifier = persona = None
             notes.append(f"persona score skipped: {len(train_rows)} train answers are too few ({e})")
 
-        nll = {"student": likelihoods(models, test, None, adapter_on=True),
-               "base": likelihoods(models, test, None, adapter_on=False),
-               "base_with_prompt": likelihoods(models, test, cfg.system_prompt, adapter_on=False)}
+        with Timer() as fidelity_time:
+            topk = None if models.full_vocab else teacher_topk(test)
+            forced = teacher_forced(models, test, cfg.system_prompt, topk)
+            nll, kl = forced["nll"], forced["kl"]
+            on_policy = on_policy_kl(models, test, answers) if models.full_vocab else None
+        print(f"eval: teacher-forced scores and fidelity in {fmt_seconds(fidelity_time.seconds)}", flush=True)
 
-        quality = {
-            "similarity": summarise(similarity["student"], similarity["base"], similarity["teacher_again"], cfg.eval.bootstrap),
-            "likelihood": summarise(nll["student"], nll["base"], nll["base_with_prompt"], cfg.eval.bootstrap),
-        }
+        quality = {}
+        zero = np.zeros(len(test))  # the prompted teacher's KL to itself: the ceiling of both fidelity scores
+        if kl is not None:
+            quality["fidelity"] = summarise(kl["student"], kl["base"], zero, cfg.eval.bootstrap)
+            quality["fidelity"]["source"] = ("full vocabulary" if models.full_vocab
+                                             else f"teacher's top-{topk_k(topk)} log-probabilities, renormalised")
+        else:
+            notes.append("fidelity skipped: the teacher does not share the student's tokenizer and teacher.jsonl has "
+                         "no log-probabilities with token ids (set sampling.top_logprobs and re-generate)")
+        if on_policy is not None:
+            quality["on_policy_fidelity"] = summarise(on_policy["student"], on_policy["base"], zero, cfg.eval.bootstrap)
+        else:
+            notes.append("on-policy fidelity skipped: it needs the teacher to score the student's own answers "
+                         "token by token over the student's vocabulary")
+        quality["likelihood"] = summarise(nll["student"], nll["base"], nll["base_with_prompt"], cfg.eval.bootstrap)
+        quality["similarity"] = summarise(similarity["student"], similarity["base"], similarity["teacher_again"],
+                                          cfg.eval.bootstrap)
         if persona is not None:
             in_persona = {who: (p >= 0.5).astype(float) for who, p in persona.items()}
             quality["persona"] = summarise(in_persona["student"], in_persona["base"], in_persona["teacher_again"],
@@ -240,7 +373,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          **{who: texts[who][i] for who in texts},
                          "similarity": {who: float(similarity[who][i]) for who in similarity},
                          "persona_prob": {who: float(persona[who][i]) for who in persona} if persona else None,
-                         "nll": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in nll.items()}})
+                         "nll": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in nll.items()},
+                         "fidelity_kl": {k: _num(v[i]) for k, v in kl.items()} if kl else None,
+                         "on_policy_kl": {k: _num(v[i]) for k, v in on_policy.items()} if on_policy else None,
+                         "divergent_tokens": divergent_tokens(models.tokenizer, forced, i)})
         atomic_write_text(run.root / "eval.jsonl", "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in rows))
         metrics = read_jsonl(run.metrics)
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
@@ -261,20 +397,61 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             f"input tokens -{tokens['input_reduction_pct']:.1f}%")
 
 
+# The score the verdict leads with, first available and able to tell: fidelity asks the
+# product's own question (does the student, without the prompt, predict what the prompted
+# teacher predicts?); the others are evidence about parts of that behaviour.
+PRIMARY = ("fidelity", "on_policy_fidelity", "compliance", "likelihood", "persona", "similarity")
+MEANING = {
+    "fidelity": "without the prompt, its next-token distributions on the teacher's answers are that far of the way "
+                "from the base model's to the prompted teacher's",
+    "on_policy_fidelity": "on its own answers, its next-token distributions are that far of the way from the base "
+                          "model's to the prompted teacher's",
+    "compliance": "it follows the prompt's checkable rules that far of the way from the base model to the teacher",
+    "likelihood": "it predicts the teacher's sampled answers that far of the way from the base model to the "
+                  "prompted model",
+    "persona": "a classifier calls that share of its answers teacher-style, between the base's share and the teacher's",
+    "similarity": "its answers mean that much the same as the teacher's, between the base's and the teacher's "
+                  "answering again",
+}
+
+
+def can_tell(q: dict) -> bool:
+    """A score has power on this run when its ceiling's 95% CI does not overlap the base's:
+    otherwise even a perfect student could not be told from the base model by it."""
+    (bl, bh), (cl, ch) = q["base"]["ci95"], q["ceiling"]["ci95"]
+    return not any(np.isnan([bl, bh, cl, ch])) and (ch < bl or cl > bh)
+
+
+def beats_base(q: dict) -> bool:
+    """The student's 95% CI lies entirely on the ceiling's side of the base's."""
+    s, b = q["student"]["ci95"], q["base"]["ci95"]
+    return s[0] > b[1] if q["ceiling"]["mean"] >= q["base"]["mean"] else s[1] < b[0]
+
+
 def verdict(summary: dict) -> str:
-    """One plain sentence: did it work? A score counts as a win when the student's 95% CI
-    lies entirely on the teacher's side of the base's CI."""
-    wins = []
-    for name, q in summary["quality"].items():
-        s, b, c = q["student"]["ci95"], q["base"]["ci95"], q["ceiling"]["mean"]
-        better = s[0] > b[1] if c >= q["base"]["mean"] else s[1] < b[0]
-        wins.append((name, better, q["retained"]["mean"]))
-    won = [n for n, ok, _ in wins if ok]
-    retained = ", ".join(f"{n} {r:.0%}" for n, _, r in wins)
-    if len(won) == len(wins):
-        head = "The distillation worked: without the prompt, the student is clearly closer to the prompted teacher than the base model on every score"
-    elif won:
-        head = f"The distillation partly worked: the student beats the base clearly on {', '.join(won)} only"
+    """One plain sentence on whether it worked, led by the primary score, counting only the
+    scores that can tell on this run; the others are named as such."""
+    quality = summary["quality"]
+    for name, q in quality.items():
+        q["can_tell"] = can_tell(q)
+    told = [n for n in PRIMARY if n in quality and quality[n]["can_tell"]]
+    told += [n for n in quality if quality[n]["can_tell"] and n not in told]
+    mute = [n for n in quality if not quality[n]["can_tell"]]
+    tail = (f"; cannot tell on this run: {', '.join(mute)} (its ceiling's CI overlaps the base's), left out" if mute else "")
+    tokens = f"; it reads {summary['tokens']['input_reduction_pct']:.0f}% fewer input tokens per query."
+    if not told:
+        return "No score can tell on this run whether the distillation worked (every ceiling overlaps its base)" + tail + tokens
+    primary, others = told[0], told[1:]
+    r = quality[primary]["retained"]
+    lead = f"{primary} retained {r['mean']:.0%} (95% CI {r['ci95'][0]:.0%} to {r['ci95'][1]:.0%}): {MEANING.get(primary, '')}"
+    won = [n for n in others if beats_base(quality[n])]
+    lost = [n for n in others if not beats_base(quality[n])]
+    if beats_base(quality[primary]):
+        head = ("The distillation worked" if not lost else
+                f"The distillation partly worked: it beats the base clearly on {primary}{''.join(', ' + n for n in won)}, "
+                f"not on {', '.join(lost)}")
     else:
-        head = "The distillation did not work: the student is not clearly closer to the teacher than the base model"
-    return f"{head} (quality retained: {retained}); it reads {summary['tokens']['input_reduction_pct']:.0f}% fewer input tokens per query."
+        head = "The distillation did not work: on the primary score the student is not clearly closer to the prompted teacher than the base model"
+        if won:
+            head += f" (it beats the base on {', '.join(won)} only, which does not show it took on the prompt's behaviour)"
+    return f"{head}; {lead}{tail}{tokens}"

@@ -32,12 +32,14 @@ from tqdm import tqdm
 from .. import distributed
 from ..backends import make_trainer
 from ..config import RunConfig, TrainConfig
-from ..render import Datum, Example, RenderError, render_example, student_view, to_datum
+from ..objectives import PromptedTeacher, StepContext, kl, my_micro_batches, on_policy, sft
+from ..render import Example, RenderError, render_example, student_view, to_datum
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
                       read_jsonl, sha256_text)
 from .generate import row_key
 
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+OBJECTIVES = {"sft": sft, "kl": kl, "on_policy": on_policy}
 
 
 def training_answer(row: dict) -> str | None:
@@ -85,19 +87,6 @@ def step_examples(examples: list[Example], step: int, t: TrainConfig) -> list[Ex
     return [e for m in range(t.grad_accum) for e in micro_batch(examples, step, m, t.batch_size, t.grad_accum, t.seed)]
 
 
-def my_micro_batches(examples: list[Example], batch_size: int) -> list[list[Example]]:
-    """This process's share of a step's examples (every world_size-th, from its rank), in
-    micro-batches of at most batch_size. With one process: the step's own micro-batches."""
-    mine = examples[distributed.rank()::distributed.world_size()]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-def weighted(batch: list[Example], total_tokens: int) -> list[Datum]:
-    # Each trainable token weighs 1/total over the whole optimiser step: a token mean,
-    # however the step is split into micro-batches.
-    return [to_datum(e, 1.0 / total_tokens) for e in batch]
-
-
 def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
     nll = tokens = 0
     for batch in my_micro_batches(examples, batch_size):
@@ -140,11 +129,21 @@ def render_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example]
     return examples, too_long
 
 
+# Fields that only shape a distribution-level objective: a plain SFT run leaves them out of
+# its fingerprint, so runs trained before objectives existed keep theirs.
+OBJECTIVE_FIELDS = {"objective", "phases", "topk", "sft_weight", "on_policy"}
+
+
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     data = [(r["key"], r["completion"]) for r in read_jsonl(run.teacher) if r.get("split") in ("train", "val")]
+    not_trained_by = {"eval_every", "save_every", "keep_checkpoints"}
+    if cfg.train.objectives() == {"sft"} and cfg.train.phases is None:
+        not_trained_by |= OBJECTIVE_FIELDS
     inputs = {"data": sha256_text(repr(sorted(data)))[:16], "student_model": cfg.student.model,
               "lora": fingerprint(cfg.lora.model_dump()),
-              "train": fingerprint(cfg.train.model_dump(exclude={"eval_every", "save_every", "keep_checkpoints"}))}
+              "train": fingerprint(cfg.train.model_dump(exclude=not_trained_by))}
+    if cfg.train.objectives() != {"sft"}:  # what the teacher's distributions depend on
+        inputs["teacher"] = {"system_prompt": sha256_text(cfg.system_prompt)[:16], "model": cfg.teacher.model}
     if cfg.student.backend != "local":  # only then, so the runs trained locally keep their fingerprint
         inputs["student_backend"] = f"{cfg.student.backend}:{cfg.student.served_name}"
     return inputs
@@ -152,6 +151,8 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
     t = cfg.train
+    if t.phases is not None:
+        return sum(p.steps for p in t.phases)
     if t.steps is not None:
         return t.steps
     return max(1, math.ceil(t.epochs * n_train / (t.batch_size * t.grad_accum)))
@@ -218,6 +219,13 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             f"train.max_seq_len={t.max_seq_len}; raise those (a new sampling.max_tokens needs `distill generate --force`)"
         )
     steps = total_steps(cfg, len(train))
+    ctx = StepContext(cfg, run, trainer, rows={r["id"]: r for r in splits["train"]})
+    if t.objectives() != {"sft"}:
+        ctx.teacher = PromptedTeacher.for_run(cfg, trainer)
+        for name in sorted(t.objectives()):
+            prepare = getattr(OBJECTIVES[name], "prepare", None)
+            if prepare is not None:
+                prepare(ctx, train)
     start = 0
     resume = last_checkpoint(run)
     if resume is not None:
@@ -241,17 +249,17 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                    disable=not main)
         with ctrl_c_at_step_end() as interrupted:
             for step in bar:
-                examples = step_examples(train, step, t)
-                total = sum(e.n_trainable for e in examples)  # the whole step's, in every process
+                objective = t.objective_at(step)
+                batches, loss_fn, total = OBJECTIVES[objective].step_batches(ctx, step_examples(train, step, t), step)
                 # Every forward_backward and the optim_step are submitted before any result is
                 # read: a remote trainer (Tinker) runs them back to back, with no round trip between.
-                pending = [trainer.forward_backward(weighted(batch, total))
-                           for batch in my_micro_batches(examples, t.batch_size)]
+                pending = [trainer.forward_backward(batch, loss_fn) for batch in batches]
                 lr = lr_at(step, steps, t.lr, t.warmup_steps, t.schedule)
                 info = trainer.optim_step(lr)
-                nll, = distributed.sum_across([sum(p.result().nll_sum for p in pending)])
-                row = {"step": step + 1, "lr": lr, "train_loss": nll / total, "grad_norm": info["grad_norm"],
-                       "tokens": total, "seconds": round(timer.elapsed, 2)}
+                loss, = distributed.sum_across([sum(p.result().nll_sum for p in pending)])
+                row = {"step": step + 1, "lr": lr, "train_loss": loss / total, "grad_norm": info["grad_norm"],
+                       "tokens": total, "seconds": round(timer.elapsed, 2),
+                       **({"objective": objective} if t.objectives() != {"sft"} else {})}
                 if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
                     row["val_loss"] = validation_loss(trainer, val, t.batch_size)
                 if main:

@@ -1,0 +1,87 @@
+"""Training objectives: what one optimiser step of `distill train` minimises.
+
+Each objective is one small module with the same function,
+
+    step_batches(ctx, examples, step) -> (micro-batches of Datums, loss name, token count)
+
+which the one training loop in stages/train.py calls, then hands the batches to the
+trainer's forward_backward. The objectives differ only in where the targets come from:
+
+  sft        the teacher's sampled answer tokens (hard labels)
+  kl         the teacher's top-k next-token distribution WITH the prompt on those answers
+             (soft labels, off-policy), computed once and stored beside teacher.jsonl
+  on_policy  the student samples its own answers WITHOUT the prompt each step; the teacher
+             judges every token WITH the prompt; the loss is reverse KL(student || teacher)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import distributed
+from ..backends.local import AnswerScorer, load_causal_lm
+from ..config import RunConfig
+from ..models import resolve_model
+from ..render import Datum, Example
+from ..rundir import RunDir
+
+
+class PromptedTeacher:
+    """The local teacher WITH its system prompt, scoring given tokens: its logits at the
+    weighted positions of each datum (the prompt's keys and values computed once and shared
+    by the batch). When teacher and student are the same model, the trainer's own model with
+    its adapter switched off is the teacher: no second copy in memory."""
+
+    def __init__(self, model, tokenizer, base_of_adapter: bool):
+        self.model, self.tokenizer = model, tokenizer
+        self.base_of_adapter = base_of_adapter
+        self.scorer = AnswerScorer(model)
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, trainer) -> "PromptedTeacher | None":
+        """None when the teacher is not a local model (its judgement then comes only from
+        what generate recorded)."""
+        if cfg.teacher.backend != "local":
+            return None
+        if cfg.teacher.model == cfg.student.model and cfg.student.backend == "local":
+            return cls(trainer.model, trainer.tokenizer, base_of_adapter=True)
+        model, tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device)
+        return cls(model, tokenizer, base_of_adapter=False)
+
+    @torch.no_grad()
+    def logits(self, datums: list[Datum]) -> list[torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        off = self.model.disable_adapter() if self.base_of_adapter else contextlib.nullcontext()
+        with off:
+            s = self.scorer.scored(datums, share_prefix=True)
+        self.model.train(was_training)
+        return [s.logits[s.row == i] for i in range(len(datums))]
+
+
+@dataclass
+class StepContext:
+    """What the objectives need besides the step's examples."""
+    cfg: RunConfig
+    run: RunDir
+    trainer: object
+    rows: dict[str, dict]  # example id -> its train row (query, answer, teacher row key)
+    teacher: PromptedTeacher | None = None
+    soft_targets: dict = field(default_factory=dict)  # kl: example id -> (top ids, top log-probabilities)
+
+
+def my_share(items: list) -> list:
+    """This process's share of a step (every world_size-th item, from its rank); all of it
+    with one process."""
+    return items[distributed.rank()::distributed.world_size()]
+
+
+def micro_batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def my_micro_batches(items: list, size: int) -> list[list]:
+    return micro_batches(my_share(items), size)

@@ -1,0 +1,122 @@
+"""kl: soft labels, off-policy. At every answer token the student WITHOUT the prompt is
+trained on the cross-entropy against the teacher's next-token distribution WITH the prompt,
+kept as its top-k tokens renormalised (raw log-probabilities: before temperature and
+penalties). That is forward KL(teacher || student) up to the teacher's own entropy, and it
+carries what the prompt does to every alternative, where a sampled answer carries one token.
+`train.sft_weight` mixes in the sampled token itself.
+
+The targets are computed once by a teacher-forced pass (the prompt shared across the batch)
+and stored in `teacher_topk/`, one safetensors file per batch, written whole (temp + rename):
+a killed run keeps what it finished and a re-run computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..render import Datum, Example, RenderError, render_example, to_datum
+from ..rundir import StageError, sha256_text
+from . import StepContext, micro_batches, my_share
+
+LOSS = "cross_entropy"
+TARGETS_DIR = "teacher_topk"
+
+
+def target_key(row: dict, k: int, teacher: str) -> str:
+    return sha256_text(repr((row["key"], row["answer"], k, teacher)))[:24]
+
+
+def answer_targets(e: Example) -> list[int]:
+    """The tokens an example is trained to predict, in order (its weighted targets)."""
+    return [t for t, m in zip(e.tokens[1:], e.mask[1:]) if m]
+
+
+def load_targets(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        t = load_file(str(f))
+        for name in t:
+            if name.endswith(".ids"):
+                key = name[:-4]
+                out[key] = (t[name].long(), t[key + ".logprobs"])
+    return out
+
+
+def save_targets(root: Path, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, (ids, logprobs) in targets.items():
+        tensors[key + ".ids"] = ids.to(torch.int32).contiguous()
+        tensors[key + ".logprobs"] = logprobs.float().contiguous()
+    name = sha256_text(" ".join(sorted(targets)))[:16]
+    tmp = root / f".{name}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, root / f"{name}.safetensors")
+
+
+def prepare(ctx: StepContext, examples: list[Example]) -> None:
+    """Fill ctx.soft_targets (example id -> (top ids, top log-probabilities) per answer token)
+    from the store, computing what is missing with the local prompted teacher."""
+    t, cfg = ctx.cfg.train, ctx.cfg
+    root = ctx.run.root / TARGETS_DIR
+    stored = load_targets(root)
+    keys = {e.id: target_key(ctx.rows[e.id], t.topk, cfg.teacher.model) for e in examples}
+    todo = [e for e in examples if keys[e.id] not in stored]
+    if todo and ctx.teacher is None:
+        raise StageError(f"train.objective kl: teacher {cfg.teacher.model!r} is not a local model, so its top-{t.topk} "
+                         f"distributions cannot be computed here; use a local teacher, or the sft objective")
+    size = max(1, cfg.sampling.batch_size // 4)
+    for batch in tqdm(micro_batches(todo, size), desc=f"train: teacher top-{t.topk} targets", unit="batch", leave=False):
+        datums, kept = [], []
+        for e in batch:
+            row = ctx.rows[e.id]
+            messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": row["query"]}]
+            try:
+                datums.append(to_datum(render_example(ctx.teacher.tokenizer, messages, row["answer"], e.id)))
+            except RenderError as err:
+                raise StageError(str(err)) from None
+            kept.append(e)
+        found = {}
+        for e, d, logits in zip(kept, datums, ctx.teacher.logits(datums)):
+            if [x for x, w in zip(d.target_tokens, d.weights) if w > 0] != answer_targets(e):
+                raise StageError(f"train.objective kl: example {e.id}: the teacher tokenizes the answer differently "
+                                 f"from the student; soft labels need teacher and student to share a tokenizer")
+            top_lp, top_ids = torch.log_softmax(logits, -1).topk(t.topk, -1)
+            found[keys[e.id]] = (top_ids, top_lp)
+        save_targets(root, found)
+        stored.update(found)
+    ctx.soft_targets = {e.id: stored[keys[e.id]] for e in examples}
+
+
+def soft_datum(e: Example, ids: torch.Tensor, logprobs: torch.Tensor, weight: float, sft_weight: float) -> Datum:
+    """Datum with K targets per position: the teacher's top-k tokens, weighted by their
+    renormalised probabilities (x weight), plus the sampled token when sft_weight > 0."""
+    q = torch.softmax(logprobs.float(), -1) * (1 - sft_weight) * weight
+    k = ids.shape[1] + (1 if sft_weight > 0 else 0)
+    targets, weights, j = [], [], 0
+    for tok, m in zip(e.tokens[1:], e.mask[1:]):
+        if not m:
+            targets.append([0] * k)
+            weights.append([0.0] * k)
+            continue
+        row_ids, row_w = ids[j].tolist(), q[j].tolist()
+        if sft_weight > 0:
+            row_ids, row_w = row_ids + [tok], row_w + [sft_weight * weight]
+        targets.append(row_ids)
+        weights.append(row_w)
+        j += 1
+    return Datum(input_tokens=e.tokens[:-1], target_tokens=targets, weights=weights)
+
+
+def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
+    total = sum(e.n_trainable for e in examples)
+    mine = [soft_datum(e, *ctx.soft_targets[e.id], 1.0 / total, ctx.cfg.train.sft_weight) for e in my_share(examples)]
+    return micro_batches(mine, ctx.cfg.train.batch_size), LOSS, total

@@ -1,0 +1,172 @@
+"""The distribution-level objectives on tiny models: the kl loss is the soft cross-entropy
+computed by hand, its gradient is that of an explicit KL, on_policy lowers the reverse KL
+to a fixed teacher, and runs of both resume exactly after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import save_tiny, trained_tiny_run
+
+from promptdistill import divergence
+from promptdistill.backends.local import LocalTrainer
+from promptdistill.objectives import kl as kl_objective
+from promptdistill.render import render_example
+
+SYSTEM = "You are a pirate captain of the seven seas. Answer briefly, with salt and swagger, always."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("obj"))
+
+
+def new_trainer(model_dir, seed=0):
+    return LocalTrainer(model_dir, rank=4, alpha=8, dropout=0.0, target_modules="all-linear", seed=seed)
+
+
+def example(trainer, query="Where is the treasure?", answer="Under the palm, matey."):
+    return render_example(trainer.tokenizer, [{"role": "user", "content": query}], answer, "q1")
+
+
+def test_kl_loss_is_the_soft_cross_entropy_by_hand(model_dir):
+    trainer = new_trainer(model_dir)
+    e = example(trainer)
+    n, k = e.n_trainable, 5
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(trainer.tokenizer), (n, k), generator=gen)
+    logprobs = torch.log_softmax(torch.randn(n, k, generator=gen), -1) - 0.3  # not normalised: renormalised inside
+    datum = kl_objective.soft_datum(e, ids, logprobs, weight=0.5, sft_weight=0.0)
+    got = trainer.forward([datum]).loss
+
+    with torch.no_grad():  # by hand: the model's log-probabilities at the answer positions
+        logits = trainer.model(input_ids=torch.tensor([e.tokens[:-1]])).logits[0]
+    positions = [i for i, m in enumerate(e.mask[1:]) if m]
+    logp = torch.log_softmax(logits[positions].double(), -1)
+    q = torch.softmax(logprobs.double(), -1)
+    expected = 0.5 * -(q * logp.gather(-1, ids)).sum()
+    assert got == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_kl_gradient_equals_autograd_through_an_explicit_kl(model_dir):
+    trainer = new_trainer(model_dir)
+    e = example(trainer)
+    n, vocab = e.n_trainable, len(trainer.tokenizer)
+    teacher_logp = torch.log_softmax(torch.randn(n, vocab, generator=torch.Generator().manual_seed(1)), -1)
+    top_lp, top_ids = teacher_logp.topk(vocab)  # every token: the soft CE is then KL(teacher || student) + const
+    trainer.forward_backward([kl_objective.soft_datum(e, top_ids, top_lp, weight=1.0, sft_weight=0.0)])
+    ours = [p.grad.clone() for p in trainer.params]
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    logits = trainer.model(input_ids=torch.tensor([e.tokens[:-1]])).logits[0]
+    positions = [i for i, m in enumerate(e.mask[1:]) if m]
+    explicit = divergence.forward_kl(teacher_logp, logits[positions]).sum()
+    explicit.backward()
+    for a, p in zip(ours, trainer.params):
+        assert torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_sft_weight_mixes_in_the_sampled_token(model_dir):
+    trainer = new_trainer(model_dir)
+    e = example(trainer)
+    ids = torch.zeros((e.n_trainable, 2), dtype=torch.long)
+    d = kl_objective.soft_datum(e, ids, torch.zeros((e.n_trainable, 2)), weight=1.0, sft_weight=0.25)
+    answer = [w for w in d.weights if sum(w) > 0]
+    assert len(answer) == e.n_trainable and all(w == pytest.approx([0.375, 0.375, 0.25]) for w in answer)
+    assert [t[-1] for t, w in zip(d.target_tokens, d.weights) if sum(w) > 0] == kl_objective.answer_targets(e)
+
+
+def reverse_kl_to_teacher(cfg, run, adapter: bool) -> float:
+    """Mean reverse KL(student || prompted teacher) on greedy answers to the train queries,
+    computed outside the trainer: plain forward passes of the teacher and of base or base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from promptdistill.render import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(cfg.student.model)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.model).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.student.model).eval()
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(run.student)).eval()
+    queries = [json.loads(l) for l in run.queries.read_text().splitlines()]
+    values = []
+    for q in [q for q in queries if q["split"] == "train"]:
+        user = [{"role": "user", "content": q["query"]}]
+        own = prompt_ids(tok, user)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([own]), max_new_tokens=8, do_sample=False)[0, len(own):].tolist()
+            prompted = prompt_ids(tok, [{"role": "system", "content": cfg.system_prompt}] + user)
+            m = model(input_ids=torch.tensor([own + out])).logits[0, len(own) - 1:-1]
+            t = teacher(input_ids=torch.tensor([prompted + out])).logits[0, len(prompted) - 1:-1]
+        values.append(float(divergence.reverse_kl(m, t).mean()))
+    return sum(values) / len(values)
+
+
+def test_on_policy_lowers_the_reverse_kl_to_a_fixed_teacher(tmp_path, model_dir):
+    # The teacher: another tiny model over the same tokenizer (a seed apart), far from the student.
+    teacher = save_tiny(tmp_path / "teacher", seed=1)
+    cfg, run = trained_tiny_run(tmp_path, model_dir, 24, system_prompt=SYSTEM, teacher={"model": str(teacher)},
+                                train={"objective": "on_policy", "steps": 12, "batch_size": 4, "lr": 1e-2,
+                                       "eval_every": 6, "on_policy": {"max_tokens": 8}})
+    metrics = [json.loads(l) for l in run.metrics.read_text().splitlines()]
+    assert [m["objective"] for m in metrics if "objective" in m] == ["on_policy"] * 12
+    before, after = reverse_kl_to_teacher(cfg, run, adapter=False), reverse_kl_to_teacher(cfg, run, adapter=True)
+    print(f"reverse KL to the teacher: base {before:.4f}, after on_policy {after:.4f}")
+    assert after < 0.7 * before, (before, after)
+
+
+def test_a_schedule_runs_its_phases_in_order(tmp_path, model_dir):
+    cfg, run = trained_tiny_run(tmp_path, model_dir, 16, system_prompt=SYSTEM,
+                                train={"phases": [{"objective": "kl", "steps": 2}, {"objective": "on_policy", "steps": 2}],
+                                       "batch_size": 4, "topk": 8, "eval_every": 2, "on_policy": {"max_tokens": 6}})
+    metrics = [json.loads(l) for l in run.metrics.read_text().splitlines()]
+    assert [m["objective"] for m in metrics if "objective" in m] == ["kl", "kl", "on_policy", "on_policy"]
+    stored = kl_objective.load_targets(run.root / kl_objective.TARGETS_DIR)
+    assert len(stored) == 8 and all(ids.shape[1] == 8 for ids, _ in stored.values())  # the 8 train answers, top-8 each
+
+
+KILL_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from tiny import trained_tiny_run
+from pathlib import Path
+trained_tiny_run(Path(sys.argv[2]), Path(sys.argv[3]), 16, system_prompt=sys.argv[4], train=__import__("json").loads(sys.argv[5]))
+"""
+
+
+@pytest.mark.parametrize("objective", ["on_policy", "kl"])
+def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, model_dir, objective):
+    from safetensors.torch import load_file
+
+    train = {"objective": objective, "steps": 6, "batch_size": 4, "lr": 1e-2, "save_every": 2, "eval_every": 3,
+             "topk": 8, "on_policy": {"max_tokens": 6}}
+    tests_dir = str(Path(__file__).parent)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, tests_dir, str(whole), str(model_dir), SYSTEM, json.dumps(train)],
+                   check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, tests_dir, str(killed), str(model_dir), SYSTEM,
+                             json.dumps(train)], env=os.environ | {"OMP_NUM_THREADS": "1"})
+    log = killed / "run" / "checkpoints.jsonl"
+    while proc.poll() is None and not (log.exists() and '"step": 4' in log.read_text()):
+        pass  # the step-4 checkpoint is written: kill during step 5
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (killed / "run" / "student" / "adapter_model.safetensors").exists()
+    from promptdistill.config import load_config
+    from promptdistill.pipeline import run_stage
+
+    run_stage(load_config(killed / "config.yaml"), "train")
+    a = load_file(str(whole / "run" / "student" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "run" / "student" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
