@@ -105,6 +105,40 @@ def test_tinker_cross_entropy_on_the_datums_is_the_local_loss(trainer):
     assert ours.nll_sum == pytest.approx(local.nll_sum, rel=1e-4)
 
 
+def test_soft_label_datums_are_tinkers_2d_cross_entropy_and_give_the_local_loss(trainer):
+    """The kl objective's datums (K teacher tokens per position, weighted by their probability)
+    become Tinker's (N, K) target_tokens/weights; Tinker's cross_entropy on them, sum(w * -logprob),
+    equals the local trainer's loss, and step_result reads a real (N, K) output as the local one."""
+    from promptdistill.objectives.kl import soft_datum
+
+    examples, _ = batch(trainer.tokenizer)
+    total = sum(e.n_trainable for e in examples)
+    gen = torch.Generator().manual_seed(0)
+    datums = []
+    for e in examples:
+        ids = torch.randint(0, len(trainer.tokenizer), (e.n_trainable, 4), generator=gen)
+        datums.append(soft_datum(e, ids, torch.randn(e.n_trainable, 4, generator=gen), 1.0 / total, sft_weight=0.1))
+    trainer.model.eval()
+    outputs, loss = [], 0.0
+    with torch.no_grad():
+        for d in datums:
+            td = to_tinker_datum(d)
+            targets, weights = td.loss_fn_inputs["target_tokens"], td.loss_fn_inputs["weights"]
+            assert targets.shape == weights.shape == [len(d.target_tokens), 5]  # K = 4 teacher tokens + the sampled one
+            assert targets.tolist() == d.target_tokens
+            assert sum(weights.tolist(), []) == pytest.approx(sum(d.weights, []), rel=1e-6, abs=1e-12)
+            assert td.model_input.to_ints() == d.input_tokens
+            logits = trainer.model(input_ids=torch.tensor([td.model_input.to_ints()])).logits[0].float()
+            logprobs = torch.log_softmax(logits, -1).gather(1, targets.to_torch())
+            loss += float((-logprobs * weights.to_torch()).sum())
+            outputs.append({"logprobs": types.TensorData.from_torch(logprobs)})
+    local = trainer.forward(datums)
+    assert loss == pytest.approx(local.loss, rel=1e-4)
+    ours = step_result(datums, types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs))
+    assert ours.tokens == local.tokens and ours.loss == pytest.approx(local.loss, rel=1e-4)
+    assert ours.nll_sum == pytest.approx(local.nll_sum, rel=1e-4)
+
+
 def test_a_tinker_student_needs_its_tinker_model_named(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "system_prompt": "Be a pirate.", "teacher": {"model": "smollm2-135m"},

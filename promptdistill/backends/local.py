@@ -165,7 +165,7 @@ def prefix_kv(model, prefix: list[int], device) -> list[tuple[torch.Tensor, torc
     """Per layer (keys, values) of `prefix`, [kv_heads, len, head_dim]: one copy that every
     row of a batch attends to through shared_prefix_attention."""
     cache = new_cache()
-    model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([prefix], device=device), cache=cache, use_cache=True, logits_to_keep=1)
     return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
 
 
@@ -244,7 +244,7 @@ class LocalSampler:
         attention = suffix_mask.to(self.device)
         positions = (shared + suffix_mask.cumsum(1) - 1).clamp(min=shared).to(self.device)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1, **prefix).logits[:, -1].float()
+                            cache=cache, use_cache=True, logits_to_keep=1, **prefix).logits[:, -1].float()
         next_pos = positions[:, -1:] + 1
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -276,7 +276,7 @@ class LocalSampler:
             seen[torch.arange(len(rows)), tokens] = True
             attention = torch.cat([attention, attention.new_ones((len(rows), 1))], 1)
             logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_pos,
-                                past_key_values=cache, use_cache=True, logits_to_keep=1, **prefix).logits[:, -1].float()
+                                cache=cache, use_cache=True, logits_to_keep=1, **prefix).logits[:, -1].float()
             next_pos = next_pos + 1
         return [
             Completion(

@@ -41,31 +41,41 @@ DOWNLOAD_TIMEOUT = 120  # seconds per adapter file
 
 
 def tinker_batch(batch: list[Datum], loss_fn: str) -> list[types.Datum]:
-    if loss_fn != LOSS_FN or isinstance(batch[0].target_tokens[0], (list, tuple)):
-        raise StageError("train.objective: on Tinker only sft (cross_entropy on one target token per position) is "
-                         "supported so far; train kl and on_policy students with student.backend local")
+    if loss_fn != LOSS_FN:
+        raise StageError(f"train.objective: loss {loss_fn!r} is not built for Tinker yet (its on_policy objective "
+                         f"needs importance_sampling datums); train this objective with student.backend local")
     return [to_tinker_datum(d) for d in batch]
 
 
 def to_tinker_datum(d: Datum) -> types.Datum:
-    """Our Datum as Tinker's: the same tokens, targets and weights, position for position."""
+    """Our Datum as Tinker's: the same tokens, targets and weights, position for position. Soft
+    labels (K targets per position) become Tinker's 2-D cross_entropy inputs of shape (N, K)."""
     n = len(d.target_tokens)
+    if isinstance(d.target_tokens[0], (list, tuple)):
+        k = len(d.target_tokens[0])
+        targets = [t for row in d.target_tokens for t in row]
+        weights = [w for row in d.weights for w in row]
+        shape = [n, k]
+    else:
+        targets, weights, shape = list(d.target_tokens), list(d.weights), [n]
     return types.Datum(
         model_input=types.ModelInput.from_ints(list(d.input_tokens)),
-        loss_fn_inputs={"target_tokens": types.TensorData(data=list(d.target_tokens), dtype="int64", shape=[n]),
-                        "weights": types.TensorData(data=list(d.weights), dtype="float32", shape=[n])},
+        loss_fn_inputs={"target_tokens": types.TensorData(data=targets, dtype="int64", shape=shape),
+                        "weights": types.TensorData(data=weights, dtype="float32", shape=shape)},
     )
 
 
 def step_result(batch: list[Datum], output: types.ForwardBackwardOutput) -> StepResult:
-    """Our StepResult from Tinker's per-datum target logprobs (cross_entropy's `logprobs` output)."""
+    """Our StepResult from Tinker's per-datum target logprobs (cross_entropy's `logprobs` output;
+    (N, K) of them for soft labels, whose per-token loss is sum_k w_k (-logprob_k) / sum_k w_k)."""
     loss = nll_sum = 0.0
     tokens = 0
     for d, out in zip(batch, output.loss_fn_outputs, strict=True):
         for w, lp in zip(d.weights, out["logprobs"].tolist(), strict=True):
-            if w > 0:
-                loss += w * -lp
-                nll_sum += -lp
+            ws, lps = (w, lp) if isinstance(w, (list, tuple)) else ([w], [lp])
+            if sum(ws) > 0:
+                loss += sum(x * -y for x, y in zip(ws, lps))
+                nll_sum += sum(x * -y for x, y in zip(ws, lps)) / sum(ws)
                 tokens += 1
     return StepResult(loss=loss, nll_sum=nll_sum, tokens=tokens)
 

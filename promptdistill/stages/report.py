@@ -29,6 +29,10 @@ COLORS = {"teacher": "#1f77b4", "student": "#ff7f0e", "base": "#7f7f7f"}
 
 # What each quality score measures, what its floor and ceiling are, and its direction.
 SCORES = {
+    "fidelity": ("mean forward KL(teacher WITH the prompt || model WITHOUT it) per token of the teacher's held-out answers",
+                 "0, the prompted teacher itself", "lower"),
+    "on_policy_fidelity": ("mean reverse KL(model WITHOUT the prompt || teacher WITH it) per token of the model's own "
+                           "answers, sampled as it will be served", "0, the prompted teacher itself", "lower"),
     "similarity": ("cosine similarity of MiniLM sentence embeddings to the teacher's answer",
                    "the teacher answering again (another seed)", "higher"),
     "likelihood": ("mean negative log-likelihood per token of the teacher's answer under the student model",
@@ -252,6 +256,14 @@ def example_blocks(rows: list[dict]) -> list[str]:
                 "**Teacher** (with the system prompt):", *quote(r.get("teacher")), "",
                 f"**Student** (no prompt; similarity to teacher {num(sims.get('student'), '.2f')}):", *quote(r.get("student")), "",
                 f"**Base** (no prompt, no adapter; similarity {num(sims.get('base'), '.2f')}):", *quote(r.get("base")), ""]
+        worst = r.get("divergent_tokens")
+        if worst:
+            out += ["Where the student's next-token distribution strays furthest from the prompted teacher's on the "
+                    "teacher's answer (KL per token; the answer's text before it, then the teacher's token):", ""]
+            out += table(["KL", "Before", "Teacher's token"],
+                         [[num(w.get("kl")), f"`…{cell(w.get('before', '')).strip()}`", f"`{cell(w.get('token', ''))}`"]
+                          for w in worst])
+            out += [""]
     return out
 
 
@@ -310,10 +322,14 @@ def quality_section(summary: dict, plot: bool) -> list[str]:
         if clf:
             check = (f"classifier held-out accuracy {pct(clf.get('heldout_accuracy'))} on {clf.get('heldout_n', NA)} answers "
                      f"(trained on {clf.get('train_n', NA)})")
+        if q.get("source"):
+            check = f"from the {q['source']}"
+        power = {True: "yes", False: "**cannot tell on this run**"}.get(q.get("can_tell"), NA)
         rows.append([name, better + " = closer" if better else NA, mean_ci(q.get("base")), mean_ci(q.get("student")),
-                     mean_ci(q.get("ceiling")), pct_ci(q.get("retained")), q.get("n", NA), check])
-    md += table(["Score", "Direction", "Base", "Student", "Ceiling", "Quality retained", "n", "Check"], rows)
-    md += [""]
+                     mean_ci(q.get("ceiling")), pct_ci(q.get("retained")), q.get("n", NA), power, check])
+    md += table(["Score", "Direction", "Base", "Student", "Ceiling", "Quality retained", "n", "Can tell", "Check"], rows)
+    md += ["", "A score can tell when its ceiling's 95% CI does not overlap the base's; one that cannot is left out "
+           "of the verdict (even a perfect student could not be told from the base by it).", ""]
     for name in quality:
         if name in SCORES:
             what, ceiling, _ = SCORES[name]

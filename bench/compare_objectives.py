@@ -1,0 +1,116 @@
+"""The objectives compared on one budget: sft, kl, on_policy and kl then on_policy, trained
+on the same teacher answers of a finished run, each evaluated, then one `distill compare` table.
+
+    python bench/compare_objectives.py [--from runs/beethoven] [--budget steps,wall] [--only sft,kl,...]
+
+Every variant gets its own run dir under runs/objectives/, seeded with the source run's
+config, queries and teacher answers (so no variant pays for generation again, and all
+learn from the very same answers), then `distill train` and `distill eval` as separate
+processes, one at a time. Budgets:
+  steps  every objective gets the source config's optimiser steps;
+  wall   every objective gets as many steps as fit in the sft variant's training seconds,
+         at the seconds per step it showed in the steps budget (run steps first).
+The table goes to bench/results/objectives-<budget>.md (and its plot beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+DISTILL = [sys.executable, "-m", "promptdistill.cli"]
+SEEDED = ("config.yaml", "queries.jsonl", "queries_stats.json", "teacher.jsonl")
+
+
+def variants(steps: int) -> dict[str, list[str]]:
+    """--set overrides per objective at `steps` optimiser steps."""
+    first = max(1, round(steps * 2 / 3))
+    budget = ["train.epochs=null", f"train.steps={steps}"]
+    return {
+        "sft": ["train.objective=sft", *budget],
+        "kl": ["train.objective=kl", *budget],
+        "on_policy": ["train.objective=on_policy", *budget],
+        "kl_then_on_policy": ["train.epochs=null", "train.steps=null",
+                              f"train.phases=[{{objective: kl, steps: {first}}}, "
+                              f"{{objective: on_policy, steps: {max(1, steps - first)}}}]"],
+    }
+
+
+def seed_run(source: Path, dest: Path) -> None:
+    """A run dir holding the source's queries and teacher answers, its manifest cut to those
+    two stages (so they count as done), and any soft-label targets already computed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SEEDED:
+        if (source / name).exists():
+            shutil.copy2(source / name, dest / name)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["stages"] = {k: v for k, v in manifest.get("stages", {}).items() if k in ("queries", "generate")}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if (source / "teacher_topk").exists() and not (dest / "teacher_topk").exists():
+        shutil.copytree(source / "teacher_topk", dest / "teacher_topk")
+
+
+def run_variant(source: Path, dest: Path, overrides: list[str]) -> dict:
+    if not (dest / "summary.json").exists():
+        seed_run(source, dest)
+        sets = [a for o in overrides for a in ("--set", o)]
+        for verb in ("train", "eval"):
+            started = time.perf_counter()
+            subprocess.run(DISTILL + [verb, str(dest), *sets], check=True, cwd=ROOT)
+            print(f"objectives: {dest.name} {verb} in {time.perf_counter() - started:.0f} s", flush=True)
+    metrics = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "lr" in m]
+    return {"dir": dest, "steps": len(steps), "train_seconds": steps[-1]["seconds"] if steps else None,
+            "seconds_per_step": steps[-1]["seconds"] / len(steps) if steps else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="source", default="runs/beethoven", help="a run dir with teacher answers")
+    ap.add_argument("--budget", default="steps,wall", help="steps, wall, or both")
+    ap.add_argument("--only", default=None, help="comma list of variants (default: all four)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "objectives"))
+    args = ap.parse_args()
+    source, out = (ROOT / args.source).resolve(), Path(args.out).resolve()
+    if not (source / "teacher.jsonl").exists():
+        sys.exit(f"{source}: no teacher.jsonl; run `distill run examples/beethoven/config.yaml` (or `make demo`) first")
+    config = (source / "config.yaml").read_text()
+    import yaml
+
+    train = yaml.safe_load(config)["train"]
+    n_train = sum(json.loads(line)["split"] == "train" for line in (source / "queries.jsonl").read_text().splitlines())
+    steps = train.get("steps") or math.ceil(train["epochs"] * n_train / (train["batch_size"] * train.get("grad_accum", 1)))
+    chosen = args.only.split(",") if args.only else list(variants(steps))
+    results = {}
+    for budget in args.budget.split(","):
+        dirs = []
+        for name in chosen:
+            if budget == "steps":
+                overrides = variants(steps)[name]
+            else:  # as many steps as fit in sft's training seconds, at this objective's own pace
+                sft, mine = results[("steps", "sft")], results[("steps", name)]
+                fit = max(1, int(sft["train_seconds"] / mine["seconds_per_step"]))
+                overrides = variants(fit)[name]
+            results[(budget, name)] = run_variant(source, out / f"{budget}-{name}", overrides)
+            dirs.append(str(results[(budget, name)]["dir"]))
+            if name == "kl" and not (source / "teacher_topk").exists():  # computed once, reused by the others
+                shutil.copytree(out / f"{budget}-{name}" / "teacher_topk", source / "teacher_topk")
+        report = BENCH / "results" / f"objectives-{budget}.md"
+        subprocess.run(DISTILL + ["compare", *dirs, "--out", str(report)], check=True, cwd=ROOT)
+        print(f"objectives: {budget} budget table in {report}", flush=True)
+        for name in chosen:
+            r = results[(budget, name)]
+            print(f"  {name}: {r['steps']} steps, {r['train_seconds']:.0f} s of training, "
+                  f"{r['seconds_per_step']:.2f} s/step", flush=True)
+
+
+if __name__ == "__main__":
+    main()
