@@ -206,6 +206,14 @@ class PricingConfig(Strict):
     training_per_1m_tokens: float = Field(ge=0, description="one-time: price per 1M trained tokens")
 
 
+class TrackingConfig(Strict):
+    """Where train and eval also log their numbers (tracking.py); not a stage input."""
+    backend: Literal["tensorboard", "wandb", "mlflow"]
+    project: str | None = Field(None, min_length=1, description="wandb project / mlflow experiment (default: the run name)")
+    dir: str | None = Field(None, min_length=1, description="tensorboard: log dir (default: <run_dir>/tb); "
+                                                            "wandb: its files dir (default: run_dir); mlflow: tracking URI")
+
+
 class RunConfig(Strict):
     name: str = Field(min_length=1)
     run_dir: str | None = Field(None, description="default: runs/<name>")
@@ -220,6 +228,7 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     checks: ChecksConfig = ChecksConfig()
     pricing: PricingConfig | None = None
+    tracking: TrackingConfig | None = Field(None, description="absent: no experiment tracking")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "RunConfig":

@@ -26,7 +26,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .. import scores
+from .. import scores, tracking
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from ..config import RunConfig
@@ -256,6 +256,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         summary["notes"] = notes
         summary["verdict"] = verdict(summary)
         atomic_write_json(run.root / "summary.json", summary)
+        tracking.log_eval(cfg, run, summary)
     retained = ", ".join(f"{k} {v['retained']['mean']:.0%}" for k, v in quality.items())
     return (f"eval: {len(test)} test queries in {fmt_seconds(t.seconds)}; quality retained: {retained}; "
             f"input tokens -{tokens['input_reduction_pct']:.1f}%")
