@@ -287,7 +287,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section a run dir's config.yaml holds as null (pricing)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: '{part}' is not a section")
         node[path[-1]] = value

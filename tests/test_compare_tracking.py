@@ -168,3 +168,52 @@ def test_a_missing_tracking_package_names_the_extra(two_runs, monkeypatch):
     wandb = load_config(run.root, ["tracking.backend=wandb"])
     with pytest.raises(StageError, match=r"tracking.backend 'wandb' needs the 'wandb' package.*promptdistill\[wandb\]"):
         tracking.start(wandb, run, "train")
+
+
+def _log_train_and_eval(cfg, run) -> list[dict]:
+    """What train and eval send, from a finished run's own files; returns its metrics rows."""
+    metrics = [json.loads(l) for l in run.metrics.read_text().splitlines()]
+    tracker = tracking.start(cfg, run, "train")
+    for row in metrics:
+        tracker.log(tracking.train_values(row), row["step"])
+    tracker.close()
+    tracking.log_eval(cfg, run, _summary(run))
+    return metrics
+
+
+def test_mlflow_logs_read_back(two_runs, tmp_path):
+    """Only where the mlflow extra is installed (not by `make test`)."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    (_, run), _ = two_runs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(run.root, ["tracking.backend=mlflow", f"tracking.dir={uri}", "tracking.project=compare-test"])
+    metrics = _log_train_and_eval(cfg, run)
+    client = MlflowClient(uri)
+    runs = {r.data.tags["promptdistill.stage"]: r for r in
+            client.search_runs([client.get_experiment_by_name("compare-test").experiment_id])}
+    assert set(runs) == {"train", "eval"} and runs["train"].data.params["train.lr"] == "0.0002"
+    history = sorted(client.get_metric_history(runs["train"].info.run_id, "train/val_loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    retained = _summary(run)["quality"]["similarity"]["retained"]["mean"]
+    assert [m.value for m in client.get_metric_history(runs["eval"].info.run_id, "eval/similarity/retained")] == [retained]
+
+
+def test_wandb_logs_offline(two_runs, tmp_path, monkeypatch):
+    """Only where the wandb extra is installed (not by `make test`). Offline, no account: W&B keeps
+    the run in a binary .wandb file with no public reader, so this checks that the logged keys
+    and values are in it."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (_, run), _ = two_runs
+    cfg = load_config(run.root, ["tracking.backend=wandb", f"tracking.dir={tmp_path}"])
+    metrics = _log_train_and_eval(cfg, run)
+    files = {f.read_bytes() for f in tmp_path.glob("wandb/offline-run-*/run-*.wandb")}
+    train = [b for b in files if b"slow-train" in b]
+    assert len(files) == 2 and len(train) == 1
+    for row in metrics:
+        for key, value in tracking.train_values(row).items():
+            assert key.encode() in train[0] and json.dumps(value).encode() in train[0]
