@@ -26,7 +26,7 @@ from .rundir import RunDir, StageError
 
 TRAIN_KEYS = ("train_loss", "val_loss", "lr", "grad_norm")  # of a metrics.jsonl row
 EVAL_SECTIONS = ("tokens", "latency", "cost")  # of summary.json, beside quality
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # extras: the backend names
 
 
 class Tracker:
@@ -39,17 +39,23 @@ class Tracker:
         pass
 
 
-def _require(module: str, backend: str):
+def _require(backend: str):
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(MODULES[backend])
     except ImportError as e:
-        raise StageError(f"tracking.backend {backend!r} needs the {EXTRAS[backend]!r} package, which is not installed "
-                         f"({e}); pip install 'promptdistill[{EXTRAS[backend]}]', or remove the tracking section") from None
+        raise StageError(f"tracking.backend {backend!r} needs the {backend!r} package, which is not installed ({e}); "
+                         f"pip install 'promptdistill[{backend}]', or remove the tracking section") from None
+
+
+def check(cfg: RunConfig) -> None:
+    """Raise before a stage spends anything if the chosen backend's package is not installed."""
+    if cfg.tracking is not None and distributed.is_main():
+        _require(cfg.tracking.backend)
 
 
 class TensorBoard(Tracker):
     def __init__(self, logdir: Path, purge_step: int | None):
-        writer = _require("torch.utils.tensorboard", "tensorboard").SummaryWriter
+        writer = _require("tensorboard").SummaryWriter
         # TensorBoard drops earlier events at steps >= purge_step: a resumed train replaces what the
         # killed run logged after its checkpoint, and a fresh one (0) an earlier attempt's curves.
         self.writer = writer(str(logdir), purge_step=purge_step)
@@ -65,7 +71,7 @@ class TensorBoard(Tracker):
 
 class WandB(Tracker):
     def __init__(self, cfg: RunConfig, run: RunDir, stage: str):
-        wandb = _require("wandb", "wandb")
+        wandb = _require("wandb")
         t = cfg.tracking
         self.run = wandb.init(project=t.project or cfg.name, group=cfg.name, name=f"{cfg.name}-{stage}", job_type=stage,
                               dir=t.dir or str(run.root), config=public_config(cfg))
@@ -79,12 +85,13 @@ class WandB(Tracker):
 
 class MLflow(Tracker):
     def __init__(self, cfg: RunConfig, run: RunDir, stage: str):
-        self.mlflow = _require("mlflow", "mlflow")
+        self.mlflow = _require("mlflow")
         t = cfg.tracking
         if t.dir:
             self.mlflow.set_tracking_uri(t.dir)
         self.mlflow.set_experiment(t.project or cfg.name)
-        self.mlflow.start_run(run_name=f"{cfg.name}-{stage}", tags={"promptdistill.run": cfg.name, "promptdistill.stage": stage})
+        self.mlflow.start_run(run_name=f"{cfg.name}-{stage}",
+                              tags={"promptdistill.run": cfg.name, "promptdistill.stage": stage})
         self.mlflow.log_params({k: str(v) for k, v in flatten(public_config(cfg)).items()})
 
     def log(self, values: dict[str, float], step: int) -> None:

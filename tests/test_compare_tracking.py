@@ -130,8 +130,8 @@ def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_tensorboard_logs_equal_metrics_and_summary(two_runs):
-    (cfg, run), (_, untracked) = two_runs
+def test_tensorboard_logs_equal_metrics_and_summary(two_runs, tmp_path):
+    (_, run), (_, untracked) = two_runs
     assert not (untracked.root / "tb").exists()
     logged = _scalars(run.root / "tb")
     metrics = [json.loads(l) for l in run.metrics.read_text().splitlines()]
@@ -155,19 +155,24 @@ def test_tensorboard_logs_equal_metrics_and_summary(two_runs):
     assert run_stage(off, "train").startswith("train: 3 steps") and run_stage(off, "eval").startswith("eval:")
     assert run.manifest_path.read_text() == manifest
 
-    # A forced re-train replaces the curves of the earlier attempt (one point per step, not two).
-    run_stage(cfg, "train", force=True)
-    again = _scalars(run.root / "tb")
+    # A forced re-train (of a copy) replaces the curves of the earlier attempt: one point per step, not two.
+    shutil.copytree(run.root, tmp_path / "copy")
+    run_stage(load_config(tmp_path / "copy"), "train", force=True)
+    again = _scalars(tmp_path / "copy" / "tb")
     assert [s for s, _ in again["train/train_loss"]] == [1, 2, 3]
     assert [v for _, v in again["train/train_loss"]] == pytest.approx([v for _, v in logged["train/train_loss"]], rel=1e-5)
 
 
-def test_a_missing_tracking_package_names_the_extra(two_runs, monkeypatch):
-    (cfg, run), _ = two_runs
+def test_a_missing_tracking_package_names_the_extra(two_runs, tmp_path, monkeypatch):
+    (_, run), _ = two_runs
+    shutil.copytree(run.root, tmp_path / "copy")
     monkeypatch.setitem(sys.modules, "wandb", None)  # an import of it fails as if it were not installed
-    wandb = load_config(run.root, ["tracking.backend=wandb"])
+    wandb = load_config(tmp_path / "copy", ["tracking.backend=wandb"])
     with pytest.raises(StageError, match=r"tracking.backend 'wandb' needs the 'wandb' package.*promptdistill\[wandb\]"):
         tracking.start(wandb, run, "train")
+    with pytest.raises(StageError, match=r"promptdistill\[wandb\]"):  # before eval spends anything
+        run_stage(wandb, "eval", force=True)
+    assert not (tmp_path / "copy" / "eval.jsonl").exists()  # moved aside by --force, and not written again
 
 
 def _log_train_and_eval(cfg, run) -> list[dict]:

@@ -169,6 +169,7 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:
+    tracking.check(cfg)  # a missing package fails now, not after the whole evaluation
     with Timer() as t:
         splits = load_split(cfg, run)
         by_key = {r["key"]: r for r in read_jsonl(run.teacher)}
