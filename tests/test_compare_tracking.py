@@ -16,6 +16,8 @@ from promptdistill.rundir import StageError
 
 EVAL = {"classifier_train_size": 12, "latency_queries": 2, "bootstrap": 200}
 TRAIN = {"steps": 3, "batch_size": 4, "eval_every": 2}
+PRICING = {"source": "test", "date": "2026-12-01", "teacher": {"input_per_1m": 1.0, "output_per_1m": 2.0},
+           "student": {"input_per_1m": 0.5, "output_per_1m": 1.0}, "training_per_1m_tokens": 4.0}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     model = save_tiny(tmp)
     runs = []
-    for name, lr, extra in (("slow", 2e-4, {"tracking": {"backend": "tensorboard"}}), ("fast", 1e-3, {})):
+    for name, lr, extra in (("slow", 2e-4, {"tracking": {"backend": "tensorboard"}}), ("fast", 1e-3, {"pricing": PRICING})):
         (tmp / name).mkdir()
         cfg, run = trained_tiny_run(tmp / name, model, 24, name=name, eval=EVAL, train=TRAIN | {"lr": lr}, **extra)
         run_stage(cfg, "eval")
@@ -83,9 +85,14 @@ def test_compare_shows_the_summaries_numbers_and_the_config_difference(two_runs,
         last = [json.loads(l) for l in ((a, b)[i].root / "metrics.jsonl").read_text().splitlines()][-1]
         assert float(rows["training.train_loss_final"][i]) == pytest.approx(last["train_loss"], rel=1e-3)
         assert float(rows["training.val_loss_final"][i]) == pytest.approx(last["val_loss"], rel=1e-3)
-    # The two configs differ in lr and tracking; names and run dirs always differ and are left out.
+    # Only the second run has prices: its cost numbers, a blank (no cost section) for the first.
+    cost = summaries[1]["cost"]
+    assert rows["cost"] == ["n/a", ""] and rows["cost.currency"] == ["", "USD"]
+    assert float(rows["cost.per_1m_queries.teacher"][1]) == pytest.approx(cost["per_1m_queries"]["teacher"], rel=1e-3)
+    assert float(rows["cost.one_time.total"][1]) == pytest.approx(cost["one_time"]["total"], rel=1e-3)
+    # The two configs differ in lr, tracking and pricing; names and run dirs always differ and are left out.
     assert rows["train.lr"] == ["0.0002", "0.001"]
-    assert rows["tracking.backend"] == ["tensorboard", ""]
+    assert rows["tracking.backend"] == ["tensorboard", ""] and rows["pricing.student.input_per_1m"] == ["", "0.5"]
     assert not [k for k in rows if k.startswith(("name", "run_dir", "train.steps", "system_prompt"))]
     png = out.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
