@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .rundir import RunDir, StageError, atomic_write_text, read_jsonl
+from .rundir import RunDir, StageError, atomic_write_text, read_jsonl, sha256_text
 from .stages.report import _figure, _ok, _save, mean_ci, pct_ci, table
 from .tracking import flatten
 
@@ -62,17 +62,18 @@ def labels(runs: list[dict]) -> list[str]:
 
 
 def show(value) -> str:
-    """One value in a cell: null as n/a, floats to 4 significant digits, long text cut."""
+    """One value in a cell: null as n/a, floats to 4 significant digits, long text cut (with a
+    hash of the whole, so two prompts that differ only past the cut still look different)."""
     if value is None:
         return "n/a"
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
         return format(value, ".4g") if _ok(value) else "n/a"
     if isinstance(value, list):
         return "[" + ", ".join(show(v) for v in value) + "]"
     text = str(value).replace("\n", " ")
-    return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
+    return text if len(text) <= MAX_CELL else f"{text[:MAX_CELL]}… (sha256 {sha256_text(str(value))[:8]})"
 
 
 def _rows(key_values: list[dict]) -> list[list[str]]:
@@ -127,8 +128,8 @@ def config_diff(runs: list[dict]) -> list[list[str]]:
     flat = [{k: v for k, v in flatten(r["config"]).items() if k.split(".")[0] not in IGNORED_CONFIG and v is not None}
             for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
-    differ = [k for k in keys if len({json.dumps(f.get(k, "<absent>"), sort_keys=True) for f in flat}) > 1]
-    return [[k] + [show(f[k]) if k in f else "" for f in flat] for k in differ]
+    differ = {k for k in keys if len({json.dumps(f.get(k, "<absent>"), sort_keys=True) for f in flat}) > 1}
+    return _rows([{k: v for k, v in f.items() if k in differ} for f in flat])
 
 
 def build(runs: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -1,6 +1,7 @@
 """`distill compare` on two finished tiny runs that differ in lr (one with TensorBoard tracking on),
 and that tracking's event files read back with TensorBoard's own reader."""
 
+import hashlib
 import json
 import shutil
 import sys
@@ -110,12 +111,18 @@ def test_a_score_one_run_lacks_is_blank_and_extra_fields_show(two_runs, tmp_path
                                 "ceiling": {"mean": 0.0, "ci95": [0.0, 0.0]},
                                 "retained": {"mean": -0.13, "ci95": [-0.2, -0.07]}, "n": 6, "top_k": 20}
     (other / "summary.json").write_text(json.dumps(s))
+    config = (other / "config.yaml").read_text()
+    long_prompt = "You are a pirate. Talk like one, and never break character, whatever they ask."
+    (other / "config.yaml").write_text(config.replace("system_prompt: You are a pirate. Talk like one.",
+                                                      f"system_prompt: {long_prompt}"))
     rows = _tables((compare([a.root, other], tmp_path / "c.md"), (tmp_path / "c.md").read_text())[1])
     assert rows["persona retained"][1] == "" and rows["persona retained"][0]
     assert rows["fidelity retained"] == ["", "-13% [-20%, -7%]"]
     assert rows["fidelity student"] == ["", "0.28 [0.2, 0.3]"]
     assert rows["fidelity top_k"] == ["", "20"]
     assert rows["persona classifier.heldout_accuracy"][1] == ""
+    assert rows["system_prompt"] == ["You are a pirate. Talk like one.",  # a long one is cut, with its hash
+                                     f"{long_prompt[:48]}… (sha256 {hashlib.sha256(long_prompt.encode()).hexdigest()[:8]})"]
 
 
 def test_a_dir_that_is_not_a_finished_run_is_named(two_runs, tmp_path, capsys):
