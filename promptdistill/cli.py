@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write the summary here, and the histogram beside it (default: inspect.json and "
                            "inspect_lengths.png in a run dir; nothing for a file)")
 
+    comp = _verb(sub, "compare", "Put every headline number of finished runs side by side: scores with CIs, tokens, "
+                 "cost, latency, seconds per stage, and the config fields that differ (markdown + a PNG beside it).",
+                 "distill compare runs/lr-1e-4 runs/lr-3e-4 --out compare/lr.md")
+    comp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories")
+    comp.add_argument("--out", default="compare.md", metavar="FILE.md",
+                      help="markdown file to write; the plot goes beside it as FILE.png (default: compare.md)")
+
     chat = _verb(sub, "chat", "Talk to the distilled student, which gets no system prompt; answers stream, one question "
                  "per line, so piped stdin works too.", "distill chat runs/beethoven --compare",
                  "echo 'What do you think of Rossini?' | distill chat runs/beethoven")
@@ -191,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             from .inspect import inspect_path
 
             inspect_path(Path(args.path), args.config, Path(args.json_path) if args.json_path else None)
+            return 0
+        if args.verb == "compare":
+            from .compare import compare
+
+            print(compare([Path(p) for p in args.run_dirs], Path(args.out)))
             return 0
         if args.verb == "chat":
             from .rundir import RunDir

@@ -247,6 +247,14 @@ class PricingConfig(Strict):
     training_per_1m_tokens: float = Field(ge=0, description="one-time: price per 1M trained tokens")
 
 
+class TrackingConfig(Strict):
+    """Where train and eval also log their numbers (tracking.py); not a stage input."""
+    backend: Literal["tensorboard", "wandb", "mlflow"]
+    project: str | None = Field(None, min_length=1, description="wandb project / mlflow experiment (default: the run name)")
+    dir: str | None = Field(None, min_length=1, description="tensorboard: log dir (default: <run_dir>/tb); "
+                                                            "wandb: its files dir (default: run_dir); mlflow: tracking URI")
+
+
 class RunConfig(Strict):
     name: str = Field(min_length=1)
     run_dir: str | None = Field(None, description="default: runs/<name>")
@@ -261,6 +269,7 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     checks: ChecksConfig = ChecksConfig()
     pricing: PricingConfig | None = None
+    tracking: TrackingConfig | None = Field(None, description="absent: no experiment tracking")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "RunConfig":
@@ -319,7 +328,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section a run dir's config.yaml holds as null (pricing)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: '{part}' is not a section")
         node[path[-1]] = value

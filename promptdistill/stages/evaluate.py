@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import divergence, scores
+from .. import divergence, scores, tracking
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from ..config import RunConfig
@@ -285,6 +285,7 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:
+    tracking.check(cfg)  # a missing package fails now, not after the whole evaluation
     with Timer() as t:
         splits = load_split(cfg, run)
         by_key = {r["key"]: r for r in read_jsonl(run.teacher)}
@@ -392,6 +393,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         summary["notes"] = notes
         summary["verdict"] = verdict(summary)
         atomic_write_json(run.root / "summary.json", summary)
+        tracking.log_eval(cfg, run, summary)
     retained = ", ".join(f"{k} {v['retained']['mean']:.0%}" for k, v in quality.items())
     return (f"eval: {len(test)} test queries in {fmt_seconds(t.seconds)}; quality retained: {retained}; "
             f"input tokens -{tokens['input_reduction_pct']:.1f}%")

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from .. import distributed
+from .. import distributed, tracking
 from ..backends import make_trainer
 from ..config import RunConfig, TrainConfig
 from ..objectives import PromptedTeacher, StepContext, kl, my_micro_batches, on_policy, sft
@@ -233,6 +233,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         start = resume["step"]
         print(f"train: resuming from {resume['path']} (step {start} of {steps})")
     distributed.barrier()  # every process has found and loaded the checkpoint before rank 0 edits the logs
+    tracker = tracking.start(cfg, run, "train", step=start)
     if main and resume is not None:
         kept = [r for r in read_jsonl(run.metrics, repair=True) if r["step"] <= start]
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in kept))
@@ -245,6 +246,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             first = validation_loss(trainer, val, t.batch_size)
             if main:
                 append_jsonl(run.metrics, [{"step": 0, "val_loss": first}])
+                tracker.log(tracking.train_values({"val_loss": first}), 0)
         bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", unit="step", dynamic_ncols=True,
                    disable=not main)
         with ctrl_c_at_step_end() as interrupted:
@@ -264,6 +266,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                     row["val_loss"] = validation_loss(trainer, val, t.batch_size)
                 if main:
                     append_jsonl(run.metrics, [row])
+                    tracker.log(tracking.train_values(row), row["step"])
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {}))
                 # Read once: a Ctrl-C arriving after this is handled a step later. Summed over
                 # processes, so all stop after the same step (or the others would wait forever).
@@ -277,6 +280,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         bar.close()
         if main:
             trainer.save(run.student)
+        tracker.close()
     metrics = read_jsonl(run.metrics)
     vals = [r["val_loss"] for r in metrics if "val_loss" in r]
     val_text = f"val loss {vals[0]:.3f} -> {vals[-1]:.3f} (step 0 = untrained)" if vals else "no val split"

@@ -1,0 +1,203 @@
+"""`distill compare RUN_DIR...`: every headline number of several finished runs side by side.
+
+Reads each run's summary.json (quality, tokens, latency, cost, training), manifest.json
+(seconds per stage), metrics.jsonl (final train loss) and config.yaml (the fields that
+differ between the runs), prints one table per section and writes them as markdown with a
+PNG beside it: quality retained per score and run, with 95% CI error bars. Scores are read
+from summary["quality"] whatever their names, extra fields included; a number one run has
+and another lacks is a blank cell, never a crash. No model is loaded, no torch imported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .rundir import RunDir, StageError, atomic_write_text, read_jsonl, sha256_text
+from .stages.report import _figure, _ok, _save, mean_ci, pct_ci, table
+from .tracking import flatten
+
+PARTS = ("retained", "student", "base", "ceiling", "n")  # the shape every summary["quality"] entry shares
+SECTIONS = ("tokens", "cost", "latency", "training")  # of summary.json, shown key by key
+IGNORED_CONFIG = ("name", "run_dir")  # differ between any two runs, say nothing
+MAX_CELL = 48  # characters of a long text value (a system prompt) shown in a cell
+QUALITY = "Quality (retained: 0% = base, 100% = ceiling; mean [95% CI])"
+
+
+def load_run(path: Path) -> dict:
+    """One finished run's files; a dir that is not one is an error naming it and what is missing."""
+    if not path.is_dir():
+        raise StageError(f"{path}: no such run directory")
+    run = RunDir(path)
+    missing = [p.name for p in (run.config, run.root / "summary.json", run.manifest_path) if not p.is_file()]
+    if missing:
+        raise StageError(f"{path}: not a finished run (no {', '.join(missing)}); finish it with `distill run {path}`")
+    return {"path": path, "summary": _json(run.root / "summary.json"), "manifest": _json(run.manifest_path),
+            "metrics": read_jsonl(run.metrics), "config": _yaml(run.config)}
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
+
+
+def _yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise StageError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise StageError(f"{path}: expected a mapping of config fields")
+    return data
+
+
+def labels(runs: list[dict]) -> list[str]:
+    """Column headings: the run names, or the paths where names repeat."""
+    names = [str(r["summary"].get("run") or r["path"].name) for r in runs]
+    return names if len(set(names)) == len(names) else [str(r["path"]) for r in runs]
+
+
+def show(value) -> str:
+    """One value in a cell: null as n/a, floats to 4 significant digits, long text cut (with a
+    hash of the whole, so two prompts that differ only past the cut still look different)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return format(value, ".4g") if _ok(value) else "n/a"
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= MAX_CELL else f"{text[:MAX_CELL]}… (sha256 {sha256_text(str(value))[:8]})"
+
+
+def _rows(key_values: list[dict]) -> list[list[str]]:
+    """One row per key any run has, in first-seen order; blank where a run lacks it."""
+    keys = list(dict.fromkeys(k for kv in key_values for k in kv))
+    return [[k] + [show(kv[k]) if k in kv else "" for kv in key_values] for k in keys]
+
+
+def quality_rows(runs: list[dict]) -> list[list[str]]:
+    """Per score: retained, student, base, ceiling (mean [95% CI]), n, then its extra fields."""
+    scores = list(dict.fromkeys(name for r in runs for name in (r["summary"].get("quality") or {})))
+    rows = []
+    for name in scores:
+        entries = [(r["summary"].get("quality") or {}).get(name) for r in runs]
+        for part in PARTS:
+            cells = []
+            for q in entries:
+                if not isinstance(q, dict) or part not in q:
+                    cells.append("")
+                elif part == "retained":
+                    cells.append(pct_ci(q[part]))
+                elif part == "n":
+                    cells.append(show(q[part]))
+                else:
+                    cells.append(mean_ci(q[part], ".4g"))
+            if any(cells):
+                rows.append([f"{name} {part}"] + cells)
+        extras = [flatten({k: v for k, v in q.items() if k not in PARTS}) if isinstance(q, dict) else {} for q in entries]
+        rows += [[f"{name} {r[0]}"] + r[1:] for r in _rows(extras)]
+    return rows
+
+
+def numbers(run: dict) -> dict:
+    """The run's other headline numbers, flattened: summary sections, train loss, stage seconds."""
+    s = run["summary"]
+    out = {"n_test": s.get("n_test"), **{f"models.{k}": v for k, v in (s.get("models") or {}).items()}}
+    for section in SECTIONS:
+        value = s.get(section)
+        out |= flatten(value, f"{section}.") if isinstance(value, dict) else {section: value}
+    losses = [m["train_loss"] for m in run["metrics"] if "train_loss" in m]
+    out["training.train_loss_final"] = losses[-1] if losses else None
+    stages = (run["manifest"].get("stages") or {})
+    seconds = {name: rec.get("seconds_total", rec.get("seconds")) for name, rec in stages.items() if "finished" in rec}
+    out |= {f"seconds.{name}": secs for name, secs in seconds.items()}
+    out["seconds.total"] = round(sum(v for v in seconds.values() if _ok(v)), 2)
+    return out
+
+
+def config_diff(runs: list[dict]) -> list[list[str]]:
+    """The config fields (flattened) whose values are not the same in every run."""
+    # A null is an unset field: blank, like a section (pricing, tracking) another run does not have.
+    flat = [{k: v for k, v in flatten(r["config"]).items() if k.split(".")[0] not in IGNORED_CONFIG and v is not None}
+            for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    differ = {k for k in keys if len({json.dumps(f.get(k, "<absent>"), sort_keys=True) for f in flat}) > 1}
+    return _rows([{k: v for k, v in f.items() if k in differ} for f in flat])
+
+
+def build(runs: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The sections: (title, header, rows)."""
+    head = [""] + labels(runs)
+    return [
+        ("Runs", head, [["path"] + [str(r["path"]) for r in runs]]),
+        (QUALITY, head, quality_rows(runs)),
+        ("Tokens, cost, latency, training, seconds per stage", head, _rows([numbers(r) for r in runs])),
+        ("Config fields that differ", head, config_diff(runs) or [["(none)"] + [""] * len(runs)]),
+        ("Verdicts", ["run", "verdict"], [[n, r["summary"].get("verdict", "")] for n, r in zip(labels(runs), runs)]),
+    ]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    return lines + ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def plot_retained(runs: list[dict], path: Path) -> None:
+    """Quality retained per score (x) and run (bars), with 95% CI error bars."""
+    fig, ax = _figure()
+    names = list(dict.fromkeys(n for r in runs for n in (r["summary"].get("quality") or {})))
+    width = 0.8 / len(runs)
+    for j, (label, r) in enumerate(zip(labels(runs), runs)):
+        xs, ys, err = [], [], [[], []]
+        for i, name in enumerate(names):
+            ret = ((r["summary"].get("quality") or {}).get(name) or {}).get("retained") or {}
+            mean, ci = ret.get("mean"), ret.get("ci95") or [None, None]
+            x = i - 0.4 + width * (j + 0.5)
+            if not _ok(mean):
+                ax.text(x, 50, "n/a", ha="center", va="center", color="grey", fontsize=8)
+                continue
+            m = 100 * mean
+            xs.append(x)
+            ys.append(m)
+            err[0].append(m - 100 * ci[0] if _ok(ci[0]) else 0)
+            err[1].append(100 * ci[1] - m if _ok(ci[1]) else 0)
+        ax.bar(xs, ys, width * 0.9, yerr=err, capsize=3, label=label, color=f"C{j}", alpha=0.85)
+    ax.axhline(0, color="grey", lw=1, ls="--")
+    ax.axhline(100, color="grey", lw=1, ls=":")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylabel("quality retained (%): 0 = base, 100 = ceiling")
+    low, high = ax.get_ylim()
+    clipped = low < -300 or high > 400  # one wild CI (a ceiling on its floor) must not flatten the rest
+    ax.set_ylim(max(low, -300), min(high, 400))
+    ax.set_title("Quality retained per score, 95% CI" + (" (axis clipped)" if clipped else ""), fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def compare(paths: list[Path], out: Path) -> str:
+    """Print the comparison, write it to `out` (markdown) and its plot beside it; returns a summary line."""
+    runs = [load_run(Path(p)) for p in paths]
+    png = out.with_suffix(".png")
+    sections = build(runs)
+    for title, header, rows in sections:
+        print(f"\n{title}\n" + "\n".join(text_table(header, rows)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_retained(runs, png)
+    md = [f"# Comparing {len(runs)} runs", ""]
+    for title, header, rows in sections:
+        md += [f"## {title}", ""] + table(header, rows) + [""]
+        if title == QUALITY:
+            md += [f"![Quality retained per score and run]({png.name})", ""]
+    atomic_write_text(out, "\n".join(md))
+    return f"compare: {len(runs)} runs; wrote {out} and {png}"
