@@ -131,7 +131,7 @@ def test_the_key_goes_to_the_api_only_never_to_a_signed_url_elsewhere(adapter, t
     storage = Server({"/bucket/ck.tar.gz": lambda h: (200, {}, archive)})
     api = Server({ARCHIVE: lambda h: (307, {"Location": f"{storage.url}/bucket/ck.tar.gz?sig=abc"}, b"")})
     try:
-        fetch_archive(api.url, KEY, f"tinker://{RUN}/sampler_weights/{CHECKPOINT}", tmp_path)
+        fetch_archive(api.url, KEY, f"tinker://{RUN}/{CHECKPOINT}", tmp_path)  # SkyRL's form of the path
     finally:
         api.close()
         storage.close()

@@ -261,11 +261,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def fetch_archive(api: str, key: str | None, tinker_path: str, tmp: Path) -> None:
     """A sampler checkpoint's archive (GET .../checkpoints/{id}/archive, which answers with the
     archive or a redirect to it) into `tmp`, then the adapter files out of it."""
-    parsed = types.ParsedCheckpointTinkerPath.from_tinker_path(tinker_path)
-    if parsed.checkpoint_type != "sampler":
+    # Tinker writes tinker://<run>/sampler_weights/<name>; SkyRL's server tinker://<run>/<name>.
+    parts = tinker_path.removeprefix("tinker://").split("/")
+    if not tinker_path.startswith("tinker://") or len(parts) not in (2, 3) or parts[1:-1] not in ([], ["sampler_weights"]):
         raise ModelError(f"{tinker_path}: not a sampler checkpoint (tinker://<run>/sampler_weights/<name>)")
-    checkpoint = parsed.checkpoint_id.rpartition("/")[2]
-    url = (f"{api.rstrip('/')}/api/v1/training_runs/{urllib.parse.quote(parsed.training_run_id)}"
+    run, checkpoint = parts[0], parts[-1]
+    url = (f"{api.rstrip('/')}/api/v1/training_runs/{urllib.parse.quote(run)}"
            f"/checkpoints/{urllib.parse.quote(checkpoint)}/archive")
     origin = urllib.parse.urlsplit(url)[:2]
     opener = urllib.request.build_opener(_NoRedirect)
