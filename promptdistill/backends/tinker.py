@@ -45,7 +45,7 @@ from ..models import ADAPTER_FILES, ModelError, check_adapter, resolve_model
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from ..rundir import atomic_write_json
 from .base import Completion, SamplingParams, StepResult
-from .openai import scrub
+from .openai import failed, scrub  # a failed row and the key scrubbed from its text, as there
 
 LOSS_FN = "cross_entropy"
 STATE_FILE = "tinker_state.json"  # written last by save_state: train.STATE_FILES lists it
@@ -166,10 +166,6 @@ class TinkerSampler:
             return failed(scrub(f"{type(e).__name__}: {e}", sent_key(self.spec)))
         return Completion(text=self.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip(),
                           token_ids=list(seq.tokens), prompt_tokens=len(prompt), finish_reason=seq.stop_reason)
-
-
-def failed(error: str) -> Completion:
-    return Completion(text="", token_ids=[], prompt_tokens=0, finish_reason="error", error=error)
 
 
 class TinkerTrainer:
