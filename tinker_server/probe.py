@@ -3,7 +3,7 @@ each feature a soft-label (`kl`) or on-policy objective might need, tried once w
 tinker SDK, its outcome printed one line each. Run with the project's Python, e.g. against
 the server `make test-tinker` starts (or any other):
 
-    TINKER_BASE_URL=http://127.0.0.1:PORT TINKER_API_KEY=x TINKER_MODEL=/path/to/model python probe.py
+    TINKER_BASE_URL=http://127.0.0.1:PORT TINKER_API_KEY=tml-x TINKER_MODEL=/path/to/model python probe.py
 """
 
 import os
@@ -34,7 +34,7 @@ def probe(name: str, call) -> None:
 def main() -> None:
     model = os.environ["TINKER_MODEL"]
     service = tinker.ServiceClient()
-    trainer = service.create_lora_training_client(base_model=model, rank=8)
+    trainer = service.create_lora_training_client(base_model=model, rank=8).result()
     tokens = list(range(100, 112))  # any ids in the vocabulary
     n = len(tokens) - 1
     targets, ones = tokens[1:], np.ones(n)
@@ -56,7 +56,7 @@ def main() -> None:
         trainer.forward_backward([datum(tokens, **rl)], "importance_sampling").result().metrics,
         trainer.optim_step(types.AdamParams(learning_rate=1e-4)).result().metrics))
 
-    sampler = trainer.save_weights_and_get_sampling_client()
+    sampler = trainer.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tokens[:6])
     params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=0)
 
