@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   virtualenv + CPU torch + package + embedded model, then the Beethoven pipeline
 #   make test   the same set-up, then the test suite
+#   make test-tinker  the opt-in Tinker tests on SkyRL's Tinker API server, on 127.0.0.1
+#                     (its own Python 3.12 venv, ~6.7 GB, set up once: tinker_server/)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -9,7 +11,7 @@ DISTILL = $(VENV)/bin/distill
 # torch installed would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test test-tinker bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +30,9 @@ demo: model
 
 test: model
 	$(PY) -m pytest -q
+
+test-tinker: model
+	tinker_server/run_tests.sh $(PY)
 
 bench: model
 	$(PY) -m pip install --quiet -e '.[dev,bench]'

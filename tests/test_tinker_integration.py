@@ -58,7 +58,8 @@ def test_pipeline_trains_the_student_on_tinker_and_evaluates_its_adapter_here(tm
             assert os.environ["TINKER_API_KEY"].encode() not in path.read_bytes(), path
 
 
-def test_training_lowers_the_loss_and_the_sampler_uses_the_trained_weights():
+def test_training_lowers_the_loss_and_the_sampler_uses_the_trained_weights(tmp_path):
+    from promptdistill.backends import make_sampler
     from promptdistill.backends.tinker import TinkerTrainer
 
     trainer = TinkerTrainer(student(), LoraConfig(rank=8), TrainConfig(steps=20, lr=1e-3))
@@ -70,6 +71,12 @@ def test_training_lowers_the_loss_and_the_sampler_uses_the_trained_weights():
         trainer.optim_step(1e-3)
         pending.result()
     assert trainer.forward(batch).loss < min(0.2, before / 5)
-    (done,) = trainer.sampler().sample([[{"role": "user", "content": "What is the secret word?"}]],
-                                       SamplingParams(temperature=0.0, max_tokens=16), [0])
+    question, greedy = [[{"role": "user", "content": "What is the secret word?"}]], SamplingParams(temperature=0.0, max_tokens=16)
+    (done,) = trainer.sampler().sample(question, greedy, [0])
     assert done.finish_reason in ("stop", "length") and "Pumpernickel" in done.text
+    # The adapter as downloaded (external weights, or the sampler checkpoint's archive) is the
+    # trained one: the local model with it answers the same.
+    trainer.save(tmp_path / "student")
+    check_adapter(tmp_path / "student", LOCAL_MODEL)
+    (here,) = make_sampler(student(), 1, adapter_dir=tmp_path / "student").sample(question, greedy, [0])
+    assert "Pumpernickel" in here.text, here.text

@@ -12,6 +12,13 @@ out without a round trip in between (Tinker's own advice). Checkpoints live on T
 run dir keeps a small `tinker_state.json` pointing at each. `save` exports the trained
 LoRA in Hugging Face PEFT format (`save_weights_external`), downloads it into the run dir
 and records the local `model` as its base, so eval, chat, export and serve run on it here.
+A server that offers no external weights (SkyRL's Tinker API server answers 404) serves
+a sampler checkpoint as a tar archive with the PEFT adapter inside, the route older SDKs
+downloaded from; `save` falls back to it. Either way `check_adapter` vets the result.
+
+A row whose sample still fails after the SDK's own retries comes back as a Completion with
+finish_reason "error" (generate writes it to teacher_errors.jsonl and the next run retries
+it), as with the OpenAI backend; a refused key or an unknown model stops at once.
 
 The key comes from the environment variable named by `api_key_env` (or the SDK's own
 $TINKER_API_KEY); `base_url` defaults to $TINKER_BASE_URL, then to Tinker's API.
@@ -22,7 +29,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -30,14 +41,19 @@ import tinker
 from tinker import types
 
 from ..config import LoraConfig, ModelConfig, TrainConfig
-from ..models import ADAPTER_FILES, ModelError, resolve_model
+from ..models import ADAPTER_FILES, ModelError, check_adapter, resolve_model
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from ..rundir import StageError, atomic_write_json
 from .base import Completion, SamplingParams, StepResult
+from .openai import failed, scrub  # a failed row and the key scrubbed from its text, as there
 
 LOSS_FN = "cross_entropy"
 STATE_FILE = "tinker_state.json"  # written last by save_state: train.STATE_FILES lists it
 DOWNLOAD_TIMEOUT = 120  # seconds per adapter file
+NO_EXPORT_STATUS = (404, 405, 501)  # save_weights_external answered so: the server has no external weights
+FATAL_STATUS = (401, 403, 404)  # a sample refused so would fail every row: the key or the model name
+NOT_READY_TRIES = 30  # an archive still being written answers 425; asked again once a second
+MAX_REDIRECTS = 5
 
 
 def tinker_batch(batch: list[Datum], loss_fn: str) -> list[types.Datum]:
@@ -100,6 +116,12 @@ def api_key(model: ModelConfig) -> str | None:
     return key
 
 
+def sent_key(model: ModelConfig | None) -> str | None:
+    """The key the SDK sends: ours, else its own $TINKER_API_KEY (stored credentials aside)."""
+    own = os.environ.get(model.api_key_env) if model is not None and model.api_key_env else None
+    return own or os.environ.get("TINKER_API_KEY") or None
+
+
 def service_client(model: ModelConfig) -> tinker.ServiceClient:
     return tinker.ServiceClient(base_url=model.base_url, api_key=api_key(model))
 
@@ -125,15 +147,16 @@ def lora_layers(lora: LoraConfig) -> dict:
 class TinkerSampler:
     """Sampler on a Tinker SamplingClient: every row is submitted at once, then collected."""
 
-    def __init__(self, client: tinker.SamplingClient, tokenizer):
+    def __init__(self, client: tinker.SamplingClient, tokenizer, spec: ModelConfig | None = None):
         self.client = client
         self.tokenizer = tokenizer
+        self.spec = spec  # read only to scrub the key from error texts
         self.stop_ids = stop_token_ids(tokenizer)
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> "TinkerSampler":
         client = service_client(model).create_sampling_client(base_model=model.served_name).result()
-        return cls(client, local_tokenizer(model))
+        return cls(client, local_tokenizer(model), model)
 
     def count_prompt_tokens(self, conversation: list[Message]) -> int:
         return len(prompt_ids(self.tokenizer, conversation))
@@ -145,12 +168,21 @@ class TinkerSampler:
         futures = [self.client.sample(prompt=types.ModelInput.from_ints(p), num_samples=1, sampling_params=types.SamplingParams(
             max_tokens=params.max_tokens, seed=seed, stop=self.stop_ids, temperature=params.temperature, top_p=params.top_p))
             for p, seed in zip(prompts, seeds, strict=True)]
-        out = []
-        for p, future in zip(prompts, futures):
+        return [self.collect(p, future) for p, future in zip(prompts, futures)]
+
+    def collect(self, prompt: list[int], future) -> Completion:
+        """One row's Completion from its submitted sample; a failure is that row's alone."""
+        try:
             seq = future.result().sequences[0]
-            out.append(Completion(text=self.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip(),
-                                  token_ids=list(seq.tokens), prompt_tokens=len(p), finish_reason=seq.stop_reason))
-        return out
+        except tinker.APIStatusError as e:
+            text = scrub(f"HTTP {e.status_code}: {e.message}", sent_key(self.spec))
+            if e.status_code in FATAL_STATUS:
+                raise ModelError(f"Tinker refused the sample ({text}); check the API key and the model (api_model)") from None
+            return failed(text)
+        except Exception as e:  # noqa: BLE001  timeouts, a failed request, a reply the SDK cannot read: this row's
+            return failed(scrub(f"{type(e).__name__}: {e}", sent_key(self.spec)))
+        return Completion(text=self.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip(),
+                          token_ids=list(seq.tokens), prompt_tokens=len(prompt), finish_reason=seq.stop_reason)
 
 
 class TinkerTrainer:
@@ -191,29 +223,114 @@ class TinkerTrainer:
 
     def save(self, path: str | Path) -> None:
         """The trained LoRA as a PEFT adapter dir at `path`, based on the local `model`."""
-        export = self.client.save_weights_external(f"{Path(path).name}-peft").result().path
-        download_adapter(tinker.RestClient(base_url=self.spec.base_url, api_key=api_key(self.spec)),
-                         export, Path(path), str(resolve_model(self.spec.model)))
+        dest, name = Path(path), f"{Path(path).name}-peft"
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            try:
+                export = self.client.save_weights_external(name).result().path
+            except tinker.APIStatusError as e:
+                if e.status_code not in NO_EXPORT_STATUS:
+                    raise
+                sampler_path = self.client.save_weights_for_sampler(name).result().path
+                print(f"train: the server has no external weights (HTTP {e.status_code}); "
+                      f"downloading the sampler checkpoint's archive {sampler_path}", flush=True)
+                fetch_archive(base_url(self.spec), sent_key(self.spec), sampler_path, Path(tmp))
+            else:
+                fetch_external(tinker.RestClient(base_url=self.spec.base_url, api_key=api_key(self.spec)),
+                               export, Path(tmp))
+            install_adapter(Path(tmp), dest, str(resolve_model(self.spec.model)))
+        check_adapter(dest, self.spec.model)
 
     def sampler(self) -> TinkerSampler:
-        return TinkerSampler(self.client.save_weights_and_get_sampling_client().result(), self.tokenizer)
+        return TinkerSampler(self.client.save_weights_and_get_sampling_client().result(), self.tokenizer, self.spec)
 
 
-def download_adapter(rest: tinker.RestClient, tinker_path: str, dest: Path, base_model: str) -> None:
-    """Fetch an external-weights (PEFT) export file by file and install it in `dest`, its
-    base model set to the local copy, so `check_adapter` and peft load it here."""
+def base_url(model: ModelConfig) -> str:
+    from tinker.lib.base_url import resolve_base_url  # the SDK's own rule: base_url, $TINKER_BASE_URL, Tinker's
+
+    return resolve_base_url(model.base_url)
+
+
+def fetch_external(rest: tinker.RestClient, tinker_path: str, tmp: Path) -> None:
+    """An external-weights (PEFT) export, file by file from its signed URLs, into `tmp`."""
     urls = rest.get_external_weights_urls(tinker_path).result().urls
     missing = [name for name in ADAPTER_FILES if name not in urls]
     if missing:
         raise ModelError(f"{tinker_path}: the export has no {', '.join(missing)} (files: {sorted(urls)}); "
                          f"not a PEFT LoRA adapter")
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        for name in ADAPTER_FILES:
-            with urllib.request.urlopen(urls[name], timeout=DOWNLOAD_TIMEOUT) as response, open(Path(tmp) / name, "wb") as f:
+    for name in ADAPTER_FILES:
+        with urllib.request.urlopen(urls[name], timeout=DOWNLOAD_TIMEOUT) as response, open(tmp / name, "wb") as f:
+            shutil.copyfileobj(response, f)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed by hand: the key goes to the API's own origin only, never to a
+    signed URL on storage elsewhere."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def fetch_archive(api: str, key: str | None, tinker_path: str, tmp: Path) -> None:
+    """A sampler checkpoint's archive (GET .../checkpoints/{id}/archive, which answers with the
+    archive or a redirect to it) into `tmp`, then the adapter files out of it."""
+    # Tinker writes tinker://<run>/sampler_weights/<name>; SkyRL's server tinker://<run>/<name>.
+    parts = tinker_path.removeprefix("tinker://").split("/")
+    if not tinker_path.startswith("tinker://") or len(parts) not in (2, 3) or parts[1:-1] not in ([], ["sampler_weights"]):
+        raise ModelError(f"{tinker_path}: not a sampler checkpoint (tinker://<run>/sampler_weights/<name>)")
+    run, checkpoint = parts[0], parts[-1]
+    url = (f"{api.rstrip('/')}/api/v1/training_runs/{urllib.parse.quote(run)}"
+           f"/checkpoints/{urllib.parse.quote(checkpoint)}/archive")
+    origin = urllib.parse.urlsplit(url)[:2]
+    opener = urllib.request.build_opener(_NoRedirect)
+    archive = tmp / "archive"
+    redirects = tries = 0
+    while True:
+        same_origin = urllib.parse.urlsplit(url)[:2] == origin
+        request = urllib.request.Request(url, headers={"X-API-Key": key} if key and same_origin else {})
+        try:
+            with opener.open(request, timeout=DOWNLOAD_TIMEOUT) as response, open(archive, "wb") as f:
                 shutil.copyfileobj(response, f)
-        config = json.loads((Path(tmp) / "adapter_config.json").read_text(encoding="utf-8"))
-        config["base_model_name_or_path"] = base_model
-        atomic_write_json(Path(tmp) / "adapter_config.json", config)
-        for name in ADAPTER_FILES:  # renames within one file system: no half-installed adapter
-            os.replace(Path(tmp) / name, dest / name)
+            break
+        except urllib.error.HTTPError as e:
+            shown = url.split("?")[0]  # a signed URL's query is a credential too
+            if e.code in (301, 302, 303, 307, 308) and e.headers.get("Location") and redirects < MAX_REDIRECTS:
+                url, redirects = urllib.parse.urljoin(url, e.headers["Location"]), redirects + 1
+            elif e.code == 425 and tries < NOT_READY_TRIES:  # still being written on the server
+                tries += 1
+                time.sleep(1)
+            else:
+                body = scrub(e.read().decode("utf-8", "replace"), key)
+                raise ModelError(f"{tinker_path}: downloading its archive from {shown} failed (HTTP {e.code}: {body})") from None
+        except urllib.error.URLError as e:
+            raise ModelError(f"{tinker_path}: downloading its archive from {url.split('?')[0]} failed ({e.reason})") from None
+    extract_adapter(archive, tmp, tinker_path)
+
+
+def extract_adapter(archive: Path, tmp: Path, where: str) -> None:
+    """The PEFT adapter files out of a tar archive (gzipped or not), at its root or in one
+    folder. Only those files are read, by name, never extracted by the archive's own paths."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in ADAPTER_FILES]
+            found = {Path(m.name).name: m for m in members}
+            missing = [name for name in ADAPTER_FILES if name not in found]
+            if missing or len(found) != len(members):
+                raise ModelError(f"{where}: its archive has {sorted(m.name for m in members) or 'no adapter files'}; "
+                                 f"expected one each of {', '.join(ADAPTER_FILES)} (a PEFT LoRA adapter)")
+            for name, member in found.items():
+                with tar.extractfile(member) as src, open(tmp / name, "wb") as f:
+                    shutil.copyfileobj(src, f)
+    except tarfile.TarError as e:
+        raise ModelError(f"{where}: its archive is not a readable tar file ({e})") from None
+    archive.unlink()
+
+
+def install_adapter(tmp: Path, dest: Path, base_model: str) -> None:
+    """The adapter files in `tmp` (same file system as `dest`) moved into `dest`, their base
+    model set to the local copy, so `check_adapter` and peft load it here."""
+    config = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_model
+    atomic_write_json(tmp / "adapter_config.json", config)
+    for name in ADAPTER_FILES:  # renames within one file system: no half-installed adapter
+        os.replace(tmp / name, dest / name)
