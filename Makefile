@@ -11,7 +11,7 @@ DISTILL = $(VENV)/bin/distill
 # torch installed would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup model demo test test-tinker bench clean
+.PHONY: setup model demo test test-tinker bench compare clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ test-tinker: model
 bench: model
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) bench/run.py
+
+# sft, kl, on_policy and kl then on_policy on the demo's teacher answers, at one step budget
+# and at one wall-clock budget: bench/results/objectives-*.md (runs the demo first if needed)
+compare: demo
+	$(PY) bench/compare_objectives.py --from runs/beethoven
 
 clean:
 	rm -rf $(VENV) runs

@@ -19,6 +19,7 @@ number to summary.json (keys documented in docs/summary.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -141,29 +142,25 @@ def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher
             out["base_with_prompt"][i] = float(F.cross_entropy(ceiling[j], targets[j]))
         if kl is None:
             continue
-        if models.full_vocab:
-            if models.shared:
-                t_logits, t_targets = ceiling, targets
-            else:
-                t_logits, t_targets = logits_by_row(models, "teacher", [teacher[i] for i in chunk], share_prefix=True)
-            for j, i in enumerate(chunk):
+        if models.full_vocab and not models.shared:
+            t_logits, t_targets = logits_by_row(models, "teacher", [teacher[i] for i in chunk], share_prefix=True)
+        elif models.full_vocab:
+            t_logits, t_targets = ceiling, targets
+        for j, i in enumerate(chunk):
+            if models.full_vocab:
                 if not torch.equal(t_targets[j], targets[j]):  # the two tokenizations of the answer differ
                     continue
-                for who, (logits, _) in by_who.items():
-                    per_token = divergence.forward_kl(t_logits[j], logits[j])
-                    kl[who][i] = float(per_token.mean())
-                    if who == "student":
-                        token_kl[i] = per_token.tolist()
-        else:
-            for j, i in enumerate(chunk):
+                kl_to = functools.partial(divergence.forward_kl, t_logits[j])
+            else:
                 top = teacher_topk.get(rows[i]["key"])
                 if top is None or not torch.equal(top[2], targets[j]):  # the teacher scored other tokens
                     continue
-                for who, (logits, _) in by_who.items():
-                    per_token = divergence.topk_forward_kl(top[0], top[1], logits[j])
-                    kl[who][i] = float(per_token.mean())
-                    if who == "student":
-                        token_kl[i] = per_token.tolist()
+                kl_to = functools.partial(divergence.topk_forward_kl, top[0], top[1])
+            for who, (logits, _) in by_who.items():
+                per_token = kl_to(logits[j])
+                kl[who][i] = float(per_token.mean())
+                if who == "student":
+                    token_kl[i] = per_token.tolist()
     answer_tokens = {i: [t for t, w in zip(d.target_tokens, d.weights) if w > 0] for i, d in plain.items()}
     return {"nll": out, "kl": kl, "token_kl": token_kl, "answer_tokens": answer_tokens}
 
