@@ -26,14 +26,14 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .. import scores
+from .. import judge, rules, scores
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from ..config import RunConfig
 from ..models import check_adapter, resolve_model
 from ..render import RenderError, prompt_ids, render_example, to_datum
-from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fmt_seconds, json_safe,
-                      read_jsonl, sha256_file)
+from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
+                      json_safe, read_jsonl, sha256_file)
 from .generate import answer_settings, row_seed, sampling_params
 from .train import load_split
 
@@ -164,7 +164,8 @@ def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     adapter = run.student / "adapter_model.safetensors"
     return {"adapter": sha256_file(adapter)[:16] if adapter.exists() else None,
-            "eval": cfg.eval.model_dump(), "sampling": answer_settings(cfg),
+            "eval": cfg.eval.model_dump(exclude_none=True), "sampling": answer_settings(cfg),
+            **({"rules": fingerprint([r.model_dump() for r in cfg.checks.rules])} if cfg.checks.rules else {}),
             "pricing": cfg.pricing.model_dump() if cfg.pricing else None}
 
 
@@ -215,6 +216,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             quality["persona"]["classifier"] = {"heldout_accuracy": classifier.heldout_accuracy,
                                                 "heldout_n": classifier.heldout_n, "train_n": 2 * len(train_rows)}
 
+        if cfg.checks.rules:
+            quality["compliance"], compliance, failed = rules.compliance(
+                cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap)
+
         student_in = [len(prompt_ids(models.tokenizer, student_messages(r["query"]))) for r in test]
         tokens = {
             "teacher_input": statistics.mean(r["teacher_tokens"]["prompt"] for r in test),
@@ -240,7 +245,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          **{who: texts[who][i] for who in texts},
                          "similarity": {who: float(similarity[who][i]) for who in similarity},
                          "persona_prob": {who: float(persona[who][i]) for who in persona} if persona else None,
-                         "nll": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in nll.items()}})
+                         "nll": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in nll.items()},
+                         **({"failed_checks": failed[i]} if cfg.checks.rules else {})})
         atomic_write_text(run.root / "eval.jsonl", "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in rows))
         metrics = read_jsonl(run.metrics)
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
@@ -253,6 +259,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          "val_loss_untrained": vals[0] if vals else None, "val_loss_final": vals[-1] if vals else None,
                          "train_examples": len(splits["train"]), "dropped_truncated": len(splits["dropped"])},
         }
+        if cfg.checks.rules:
+            summary["compliance"] = compliance
+        if cfg.eval.judge:
+            summary["judge"] = judge.run(cfg, run, test, texts)
         summary["notes"] = notes
         summary["verdict"] = verdict(summary)
         atomic_write_json(run.root / "summary.json", summary)
