@@ -119,7 +119,9 @@ def test_compliance_in_eval_matches_a_recount(ruled_run):
     assert q["ceiling"]["mean"] == pytest.approx(means["teacher"])
     # The hand-written pirate answers all say arr/ahoy/aye... except the ones that do not.
     expected_teacher = np.mean([any(w in r["teacher"].lower() for w in ("arr", "ahoy", "aye")) for r in rows])
-    per = summary["compliance"]
+    per = summary["compliance"]["rules"]
+    data = summary["compliance"]["teacher_data"]  # all 24 teacher.jsonl answers, no best_of: first try = kept
+    assert data["answers"] == 24 and all(r["first_try"] == r["kept"] for r in data["rules"].values())
     assert per["arr"]["teacher"]["mean"] == pytest.approx(expected_teacher)
     gap = means["teacher"] - means["base"]
     if gap:
@@ -134,3 +136,15 @@ def test_compliance_in_eval_matches_a_recount(ruled_run):
         assert set(row["failed_checks"]) == {"teacher", "teacher_again", "student", "base"}
         assert row["failed_checks"]["teacher"] == rules.failed(cfg.checks.rules, row["query"], row["teacher"])
         assert row["teacher"] in PIRATE
+
+
+def test_validate_warns_about_a_rule_the_teacher_data_rarely_follows(ruled_run):
+    from promptdistill.validate import before_train
+
+    cfg, run = ruled_run
+    cfg = cfg.model_copy(update={"checks": cfg.checks.model_copy(update={"rules": [
+        rules.Rule(name="never", kind="contains", value="no pirate says this"),
+        rules.Rule(name="always", kind="max_words", value=50)]})})
+    warned = [p for p in before_train(cfg, run).warnings if p.where.startswith("checks.rules")]
+    assert [p.where for p in warned] == ["checks.rules never"]
+    assert "0% of the 24 times it applies" in warned[0].message

@@ -26,7 +26,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from .. import judge, rules, scores
+from .. import best_of, judge, rules, scores
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from ..config import RunConfig
@@ -260,7 +260,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          "train_examples": len(splits["train"]), "dropped_truncated": len(splits["dropped"])},
         }
         if cfg.checks.rules:
-            summary["compliance"] = compliance
+            summary["compliance"] = {"rules": compliance, "teacher_data": best_of.selection_summary(cfg.checks.rules, run)}
         if cfg.eval.judge:
             summary["judge"] = judge.run(cfg, run, test, texts)
         summary["notes"] = notes
