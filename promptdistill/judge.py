@@ -37,8 +37,8 @@ CANDIDATES = ("student", "base")
 # "Answer A is better"; a tie in words.
 _VERDICT_LINE = re.compile(r"verdict\s*[:=\-]?\s*\**\s*(answer\s+)?(A|B|tie)\b", re.IGNORECASE)
 _BARE = re.compile(r"^\W*(A|B|tie)\W*$", re.IGNORECASE)
-_BARE_FIRST = re.compile(r"^\W*(A|B)\b(?![.'’]\w)[\s.:,)\-]", re.IGNORECASE)
-_NAMED = re.compile(r"\b(?:answer|response|option)\s+\**(A|B)\b")
+_BARE_FIRST = re.compile(r"^\W*(A|B)(?:[.:),\-]|\s+(?:is|was)\b)", re.IGNORECASE)  # "B) ...", "A. ...", not "A pirate"
+_NAMED = re.compile(r"\b(?i:answer|response|option)\s+\**(A|B)\b")  # the letter in capitals: "option a" is not one
 _BETTER = re.compile(r"\b(?:answer|response|option)\s+\**(A|B)\**\s+(?:is|was)\s+(?:much\s+|clearly\s+|slightly\s+)?"
                      r"(?:better|the better|preferable|more faithful|closer)", re.IGNORECASE)
 _TIE = re.compile(r"\b(tie|equally|both (?:answers )?(?:are )?(?:equally )?(?:good|bad|fine)|neither)\b", re.IGNORECASE)
@@ -51,7 +51,7 @@ def parse_verdict(reply: str) -> str | None:
     if m:
         return m.group(2).upper() if m.group(2).lower() != "tie" else "tie"
     first = text.splitlines()[0] if text else ""
-    m = _BARE.match(first) or _BARE_FIRST.match(first + " ")
+    m = _BARE.match(first) or _BARE_FIRST.match(first)
     if m:
         return m.group(1).upper() if m.group(1).lower() != "tie" else "tie"
     m = _BETTER.search(text)
