@@ -148,3 +148,17 @@ def test_validate_warns_about_a_rule_the_teacher_data_rarely_follows(ruled_run):
     warned = [p for p in before_train(cfg, run).warnings if p.where.startswith("checks.rules")]
     assert [p.where for p in warned] == ["checks.rules never"]
     assert "0% of the 24 times it applies" in warned[0].message
+
+
+def test_the_report_shows_compliance_per_rule(ruled_run):
+    from promptdistill.stages import report
+
+    cfg, run = ruled_run
+    run_stage(cfg, "report")
+    md = (run.root / "report.md").read_text()
+    summary = json.loads((run.root / "summary.json").read_text())
+    assert "## Rule compliance" in md and "## LLM judge" not in md  # no judge configured
+    for name, r in summary["compliance"]["rules"].items():
+        line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+        assert report.pct_ci(r["student"]) in line and report.pct_ci(r["teacher"]) in line
+    assert "Teacher data: all 24 answers of teacher.jsonl, 24 tries drawn" in md
