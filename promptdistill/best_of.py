@@ -46,6 +46,7 @@ class Picker:
         """The kept completion per query of `batch` (rows with "id", "key", "query") and the
         fields its teacher row records: the kept try, how many were drawn, what it fails.
         A try the backend could not draw is returned as that error (the query stays undone)."""
+        self.drawn: list[Completion] = []  # what this call paid for: every new try, kept or not
         chosen: dict[int, tuple[Completion, dict]] = {}
         drawn: dict[int, list[tuple[list[str], dict]]] = {i: [] for i in range(len(batch))}
         for t in range(self.n):
@@ -60,6 +61,7 @@ class Picker:
                     if out.finish_reason == "error":
                         chosen[i] = (out, {})
                         continue
+                    self.drawn.append(out)
                     row = {"id": batch[i]["id"], "key": batch[i]["key"], "try": t, "seed": try_seed(seeds[i], t),
                            "completion": out.text, "finish_reason": out.finish_reason, "token_ids": out.token_ids,
                            "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens},

@@ -149,10 +149,11 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 if errors:
                     append_jsonl(run.root / ERRORS_FILE, errors)
                 failed += len(errors)
-                new_tokens += sum(o.completion_tokens for _, _, o, _ in good)
+                spent = picker.drawn if picker else [o for _, _, o, _ in good]  # best-of: every try drawn is paid for
+                new_tokens += sum(o.completion_tokens for o in spent)
                 truncated += sum(o.finish_reason == "length" for _, _, o, _ in good)
                 if price is not None:  # what this stage has spent so far, at the config's teacher prices
-                    cost += sum(price.million_calls(o.prompt_tokens, o.completion_tokens) for _, _, o, _ in good) / 1e6
+                    cost += sum(price.million_calls(o.prompt_tokens, o.completion_tokens) for o in spent) / 1e6
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated,
                                 **({"failed": failed} if failed else {}),
