@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .rules import Rule
+
 
 HUB_PREFIX = "hf:"  # a queries entry naming a Hugging Face hub dataset, not a file
 
@@ -134,6 +136,8 @@ class SamplingConfig(Strict):
     batch_size: int = Field(16, ge=1)
     top_logprobs: int | None = Field(None, ge=0, le=20, description="also keep each teacher token's log-probability "
                                      "and the k most likely tokens (for soft-label distillation); remote servers may not offer them")
+    best_of: int | None = Field(None, ge=1, le=64, description="draw up to N teacher answers per query and keep the first "
+                                "that passes every applicable checks.rules rule, else the one passing most")
 
 
 class LoraConfig(Strict):
@@ -208,10 +212,19 @@ class TrainConfig(Strict):
         return {p.objective for p in self.phases} if self.phases else {self.objective}
 
 
+class JudgeConfig(Strict):
+    """An OpenAI-compatible model that compares student and base answers with the teacher's (judge.py)."""
+    model: ModelConfig = Field(description="the judge: backend openai, base_url, api_model, api_key_env")
+    rubric_file: str | None = Field(None, description="the judge's instructions; default: promptdistill/judge_rubric.md")
+    max_tokens: int = Field(64, ge=1, description="per verdict")
+    seed: int = 0
+
+
 class EvalConfig(Strict):
     classifier_train_size: int = Field(96, ge=8, description="train-split queries answered by the base model to train the persona classifier")
     latency_queries: int = Field(12, ge=1, description="test queries timed one by one for latency")
     bootstrap: int = Field(2000, ge=100)
+    judge: JudgeConfig | None = Field(None, description="an LLM judge comparing answers pairwise (optional)")
 
 
 class ChecksConfig(Strict):
@@ -227,6 +240,17 @@ class ChecksConfig(Strict):
     # synthesised Beethoven queries did): a warning each; many of them, an error.
     max_recital_share: float = Field(0.02, ge=0, le=1, description="error if more of the answers than this recite "
                                      "the system prompt verbatim")
+    rules: list[Rule] = Field([], description="what the prompt demands of an answer, checked on its text (rules.py)")
+    min_rule_share: float = Field(0.5, ge=0, le=1, description="warn when the teacher's answers follow a rule less "
+                                  "often than this (the student cannot learn what it rarely sees)")
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> "ChecksConfig":
+        names = [r.name for r in self.rules]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"rules: names must be unique, {twice[0]!r} is used twice")
+        return self
 
 
 class Price(Strict):
@@ -377,6 +401,9 @@ def resolve_config(cfg: RunConfig, base: Path) -> RunConfig:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{prompt_path}: not UTF-8 text (byte {e.start})") from None
         data["system_prompt_file"] = None
+    judge = data["eval"]["judge"]
+    if judge and judge["rubric_file"]:
+        judge["rubric_file"] = str((base / judge["rubric_file"]).resolve())
     if not data["system_prompt"].strip():
         raise ConfigError("system_prompt: the system prompt is empty; there is nothing to distill")
     data["queries"]["files"] = [f if f.startswith(HUB_PREFIX) else str((base / f).resolve()) for f in cfg.queries.files]

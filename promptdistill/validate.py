@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
+from . import rules
 from .config import ModelConfig, RunConfig
 from .models import resolve_model
 from .render import prompt_ids, render_example, render_text, student_view
@@ -300,6 +301,7 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
                                     f"{'...' * (start > 0)}{text[start:refusal.end() + 30]!r}..."))
     if not total:
         return problems
+    problems += rule_problems(cfg, run)
     if cut:
         problems.append(Problem("warning", str(run.teacher),
                                 f"{len(cut)} of {total} answers ({len(cut) / total:.0%}) hit sampling.max_tokens="
@@ -317,6 +319,19 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
             problems.append(Problem("error", str(run.teacher), f"{len(rows)} of {total} answers ({len(rows) / total:.0%}) "
                                     f"{what}, more than checks.{setting}={limit:g}: {consequence}"))
     return problems
+
+
+def rule_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
+    """A warning per checks.rules rule the teacher's (kept) answers follow less often than
+    checks.min_rule_share: the student cannot learn what it rarely sees."""
+    rows = read_jsonl(run.teacher)
+    rates = rules.pass_rates(cfg.checks.rules, [r["messages"][-1]["content"] for r in rows],
+                             [str(r.get("completion", "")) for r in rows])
+    return [Problem("warning", f"checks.rules {name}", f"the teacher's answers follow it {r['pass_rate']:.0%} of the "
+                    f"{r['applies']} times it applies, less than checks.min_rule_share={cfg.checks.min_rule_share:g}: "
+                    "the student cannot learn what it rarely sees (raise sampling.best_of, or make the rule one the "
+                    "teacher can follow)")
+            for name, r in rates.items() if r["applies"] and r["pass_rate"] < cfg.checks.min_rule_share]
 
 
 # --------------------------------------------------------------------------- entry points

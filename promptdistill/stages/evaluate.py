@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import divergence, scores, tracking
+from .. import best_of, divergence, judge, rules, scores, tracking
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from ..config import RunConfig
 from ..models import check_adapter, resolve_model
 from ..render import Datum, RenderError, prompt_ids, render_example, to_datum
-from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fmt_seconds, json_safe,
-                      read_jsonl, sha256_file)
+from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
+                      json_safe, read_jsonl, sha256_file)
 from .generate import answer_settings, row_seed, sampling_params
 from .train import load_split
 
@@ -277,7 +277,8 @@ def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     adapter = run.student / "adapter_model.safetensors"
     return {"adapter": sha256_file(adapter)[:16] if adapter.exists() else None,
-            "eval": cfg.eval.model_dump(), "sampling": answer_settings(cfg),
+            "eval": cfg.eval.model_dump(exclude_none=True), "sampling": answer_settings(cfg),
+            **({"rules": fingerprint([r.model_dump() for r in cfg.checks.rules])} if cfg.checks.rules else {}),
             "pricing": cfg.pricing.model_dump() if cfg.pricing else None}
 
 
@@ -346,6 +347,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             quality["persona"]["classifier"] = {"heldout_accuracy": classifier.heldout_accuracy,
                                                 "heldout_n": classifier.heldout_n, "train_n": 2 * len(train_rows)}
 
+        if cfg.checks.rules:
+            quality["compliance"], compliance, failed = rules.compliance(
+                cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap)
+
         student_in = [len(prompt_ids(models.tokenizer, student_messages(r["query"]))) for r in test]
         tokens = {
             "teacher_input": statistics.mean(r["teacher_tokens"]["prompt"] for r in test),
@@ -374,7 +379,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          "nll": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in nll.items()},
                          "fidelity_kl": {k: _num(v[i]) for k, v in kl.items()} if kl else None,
                          "on_policy_kl": {k: _num(v[i]) for k, v in on_policy.items()} if on_policy else None,
-                         "divergent_tokens": divergent_tokens(models.tokenizer, forced, i)})
+                         "divergent_tokens": divergent_tokens(models.tokenizer, forced, i),
+                         **({"failed_checks": failed[i]} if cfg.checks.rules else {})})
         atomic_write_text(run.root / "eval.jsonl", "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in rows))
         metrics = read_jsonl(run.metrics)
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
@@ -387,6 +393,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          "val_loss_untrained": vals[0] if vals else None, "val_loss_final": vals[-1] if vals else None,
                          "train_examples": len(splits["train"]), "dropped_truncated": len(splits["dropped"])},
         }
+        if cfg.checks.rules:
+            summary["compliance"] = {"rules": compliance, "teacher_data": best_of.selection_summary(cfg.checks.rules, run)}
+        if cfg.eval.judge:
+            summary["judge"] = judge.run(cfg, run, test, texts)
         summary["notes"] = notes
         summary["verdict"] = verdict(summary)
         atomic_write_json(run.root / "summary.json", summary)

@@ -19,10 +19,12 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
+from .. import best_of
 from ..backends import make_sampler
 from ..backends.base import SamplingParams
 from ..config import RunConfig
-from ..rundir import RunDir, StageError, Timer, append_jsonl, fmt_seconds, read_jsonl, sha256_text
+from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_json, fingerprint, fmt_seconds, read_jsonl,
+                      sha256_text)
 
 
 def sampling_params(cfg: RunConfig) -> SamplingParams:
@@ -34,8 +36,9 @@ def sampling_params(cfg: RunConfig) -> SamplingParams:
 
 def answer_settings(cfg: RunConfig) -> dict:
     """The sampling settings an answer depends on: batching does not change one, and an
-    unset option is left out so that adding an option keeps older runs' keys."""
-    return cfg.sampling.model_dump(exclude={"batch_size"}, exclude_none=True)
+    unset option is left out so that adding an option keeps older runs' keys. best_of
+    chooses among answers rather than shaping one, so it is in generate's inputs instead."""
+    return cfg.sampling.model_dump(exclude={"batch_size", "best_of"}, exclude_none=True)
 
 
 def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
@@ -99,7 +102,9 @@ def check_context(cfg: RunConfig, sampler, todo: list[dict]) -> None:
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     queries = run.queries.read_text(encoding="utf-8") if run.queries.exists() else ""
     return {"system_prompt": sha256_text(cfg.system_prompt)[:16], "teacher_model": cfg.teacher.model,
-            "sampling": answer_settings(cfg), "queries": sha256_text(queries)[:16]}
+            "sampling": answer_settings(cfg), "queries": sha256_text(queries)[:16],
+            **({"best_of": [cfg.sampling.best_of, fingerprint([r.model_dump() for r in cfg.checks.rules])]}
+               if cfg.sampling.best_of else {})}
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:
@@ -110,11 +115,12 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     todo = [q | {"key": row_key(cfg, q["query"])} for q in queries]
     todo = [q for q in todo if q["key"] not in done]
     if not todo:
-        return f"generate: all {len(queries)} teacher answers already in {run.teacher.name}"
+        return f"generate: all {len(queries)} teacher answers already in {run.teacher.name}" + compliance_note(cfg, run)
     with Timer() as t:
         sampler = make_sampler(cfg.teacher, cfg.sampling.batch_size)
         check_context(cfg, sampler, todo)
         params = replace(sampling_params(cfg), top_logprobs=cfg.sampling.top_logprobs)
+        picker = best_of.Picker(cfg.checks.rules, cfg.sampling.best_of, run) if cfg.sampling.best_of else None
         todo.sort(key=lambda q: len(q["query"]))  # similar lengths share a batch: less padding
         with tqdm(total=len(queries), initial=len(queries) - len(todo), desc="generate", unit="answer",
                   dynamic_ncols=True) as bar:  # closed on an error too, so its message starts a new line
@@ -124,13 +130,17 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
                 convs = [teacher_messages(cfg, q["query"]) for q in batch]
-                outs = sampler.sample(convs, params, [row_seed(q["key"], params.seed) for q in batch])
-                good = [(q, conv, out) for q, conv, out in zip(batch, convs, outs) if out.finish_reason != "error"]
+                seeds = [row_seed(q["key"], params.seed) for q in batch]
+                if picker:  # best-of-N: the kept try, and what the row records about the choice
+                    outs, chosen = picker.sample(sampler, batch, convs, params, seeds)
+                else:
+                    outs, chosen = sampler.sample(convs, params, seeds), [{}] * len(batch)
+                good = [(q, conv, out, c) for q, conv, out, c in zip(batch, convs, outs, chosen) if out.finish_reason != "error"]
                 rows = [{"id": q["id"], "key": q["key"], "split": q["split"], "model": cfg.teacher.model,
                          "messages": conv, "completion": out.text, "finish_reason": out.finish_reason,
                          "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens},
-                         **({"logprobs": out.logprobs} if out.logprobs is not None else {})}
-                        for q, conv, out in good]
+                         **({"logprobs": out.logprobs} if out.logprobs is not None else {}), **c}
+                        for q, conv, out, c in good]
                 if rows:
                     append_jsonl(run.teacher, rows)
                 errors = [{"id": q["id"], "key": q["key"], "error": out.error or "unknown error",
@@ -139,19 +149,36 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 if errors:
                     append_jsonl(run.root / ERRORS_FILE, errors)
                 failed += len(errors)
-                new_tokens += sum(o.completion_tokens for _, _, o in good)
-                truncated += sum(o.finish_reason == "length" for _, _, o in good)
+                spent = picker.drawn if picker else [o for _, _, o, _ in good]  # best-of: every try drawn is paid for
+                new_tokens += sum(o.completion_tokens for o in spent)
+                truncated += sum(o.finish_reason == "length" for _, _, o, _ in good)
                 if price is not None:  # what this stage has spent so far, at the config's teacher prices
-                    cost += sum(price.million_calls(o.prompt_tokens, o.completion_tokens) for _, _, o in good) / 1e6
+                    cost += sum(price.million_calls(o.prompt_tokens, o.completion_tokens) for o in spent) / 1e6
                 bar.update(len(batch))
                 bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated,
                                 **({"failed": failed} if failed else {}),
                                 **({"cost": f"{cost:.4f} {cfg.pricing.currency}"} if price is not None else {}))
     written = len(todo) - failed
     summary = (f"generate: {written} teacher answers ({len(done)} reused), {new_tokens} tokens in "
-               f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens")
+               f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens"
+               + compliance_note(cfg, run))
     if failed:
         # The answers that came back are saved; the stage must not be recorded as finished without the rest.
         raise StageError(f"{summary}; {failed} failed after retries; re-run to retry them "
                          f"(errors in {run.root / ERRORS_FILE})")
     return summary
+
+
+COMPLIANCE_FILE = "teacher_compliance.json"
+
+
+def compliance_note(cfg: RunConfig, run: RunDir) -> str:
+    """With checks.rules: the teacher's compliance per rule, first try and kept answer
+    (the same without best_of), written to teacher_compliance.json; '' without rules."""
+    if not cfg.checks.rules:
+        return ""
+    found = best_of.selection_summary(cfg.checks.rules, run)
+    atomic_write_json(run.root / COMPLIANCE_FILE, found)
+    rates = ", ".join(f"{name} {r['first_try']:.0%}" + (f"->{r['kept']:.0%}" if cfg.sampling.best_of else "")
+                      for name, r in found["rules"].items() if r["applies"])
+    return f"; teacher follows (first try{'->kept' if cfg.sampling.best_of else ''}): {rates}"

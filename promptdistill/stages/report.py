@@ -286,6 +286,7 @@ def build_markdown(summary: dict, rows: list[dict], metrics: list[dict], manifes
     md += [""]
 
     md += quality_section(summary, "quality.png" in plots)
+    md += compliance_section(summary) + judge_section(summary)
     md += tokens_section(summary, "tokens_cost.png" in plots)
     md += cost_section(summary, cfg)
     md += latency_section(summary, "latency.png" in plots)
@@ -342,6 +343,49 @@ def quality_section(summary: dict, plot: bool) -> list[str]:
     if plot:
         md += ["![Quality retained per score, with 95% CIs](quality.png)", ""]
     return md
+
+
+def compliance_section(summary: dict) -> list[str]:
+    """Per rule of checks.rules: who follows it on the test queries it applies to, and
+    what best-of-N selection did to the teacher data; nothing without rules."""
+    c = summary.get("compliance")
+    if not c:
+        return []
+    md = ["## Rule compliance", "",
+          "Each rule of `checks.rules`, checked on the answer text: the share of answers following it, on the test "
+          "queries it applies to (95% CIs). Teacher = its answers in teacher.jsonl (the data the student learnt from, "
+          "chosen by best-of-N when `sampling.best_of` is on) and the ceiling; teacher again = one fresh draw. "
+          "Reach = student / teacher; a rule the teacher follows at least half the time has transferred when the "
+          "reach is at least 70%.", ""]
+    rows = [[name, r["kind"], r["applies"], pct_ci(r["teacher"]), pct_ci(r["teacher_again"]), pct_ci(r["student"]),
+             pct_ci(r["base"]), pct_ci(r["retained"]), pct(r["reach"]),
+             {True: "yes", False: "**missed**", None: "not judged"}[r["transferred"]]] for name, r in c["rules"].items()]
+    md += table(["Rule", "Kind", "Applies", "Teacher", "Teacher again", "Student", "Base", "Retained", "Reach",
+                 "Transferred"], rows) + [""]
+    data = c.get("teacher_data")
+    if data:
+        md += [f"Teacher data: all {data['answers']} answers of teacher.jsonl, {data['tries_drawn']} tries drawn; "
+               f"{data['all_pass']['first_try']} first tries and {data['all_pass']['kept']} kept answers follow every "
+               "rule that applies.", ""]
+        md += table(["Rule", "Applies", "First try", "Kept"],
+                    [[n, r["applies"], pct(r["first_try"]), pct(r["kept"])] for n, r in data["rules"].items()]) + [""]
+    return md
+
+
+def judge_section(summary: dict) -> list[str]:
+    j = summary.get("judge")
+    if not j:
+        return []
+    md = ["## LLM judge", "",
+          f"`{j['model']}` compared each test answer with the teacher's, in a random order and again swapped "
+          f"(rubric: {j['rubric']}). Win-or-tie = share of parsed verdicts where the answer was judged at least as "
+          "faithful to the system prompt as the teacher's; self-agreement = share of queries whose two orders gave "
+          "the same verdict.", ""]
+    rows = [[who, pct_ci(r["win_or_tie"]), f"{r['win']}/{r['tie']}/{r['loss']}", f"{r['unparsed']} of {r['asks']}",
+             f"{pct(r['self_agreement'])} of {r['self_agreement_n']}", pct(r["chose_position_a"])]
+            for who, r in j.items() if isinstance(r, dict)]
+    return md + table(["Answer", "Win or tie vs teacher", "Win/tie/loss", "Unparsed", "Self-agreement",
+                       "Chose position A"], rows) + [""]
 
 
 def tokens_section(summary: dict, plot: bool) -> list[str]:
