@@ -330,3 +330,47 @@ def test_merged_real_embedded_model(tmp_path):
     with_adapter, tok = load_causal_lm(model_dir, "cpu", adapter_dir=run / "student")
     assert greedy(with_adapter, tok, questions, params) == expected
     assert all(len(a) > 0 for a in expected)
+
+
+def test_gguf_tokenizer_metadata_of_the_embedded_model_is_its_own_gguf():
+    """Without llama.cpp: the tokenizer.* fields the export writes for SmolLM2 equal those of
+    the embedded model's own GGUF (the one llama.cpp loads), pre-tokenizer first; and
+    llama.cpp's converter's hash, computed on our tokenizer alone, names the same one."""
+    from transformers import AutoTokenizer
+
+    from promptdistill.models import home, resolve_model
+    from promptdistill.stages.export import base_gguf_fields, llama_cpp_hash, tokenizer_metadata
+
+    if not (home() / "models" / "smollm2-135m" / "config.json").is_file():
+        pytest.skip("smollm2-135m is not cached (set PROMPTDISTILL_HOME to a cache holding it)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    own = base_gguf_fields("smollm2-135m")
+    assert own["tokenizer.ggml.pre"] == "smollm"
+    meta = tokenizer_metadata(tokenizer, len(own["tokenizer.ggml.tokens"]), own)
+    assert meta["pre"] == "smollm"
+    assert meta["tokens"] == own["tokenizer.ggml.tokens"] and meta["merges"] == own["tokenizer.ggml.merges"]
+    assert [int(t) for t in meta["types"]] == own["tokenizer.ggml.token_type"]
+    assert (meta["bos"], meta["eos"], meta["unk"], meta["pad"], meta["add_bos"]) == (
+        own["tokenizer.ggml.bos_token_id"], own["tokenizer.ggml.eos_token_id"], own["tokenizer.ggml.unknown_token_id"],
+        own["tokenizer.ggml.padding_token_id"], own["tokenizer.ggml.add_bos_token"])
+    assert meta["chat_template"] == own["tokenizer.chat_template"]
+    # with no GGUF to ask, llama.cpp's own fingerprint decides, and agrees
+    assert llama_cpp_hash(tokenizer) == "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
+    assert tokenizer_metadata(tokenizer, len(own["tokenizer.ggml.tokens"]))["pre"] == "smollm"
+    with pytest.raises(ExportError, match="other tokens than its base model's GGUF"):
+        tokenizer_metadata(tokenizer, len(own["tokenizer.ggml.tokens"]),
+                           own | {"tokenizer.ggml.tokens": own["tokenizer.ggml.tokens"][::-1]})
+
+
+def test_gguf_refuses_a_pre_tokenizer_llama_cpp_does_not_know():
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from promptdistill.stages.export import tokenizer_metadata
+
+    tokenizer = tiny_tokenizer("chatml")
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.ByteLevel(use_regex=False)])
+    tokenizer._tokenizer = backend
+    with pytest.raises(ExportError, match="llama.cpp would not know this tokenizer's pre-tokenizer"):
+        tokenizer_metadata(tokenizer, 400)
