@@ -4,8 +4,10 @@ loading it back (peft, transformers, gguf.GGUFReader, transformers' GGUF loader)
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -374,3 +376,60 @@ def test_gguf_refuses_a_pre_tokenizer_llama_cpp_does_not_know():
     tokenizer._tokenizer = backend
     with pytest.raises(ExportError, match="llama.cpp would not know this tokenizer's pre-tokenizer"):
         tokenizer_metadata(tokenizer, 400)
+
+
+# --- llama.cpp (make test-gguf) -----------------------------------------------------
+
+def llama_simple() -> Path:
+    """llama.cpp's greedy `llama-simple`, as `make test-gguf` builds it (or $PROMPTDISTILL_LLAMA_SIMPLE)."""
+    from promptdistill.models import home
+
+    return Path(os.environ.get("PROMPTDISTILL_LLAMA_SIMPLE") or home() / "llama.cpp" / "build" / "bin" / "llama-simple")
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not llama_simple().is_file(), reason="llama.cpp is not built here; `make test-gguf` builds it")
+def test_exported_student_runs_in_llama_cpp_with_the_greedy_answers_of_transformers(tmp_path):
+    """The GGUF of a trained SmolLM2 student loads in a real llama.cpp build, and llama.cpp's
+    greedy continuation of each chat prompt is, token for token (same text, same count),
+    base + adapter's greedy answer in transformers. $PROMPTDISTILL_GGUF_RUN names a trained
+    run to export (the Beethoven demo's, say); otherwise a two-step adapter is trained here."""
+    from transformers import AutoTokenizer
+
+    from promptdistill.models import home, resolve_model
+
+    given = os.environ.get("PROMPTDISTILL_GGUF_RUN")
+    if given:
+        run = Path(given)
+    else:
+        if not (home() / "models" / "smollm2-135m" / "config.json").is_file():
+            pytest.skip("smollm2-135m is not cached")
+        model_dir = resolve_model("smollm2-135m")
+        run = tmp_path / "run"
+        write_config(run, "smollm2-135m")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        examples = [render_example(tokenizer, [{"role": "user", "content": q}], a, f"e{i}") for i, (q, a) in
+                    enumerate([("Who are you?", "I am Beethoven, mein Freund!"), ("Coffee?", "Sixty beans, exactly.")])]
+        n = sum(e.n_trainable for e in examples)
+        train_adapter(model_dir, run / "student", steps=2, lr=2e-3, data=[to_datum(e, 1.0 / n) for e in examples])
+    path = tmp_path / "student.gguf"
+    export(run, "gguf", path)
+
+    from promptdistill.config import load_config
+
+    questions = ["Who are you?", "What do you think of Napoleon?", "How do you compose a symphony?"]
+    params = SamplingParams(temperature=0, max_tokens=32)
+    model, tokenizer = load_causal_lm(resolve_model(load_config(run).student.model), "cpu", adapter_dir=run / "student")
+    expected = greedy(model, tokenizer, questions, params)
+    for question, want in zip(questions, expected, strict=True):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        done = subprocess.run([str(llama_simple()), "-m", str(path), "-n", str(params.max_tokens), prompt],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        answer = [t for t in want if t not in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))]
+        # llama-simple prints the prompt's tokens, then each generated one, until an end-of-turn token
+        assert done.stdout == prompt + tokenizer.decode(answer) + "\n", (question, done.stdout[len(prompt):])
+        assert f"decoded {len(answer)} tokens" in done.stderr, done.stderr[-2000:]
+        print(f"{question!r}: llama.cpp and transformers agree on {len(answer)} greedy tokens: "
+              f"{tokenizer.decode(answer)!r}")
