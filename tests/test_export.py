@@ -116,6 +116,33 @@ def test_adapter_export_copies_adapter_and_writes_card(tiny_run, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+# What vLLM's LoRA loader (vllm/lora: PEFTHelper, parse_fine_tuned_lora_name, the Llama
+# model's packed modules qkv_proj = q,k,v and gate_up_proj = gate,up) accepts; vLLM itself
+# needs a GPU, so this checks the files against those rules, not a vLLM load.
+VLLM_LLAMA_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def test_exported_adapter_has_what_vllm_lora_loading_reads(tiny_run, tmp_path):
+    from safetensors import safe_open
+
+    run, _ = tiny_run
+    export(run, "adapter", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert isinstance(config["r"], int) and config["lora_alpha"] and config["target_modules"]  # required fields
+    assert config.get("bias", "none") == "none"  # else vLLM needs --enable-lora-bias
+    assert not config.get("modules_to_save") and not config.get("use_dora")  # vLLM refuses both
+    assert config["r"] <= VLLM_DEFAULT_MAX_LORA_RANK  # larger ranks need --max-lora-rank
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    modules = set()
+    for name in names:  # base_model.model.<module>.lora_A|lora_B.weight, nothing else
+        parts = name.split(".")
+        assert parts[:2] == ["base_model", "model"] and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"), name
+        modules.add(parts[-3])
+    assert modules == VLLM_LLAMA_LORA_MODULES  # all-linear: every projection, never lm_head or the embeddings
+
+
 def test_merged_export_matches_base_plus_adapter(tiny_run, tmp_path):
     run, model_dir = tiny_run
     out = tmp_path / "merged"
