@@ -9,8 +9,10 @@ N client tasks share a fixed number of requests and each sends its next one as s
 its last is answered. Every request is a Beethoven query (examples/beethoven/queries.jsonl,
 in turn), max 24 new tokens, temperature 0.7, top-p 0.9, its own seed. Reported per level:
 requests/s (requests / wall time of the level), p50 and p99 latency (send to full answer),
-errors (anything but 200), mean completion tokens, and the 1-minute load average at the
-start (other processes on the machine slow everything down; see README.md).
+errors (anything but 200), mean completion tokens, the 1-minute load average at the
+start, and the server process's CPU seconds per request (user + system, from /proc): on a
+busy machine the wall-clock figures measure the other processes as much as the server,
+CPU per request does not.
 Writes bench/results/<UTC date>-serve.json.
 """
 
@@ -96,6 +98,12 @@ async def level(url: str, model: str, queries: list[str], clients: int, n_reques
             "mean_completion_tokens": float(np.mean(tokens)) if tokens else 0.0, "load_1min_at_start": load}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_server(run_dir: str, max_batch: int, clients: list[int], requests: list[int], log: Path) -> list[dict]:
     proc, url = start_server(run_dir, max_batch, log)
     try:
@@ -104,7 +112,9 @@ def run_server(run_dir: str, max_batch: int, clients: list[int], requests: list[
         asyncio.run(level(url, model, queries, 1, 1))  # warm-up, not reported
         rows = []
         for c, n in zip(clients, requests, strict=True):
+            cpu = cpu_seconds(proc.pid)
             row = asyncio.run(level(url, model, queries, c, n)) | {"max_batch": max_batch}
+            row["server_cpu_s_per_request"] = (cpu_seconds(proc.pid) - cpu) / max(row["ok"], 1)
             print(table_row(row), flush=True)
             rows.append(row)
         return rows
@@ -113,22 +123,24 @@ def run_server(run_dir: str, max_batch: int, clients: list[int], requests: list[
         proc.wait(timeout=30)
 
 
-HEADER = ("| server | clients | requests | requests/s | p50 s | p99 s | errors | tokens/answer | load at start |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+HEADER = ("| server | clients | requests | requests/s | p50 s | p99 s | errors | tokens/answer | load at start "
+          "| server CPU s/request |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def table_row(r: dict) -> str:
     name = "one at a time (--max-batch 1)" if r["max_batch"] == 1 else f"batching (--max-batch {r['max_batch']})"
     return (f"| {name} | {r['clients']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.1f} | "
-            f"{r['p99_s']:.1f} | {r['errors']} | {r['mean_completion_tokens']:.1f} | {r['load_1min_at_start']:.1f} |")
+            f"{r['p99_s']:.1f} | {r['errors']} | {r['mean_completion_tokens']:.1f} | {r['load_1min_at_start']:.1f} | "
+            f"{r['server_cpu_s_per_request']:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
-    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--clients", default="1,4,16,64", help="concurrent clients per level, batching server")
     ap.add_argument("--requests", default="8,16,48,128", help="requests per level, batching server")
-    ap.add_argument("--baseline-requests", default="8,8,16,64", help="requests per level, one-at-a-time server")
+    ap.add_argument("--baseline-clients", default="1,4,16,64", help="the same for the one-at-a-time server")
+    ap.add_argument("--baseline-requests", default="8,8,16,64")
     ap.add_argument("--max-batch", type=int, default=16)
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -138,8 +150,8 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="serve-bench-"))  # the servers' output, if one fails
     rows = run_server(args.run_dir, args.max_batch, clients, [int(n) for n in args.requests.split(",")],
                       logs / "batching.log")
-    rows += run_server(args.run_dir, 1, clients, [int(n) for n in args.baseline_requests.split(",")],
-                       logs / "one-at-a-time.log")
+    rows += run_server(args.run_dir, 1, [int(c) for c in args.baseline_clients.split(",")],
+                       [int(n) for n in args.baseline_requests.split(",")], logs / "one-at-a-time.log")
     by = {(r["max_batch"], r["clients"]): r for r in rows}
     if (args.max_batch, 1) in by and (args.max_batch, 16) in by:
         print(f"\nbatching server, 16 clients vs 1: "

@@ -219,6 +219,17 @@ class Server:
         return who, ids, params, seed
 
 
+def _settle(future: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Resolve a job's future, unless its client went away and asyncio cancelled it."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 @dataclass(eq=False)
 class Job:
     """One request waiting for (or in) a batch. `on_text` is called from the worker thread."""
@@ -265,7 +276,7 @@ class Batcher:
         with self.ready:
             while True:
                 while self.waiting and self.waiting[0].cancel.is_set():
-                    self.waiting.popleft().future.set_exception(_Cancelled())
+                    _settle(self.waiting.popleft().future, error=_Cancelled())
                 if self.waiting:
                     break
                 self.ready.wait()
@@ -284,10 +295,10 @@ class Batcher:
                 done = self._decode(batch)
             except Exception as e:  # noqa: BLE001  (each client gets the error; the worker lives on)
                 for job in batch:
-                    job.future.set_exception(e)
+                    _settle(job.future, error=e)
             else:
                 for job, completion in zip(batch, done):
-                    job.future.set_result(completion)
+                    _settle(job.future, completion)
             self.batch_seconds = time.monotonic() - started
             self.batch_sizes.append(len(batch))
 
