@@ -3,6 +3,7 @@
 #   make test   the same set-up, then the test suite
 #   make test-tinker  the opt-in Tinker tests on SkyRL's Tinker API server, on 127.0.0.1
 #                     (its own Python 3.12 venv, ~6.7 GB, set up once: tinker_server/)
+#   make test-gguf  builds llama.cpp once (~5 min), then checks an exported GGUF runs in it
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -11,7 +12,7 @@ DISTILL = $(VENV)/bin/distill
 # torch installed would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup model demo test test-tinker bench compare clean
+.PHONY: setup model demo test test-tinker test-gguf bench compare clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +34,12 @@ test: model
 
 test-tinker: model
 	tinker_server/run_tests.sh $(PY)
+
+# llama.cpp's llama-simple, built once under $PROMPTDISTILL_HOME/llama.cpp (tests/build_llama_cpp.py);
+# `make test` skips this test unless that binary exists.
+test-gguf: model
+	$(PY) tests/build_llama_cpp.py
+	$(PY) -m pytest -q -s tests/test_export.py -k llama_cpp
 
 bench: model
 	$(PY) -m pip install --quiet -e '.[dev,bench]'

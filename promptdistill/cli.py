@@ -148,6 +148,10 @@ def serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--token-env", metavar="NAME",
                    help="require 'Authorization: Bearer <token>', the token being the value of environment variable NAME")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="decode up to N waiting requests together (default: 16; 1 = one at a time)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="at most N requests wait for a batch; more get 503 with Retry-After (default: 256)")
     return p
 
 
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "serve":
             from .serve import serve
 
-            return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env)
+            return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env,
+                         max_batch=args.max_batch, max_queue=args.max_queue)
         if args.verb == "validate":
             from .validate import validate
 

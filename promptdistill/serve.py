@@ -3,7 +3,8 @@ so any OpenAI client (the official SDKs, LangChain, curl) can talk to it.
 
   POST /v1/chat/completions   JSON, or server-sent events with "stream": true
   GET  /v1/models             "<run name>-student" (and "<run name>-teacher" with --teacher)
-  GET  /health                no token needed; 200 once the models are loaded
+  GET  /health                no token needed; 200 once the models are loaded, with the number
+                              of requests waiting, batches decoded and the largest batch
 
 The student answers WITHOUT a system prompt: the request's messages go through the
 student's chat template exactly as given (the template may add its own default system
@@ -15,7 +16,12 @@ same model, the teacher is the base weights with the adapter switched off.
 Sampling: temperature, top_p, max_tokens (or max_completion_tokens), seed, logprobs and top_logprobs (not with streaming) and
 repetition_penalty (a vLLM-style extension) are honoured; anything not given falls back
 to the run config's `sampling` section, and a request without a seed gets a random one.
-Requests are served one at a time (a CPU model gains nothing from running two at once).
+Batching: one worker thread decodes; requests that arrive while a batch decodes wait and
+form the next batch (oldest first, up to --max-batch, those with the same model and
+sampling settings together), so each row keeps its own settings and seed and its answer
+does not depend on its batch-mates (LocalSampler seeds every row alone). At most
+--max-queue requests wait; beyond that the server answers 503 with Retry-After.
+--max-batch 1 serves one request at a time (the benchmark's baseline).
 Binds 127.0.0.1 unless told otherwise; --token-env NAME requires `Authorization: Bearer
 <the value of $NAME>` on every /v1 request.
 """
@@ -24,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import hmac
+import math
 import json
 import os
 import random
@@ -32,7 +40,9 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -72,9 +82,10 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -152,9 +163,9 @@ class _Deltas:
 
 
 class Server:
-    """The loaded models, one lock around generation, and what each served name means."""
+    """The loaded models, what each served name means, and the batching worker."""
 
-    def __init__(self, cfg, run, teacher: bool = False):
+    def __init__(self, cfg, run, teacher: bool = False, max_batch: int = 16, max_queue: int = 256):
         from .stages.evaluate import Models
         from .stages.generate import sampling_params
 
@@ -166,8 +177,8 @@ class Server:
             self.names[f"{cfg.name}-teacher"] = "teacher"
         self.samplers = {who: self.models.sampler(who) for who in self.names.values()}
         self.defaults = sampling_params(cfg)
-        self.lock = threading.Lock()
         self.started = int(time.time())
+        self.batcher = Batcher(self, max_batch, max_queue)
 
     def context_length(self, who: str) -> int | None:
         model = self.samplers[who].model
@@ -207,27 +218,109 @@ class Server:
         seed = random.getrandbits(63) if req.seed is None else req.seed % 2**63
         return who, ids, params, seed
 
-    def generate(self, who: str, ids: list[int], params, seed: int, on_text=None, cancel: threading.Event | None = None):
-        """Blocking: decode one answer (one request at a time), calling on_text(delta) as text appears."""
-        sampler = self.samplers[who]
-        deltas = _Deltas(sampler.tokenizer)
 
-        def on_token(_row: int, token: int) -> None:
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled
-            if on_text is not None:
-                delta = deltas.push(token)
+def _settle(future: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Resolve a job's future, unless its client went away and asyncio cancelled it."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+@dataclass(eq=False)
+class Job:
+    """One request waiting for (or in) a batch. `on_text` is called from the worker thread."""
+
+    who: str
+    ids: list[int]
+    params: Any
+    seed: int
+    on_text: Callable[[str], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class Batcher:
+    """A bounded queue of jobs and the one thread that decodes them, a batch at a time.
+
+    A batch is the oldest waiting job plus the next waiting jobs with the same model and
+    sampling settings (LocalSampler.generate takes one SamplingParams per batch; seeds are
+    per row), up to `max_batch`. Jobs arriving meanwhile wait for the next batch. A client
+    that goes away cancels its job: skipped if still waiting, left to finish with its batch
+    otherwise (the batch stops early only when every row's client has gone)."""
+
+    def __init__(self, server: Server, max_batch: int, max_queue: int):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
+        self.server, self.max_batch, self.max_queue = server, max_batch, max_queue
+        self.waiting: deque[Job] = deque()
+        self.ready = threading.Condition()
+        self.batch_seconds = 1.0  # the last batch's wall time: the Retry-After estimate
+        self.batch_sizes: list[int] = []  # every batch's size, in order (/health reports them)
+        threading.Thread(target=self._work, name="promptdistill-batcher", daemon=True).start()
+
+    def submit(self, job: Job) -> Job:
+        with self.ready:
+            if len(self.waiting) >= self.max_queue:
+                wait = max(1, math.ceil(self.batch_seconds * (1 + len(self.waiting) // self.max_batch)))
+                raise ApiError(503, f"the server is busy ({len(self.waiting)} requests waiting); retry in {wait} s",
+                               kind="server_error", code="server_busy", headers={"Retry-After": str(wait)})
+            self.waiting.append(job)
+            self.ready.notify()
+        return job
+
+    def _next_batch(self) -> list[Job]:
+        with self.ready:
+            while True:
+                while self.waiting and self.waiting[0].cancel.is_set():
+                    _settle(self.waiting.popleft().future, error=_Cancelled())
+                if self.waiting:
+                    break
+                self.ready.wait()
+            first = self.waiting[0]
+            batch = [j for j in self.waiting if (j.who, j.params) == (first.who, first.params)
+                     and not j.cancel.is_set()][:self.max_batch]
+            for j in batch:
+                self.waiting.remove(j)
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            started = time.monotonic()
+            try:
+                done = self._decode(batch)
+            except Exception as e:  # noqa: BLE001  (each client gets the error; the worker lives on)
+                for job in batch:
+                    _settle(job.future, error=e)
+            else:
+                for job, completion in zip(batch, done):
+                    _settle(job.future, completion)
+            self.batch_seconds = time.monotonic() - started
+            self.batch_sizes.append(len(batch))
+
+    def _decode(self, batch: list[Job]) -> list:
+        sampler = self.server.samplers[batch[0].who]
+        deltas = [_Deltas(sampler.tokenizer) for _ in batch]
+
+        def on_token(row: int, token: int) -> None:
+            if all(j.cancel.is_set() for j in batch):
+                raise _Cancelled  # nobody is listening: stop decoding
+            job = batch[row]
+            if job.on_text is not None and not job.cancel.is_set():
+                delta = deltas[row].push(token)
                 if delta:
-                    on_text(delta)
+                    job.on_text(delta)
 
-        with self.lock, self.models.context(who):
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled
-            done = sampler.generate([ids], params, [seed], on_token=on_token)[0]
-        if on_text is not None:
-            rest = deltas.finish(done.text)
+        with self.server.models.context(batch[0].who):
+            done = sampler.generate([j.ids for j in batch], batch[0].params, [j.seed for j in batch], on_token=on_token)
+        for job, d, completion in zip(batch, deltas, done):
+            rest = d.finish(completion.text) if job.on_text is not None else ""
             if rest:
-                on_text(rest)
+                job.on_text(rest)
         return done
 
 
@@ -236,7 +329,7 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, e: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else e.headers
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     def authorize(request: Request) -> None:
@@ -252,7 +345,9 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        b = server.batcher
+        return {"status": "ok", "waiting": len(b.waiting), "batches": len(b.batch_sizes),
+                "largest_batch": max(b.batch_sizes, default=0)}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -281,17 +376,17 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
         who, ids, params, seed = server.prepare(req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
-        cancel = threading.Event()
 
         def usage(done) -> dict:
             n = len(done.token_ids)
             return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
         if not req.stream:
+            job = server.batcher.submit(Job(who, ids, params, seed))
             try:
-                done = await loop.run_in_executor(None, lambda: server.generate(who, ids, params, seed, cancel=cancel))
+                done = await asyncio.wrap_future(job.future)
             except asyncio.CancelledError:
-                cancel.set()  # the client went away: stop decoding for nobody
+                job.cancel.set()  # the client went away: do not decode for nobody
                 raise
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "system_fingerprint": None,
@@ -302,16 +397,16 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         queue: asyncio.Queue = asyncio.Queue()
 
-        def work():
-            try:
-                done = server.generate(who, ids, params, seed,
-                                       on_text=lambda d: loop.call_soon_threadsafe(queue.put_nowait, ("text", d)),
-                                       cancel=cancel)
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", done))
-            except _Cancelled:
-                pass
-            except Exception as e:  # noqa: BLE001  (reported to the client as an error event)
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+        def put(item) -> None:  # from the worker thread into this request's event loop
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def finished(future: concurrent.futures.Future) -> None:
+            e = future.exception()
+            if not isinstance(e, _Cancelled):
+                put(("done", future.result()) if e is None else ("error", e))
+
+        job = server.batcher.submit(Job(who, ids, params, seed, on_text=lambda d: put(("text", d))))
+        job.future.add_done_callback(finished)
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -322,7 +417,6 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
-            loop.run_in_executor(None, work)
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
@@ -342,7 +436,7 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
                         break
                 yield "data: [DONE]\n\n"
             finally:
-                cancel.set()  # no-op when finished; stops the decoding loop (and frees the lock) if the client left
+                job.cancel.set()  # no-op when finished; if the client left, its row is no longer decoded for it
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -351,7 +445,7 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
 
 
 def serve(run_dir: str, teacher: bool = False, host: str = "127.0.0.1", port: int = 8000,
-          token_env: str | None = None) -> int:
+          token_env: str | None = None, max_batch: int = 16, max_queue: int = 256) -> int:
     """Load the run's models and serve them until Ctrl-C. User errors (a missing token
     variable, an untrained run, an API teacher with --teacher) raise the CLI's user errors."""
     import uvicorn
@@ -368,14 +462,17 @@ def serve(run_dir: str, teacher: bool = False, host: str = "127.0.0.1", port: in
     if teacher and cfg.teacher.backend != "local":
         raise ConfigError(f"--teacher: the teacher {cfg.teacher.served_name!r} is served by {cfg.teacher.base_url} "
                           f"already (backend {cfg.teacher.backend}); serve the student alone")
-    server = Server(cfg, RunDir(cfg.run_path), teacher=teacher)
+    if max_batch < 1 or max_queue < 0:
+        raise ConfigError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
+    server = Server(cfg, RunDir(cfg.run_path), teacher=teacher, max_batch=max_batch, max_queue=max_queue)
     app = build_app(server, token)
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"warning: listening on {host} without --token-env: anyone who can reach this machine can use the model",
               file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {', '.join(server.names)} at http://{shown}:{port}/v1"
-          f"{' (bearer token required)' if token else ''}; Ctrl-C to stop", flush=True)
+          f"{' (bearer token required)' if token else ''}, batches of up to {max_batch}, {max_queue} may wait; "
+          f"Ctrl-C to stop", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0
 
@@ -387,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     args = serve_arguments(argparse.ArgumentParser(prog="distill serve", description=SERVE_DESCRIPTION)).parse_args(argv)
     try:
         _quiet_libraries()
-        return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env)
+        return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env,
+                     max_batch=args.max_batch, max_queue=args.max_queue)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,8 +4,10 @@ loading it back (peft, transformers, gguf.GGUFReader, transformers' GGUF loader)
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,33 @@ def test_adapter_export_copies_adapter_and_writes_card(tiny_run, tmp_path):
     assert '"judge_score": 0.875' in card and '"other"' not in card  # only the quality section
     assert "PeftModel.from_pretrained" in card
     assert leftovers(tmp_path) == []
+
+
+# What vLLM's LoRA loader (vllm/lora: PEFTHelper, parse_fine_tuned_lora_name, the Llama
+# model's packed modules qkv_proj = q,k,v and gate_up_proj = gate,up) accepts; vLLM itself
+# needs a GPU, so this checks the files against those rules, not a vLLM load.
+VLLM_LLAMA_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def test_exported_adapter_has_what_vllm_lora_loading_reads(tiny_run, tmp_path):
+    from safetensors import safe_open
+
+    run, _ = tiny_run
+    export(run, "adapter", tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert isinstance(config["r"], int) and config["lora_alpha"] and config["target_modules"]  # required fields
+    assert config.get("bias", "none") == "none"  # else vLLM needs --enable-lora-bias
+    assert not config.get("modules_to_save") and not config.get("use_dora")  # vLLM refuses both
+    assert config["r"] <= VLLM_DEFAULT_MAX_LORA_RANK  # larger ranks need --max-lora-rank
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    modules = set()
+    for name in names:  # base_model.model.<module>.lora_A|lora_B.weight, nothing else
+        parts = name.split(".")
+        assert parts[:2] == ["base_model", "model"] and parts[-1] == "weight" and parts[-2] in ("lora_A", "lora_B"), name
+        modules.add(parts[-3])
+    assert modules == VLLM_LLAMA_LORA_MODULES  # all-linear: every projection, never lm_head or the embeddings
 
 
 def test_merged_export_matches_base_plus_adapter(tiny_run, tmp_path):
@@ -330,3 +359,104 @@ def test_merged_real_embedded_model(tmp_path):
     with_adapter, tok = load_causal_lm(model_dir, "cpu", adapter_dir=run / "student")
     assert greedy(with_adapter, tok, questions, params) == expected
     assert all(len(a) > 0 for a in expected)
+
+
+def test_gguf_tokenizer_metadata_of_the_embedded_model_is_its_own_gguf():
+    """Without llama.cpp: the tokenizer.* fields the export writes for SmolLM2 equal those of
+    the embedded model's own GGUF (the one llama.cpp loads), pre-tokenizer first; and
+    llama.cpp's converter's hash, computed on our tokenizer alone, names the same one."""
+    from transformers import AutoTokenizer
+
+    from promptdistill.models import home, resolve_model
+    from promptdistill.stages.export import base_gguf_fields, llama_cpp_hash, tokenizer_metadata
+
+    if not (home() / "models" / "smollm2-135m" / "config.json").is_file():
+        pytest.skip("smollm2-135m is not cached (set PROMPTDISTILL_HOME to a cache holding it)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    own = base_gguf_fields("smollm2-135m")
+    assert own["tokenizer.ggml.pre"] == "smollm"
+    meta = tokenizer_metadata(tokenizer, len(own["tokenizer.ggml.tokens"]), own)
+    assert meta["pre"] == "smollm"
+    assert meta["tokens"] == own["tokenizer.ggml.tokens"] and meta["merges"] == own["tokenizer.ggml.merges"]
+    assert [int(t) for t in meta["types"]] == own["tokenizer.ggml.token_type"]
+    assert (meta["bos"], meta["eos"], meta["unk"], meta["pad"], meta["add_bos"]) == (
+        own["tokenizer.ggml.bos_token_id"], own["tokenizer.ggml.eos_token_id"], own["tokenizer.ggml.unknown_token_id"],
+        own["tokenizer.ggml.padding_token_id"], own["tokenizer.ggml.add_bos_token"])
+    assert meta["chat_template"] == own["tokenizer.chat_template"]
+    # with no GGUF to ask, llama.cpp's own fingerprint decides, and agrees
+    assert llama_cpp_hash(tokenizer) == "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
+    assert tokenizer_metadata(tokenizer, len(own["tokenizer.ggml.tokens"]))["pre"] == "smollm"
+    with pytest.raises(ExportError, match="other tokens than its base model's GGUF"):
+        tokenizer_metadata(tokenizer, len(own["tokenizer.ggml.tokens"]),
+                           own | {"tokenizer.ggml.tokens": own["tokenizer.ggml.tokens"][::-1]})
+
+
+def test_gguf_refuses_a_pre_tokenizer_llama_cpp_does_not_know():
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from promptdistill.stages.export import tokenizer_metadata
+
+    tokenizer = tiny_tokenizer("chatml")
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.ByteLevel(use_regex=False)])
+    tokenizer._tokenizer = backend
+    with pytest.raises(ExportError, match="llama.cpp would not know this tokenizer's pre-tokenizer"):
+        tokenizer_metadata(tokenizer, 400)
+
+
+# --- llama.cpp (make test-gguf) -----------------------------------------------------
+
+def llama_simple() -> Path:
+    """llama.cpp's greedy `llama-simple`, as `make test-gguf` builds it (or $PROMPTDISTILL_LLAMA_SIMPLE)."""
+    from promptdistill.models import home
+
+    return Path(os.environ.get("PROMPTDISTILL_LLAMA_SIMPLE") or home() / "llama.cpp" / "build" / "bin" / "llama-simple")
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not llama_simple().is_file(), reason="llama.cpp is not built here; `make test-gguf` builds it")
+def test_exported_student_runs_in_llama_cpp_with_the_greedy_answers_of_transformers(tmp_path):
+    """The GGUF of a trained SmolLM2 student loads in a real llama.cpp build, and llama.cpp's
+    greedy continuation of each chat prompt is, token for token (same text, same count),
+    base + adapter's greedy answer in transformers. $PROMPTDISTILL_GGUF_RUN names a trained
+    run to export (the Beethoven demo's, say); otherwise a two-step adapter is trained here."""
+    from transformers import AutoTokenizer
+
+    from promptdistill.models import home, resolve_model
+
+    given = os.environ.get("PROMPTDISTILL_GGUF_RUN")
+    if given:
+        run = Path(given)
+    else:
+        if not (home() / "models" / "smollm2-135m" / "config.json").is_file():
+            pytest.skip("smollm2-135m is not cached")
+        model_dir = resolve_model("smollm2-135m")
+        run = tmp_path / "run"
+        write_config(run, "smollm2-135m")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        examples = [render_example(tokenizer, [{"role": "user", "content": q}], a, f"e{i}") for i, (q, a) in
+                    enumerate([("Who are you?", "I am Beethoven, mein Freund!"), ("Coffee?", "Sixty beans, exactly.")])]
+        n = sum(e.n_trainable for e in examples)
+        train_adapter(model_dir, run / "student", steps=2, lr=2e-3, data=[to_datum(e, 1.0 / n) for e in examples])
+    path = tmp_path / "student.gguf"
+    export(run, "gguf", path)
+
+    from promptdistill.config import load_config
+
+    questions = ["Who are you?", "What do you think of Napoleon?", "How do you compose a symphony?"]
+    params = SamplingParams(temperature=0, max_tokens=32)
+    model, tokenizer = load_causal_lm(resolve_model(load_config(run).student.model), "cpu", adapter_dir=run / "student")
+    expected = greedy(model, tokenizer, questions, params)
+    for question, want in zip(questions, expected, strict=True):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        done = subprocess.run([str(llama_simple()), "-m", str(path), "-n", str(params.max_tokens), prompt],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        answer = [t for t in want if t not in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))]
+        # llama-simple prints the prompt's tokens, then each generated one, until an end-of-turn token
+        assert done.stdout == prompt + tokenizer.decode(answer) + "\n", (question, done.stdout[len(prompt):])
+        assert f"decoded {len(answer)} tokens" in done.stderr, done.stderr[-2000:]
+        print(f"{question!r}: llama.cpp and transformers agree on {len(answer)} greedy tokens: "
+              f"{tokenizer.decode(answer)!r}")

@@ -16,13 +16,15 @@ import socket
 import subprocess
 import sys
 import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from tiny import save_chatty_tiny, trained_tiny_run
+from tiny import save_chatty_tiny, save_tiny, trained_tiny_run
 
 REPO = Path(__file__).parents[1]
 TOKEN_ENV = "PROMPTDISTILL_TEST_SERVE_KEY"
@@ -172,7 +174,8 @@ def test_binds_loopback_by_default_and_health_needs_no_token(srv):
     assert f"at http://127.0.0.1:{srv.server.port}/v1 (bearer token required)" in srv.server.out.read_text()
     if Path("/proc/net/tcp").exists():
         assert listening_addresses(srv.server.port) == ["0100007F"]  # 127.0.0.1 only, no 0.0.0.0 / ::
-    assert httpx.get(f"{srv.server.url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{srv.server.url}/health").json()
+    assert health["status"] == "ok" and sorted(health) == ["batches", "largest_batch", "status", "waiting"]
 
 
 def test_every_v1_route_needs_the_bearer_token(srv, client):
@@ -279,3 +282,75 @@ def test_serve_refuses_a_token_env_that_is_not_set(srv, tmp_path):
     r = subprocess.run([sys.executable, "-m", "promptdistill.serve", str(srv.run), "--token-env", TOKEN_ENV],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"--token-env {TOKEN_ENV}: that environment variable is not set" in r.stderr
+
+
+def test_concurrent_requests_get_the_answers_they_get_alone(srv, client):
+    """Batching is invisible in the answers: each of a burst of concurrent requests (varied
+    models, seeds, temperatures, top_p, max_tokens, logprobs, streaming) gets exactly the
+    answer it got when sent alone, although the burst was decoded in shared batches."""
+    questions = ["Where is the gold?", "Tell me about the storm.", "Who is your captain?", "Do you like parrots?"]
+    settings = [dict(temperature=1.0, top_p=1.0, max_tokens=12), dict(temperature=0.0, max_tokens=12),
+                dict(temperature=0.8, top_p=0.9, max_tokens=6),
+                dict(temperature=1.0, top_p=1.0, max_tokens=12, logprobs=True, top_logprobs=2)]
+    requests = []  # 2 models x 4 settings: 8 groups of 3 that can share a batch
+    for i in range(24):
+        kwargs = dict(model=(STUDENT, TEACHER)[i // 12], messages=[{"role": "user", "content": questions[i // 4 % 4]}],
+                      seed=100 + i, **settings[i % 4])
+        requests.append((kwargs, i % 8 == 1))  # some greedy ones stream
+
+    def ask(request) -> tuple:
+        kwargs, stream = request
+        if stream:
+            chunks = client.chat.completions.create(**kwargs, stream=True)
+            pieces = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in chunks if c.choices]
+            return "".join(t for t, _ in pieces), [f for _, f in pieces if f], None
+        r = client.chat.completions.create(**kwargs)
+        lp = r.choices[0].logprobs
+        return (r.choices[0].message.content, [r.choices[0].finish_reason],
+                None if lp is None else [(t.token, round(t.logprob, 4)) for t in lp.content])
+
+    alone = [ask(r) for r in requests]  # one at a time: every request is a batch of one
+    before = httpx.get(f"{srv.server.url}/health").json()
+    start = threading.Barrier(len(requests))
+
+    def ask_together(request) -> tuple:
+        start.wait()
+        return ask(request)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(ask_together, requests))
+    after = httpx.get(f"{srv.server.url}/health").json()
+    assert together == alone
+    texts = [text for text, _, _ in alone]
+    assert sum(map(bool, texts)) >= 12 and len(set(texts)) >= 8, texts  # real, varied answers
+    assert after["largest_batch"] > 1 and after["batches"] - before["batches"] < len(requests), (before, after)
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path):
+    """--max-batch 1 --max-queue 2 under a burst of 24 requests at once: each request is either
+    answered or refused with 503, Retry-After and an OpenAI-shaped error; none is lost, and the
+    server serves again afterwards."""
+    model = save_tiny(tmp_path)  # not the chatty one: ~200-token answers keep the worker busy
+    _, run = trained_tiny_run(tmp_path, model, 8, name=RUN_NAME, train={"steps": 1, "batch_size": 2, "eval_every": 1})
+    server = start_server(run.root, tmp_path / "logs", "--max-batch", "1", "--max-queue", "2")
+    try:
+        body = {"model": STUDENT, "messages": [{"role": "user", "content": "Where is the gold?"}], "max_tokens": 64,
+                "temperature": 1.0}
+        start = threading.Barrier(24)
+
+        def post(i: int) -> httpx.Response:
+            start.wait()
+            return httpx.post(f"{server.url}/v1/chat/completions", json=body | {"seed": i}, timeout=60)
+
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(post, range(24)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["code"] == "server_busy" and "retry in" in r.json()["error"]["message"]
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert httpx.get(f"{server.url}/health").json()["largest_batch"] == 1
+    finally:
+        server.stop()

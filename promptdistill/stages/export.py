@@ -8,7 +8,9 @@
   `convert_hf_to_gguf.py` is not shipped with the `gguf` package, so the Llama-family
   conversion is written out here: llama.cpp's metadata keys and tensor names (from the
   `gguf` package's constants and name map), attn_q / attn_k rows permuted the way
-  llama.cpp's converter does, and a byte-level BPE tokenizer as `tokenizer.ggml.model = gpt2`.
+  llama.cpp's converter does, and a byte-level BPE tokenizer as `tokenizer.ggml.model = gpt2`
+  with the pre-tokenizer llama.cpp needs to split text as the base model does (see
+  pre_tokenizer_name: the base model's own GGUF if any, else llama.cpp's own hash).
 
 Output is written next to OUT under a temporary name and renamed at the end, so an
 interrupted or failed export never leaves a partial model behind.
@@ -78,7 +80,8 @@ def export(run_dir: Path, fmt: str, out: Path, *, dtype: str = "f32", overwrite:
                 what = f"merged {type(model).__name__}, {n / 1e6:.1f}M parameters, safetensors + tokenizer"
             else:
                 path = tmp if single_file else tmp / "model.gguf"
-                info = write_gguf(model, tokenizer, path, dtype=dtype, name=f"{cfg.name} (promptdistill student)")
+                info = write_gguf(model, tokenizer, path, dtype=dtype, name=f"{cfg.name} (promptdistill student)",
+                                  base_fields=base_gguf_fields(cfg.student.model))
                 if not single_file:
                     (tmp / "README.md").write_text(model_card(run, cfg, base, fmt, tokenizer), encoding="utf-8")
                 what = f"GGUF {dtype}, {info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB"
@@ -330,26 +333,78 @@ def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
 
 
-def _pre_tokenizer_name(pre: dict | None) -> str:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer, read from its structure."""
+# llama.cpp's converter (`get_vocab_base_pre` in convert_hf_to_gguf.py) names a BPE
+# pre-tokenizer by hashing the token ids the tokenizer gives for this fixed text (its
+# `chktxt`), since two tokenizer.json files can spell the same behaviour differently.
+LLAMA_CPP_CHECK_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+    "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+# The hashes of the Llama-architecture tokenizers llama.cpp's converter knows, from its table.
+LLAMA_CPP_PRE_HASHES = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # meta-llama/Meta-Llama-3-8B
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # HuggingFaceTB/SmolLM-135M
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # openai-community/gpt2
+}
+
+
+def llama_cpp_hash(tokenizer) -> str:
+    """The pre-tokenizer fingerprint llama.cpp's converter computes for a tokenizer."""
+    return sha256_text(str(tokenizer.encode(LLAMA_CPP_CHECK_TEXT)))
+
+
+def _pre_by_structure(pre: dict | None) -> str | None:
+    """llama.cpp's name for a pre-tokenizer built exactly like a known one's (a vocabulary
+    of its own, so no hash matches): the split rules are all llama.cpp reproduces."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        pattern = steps[0].get("pattern", {}).get("Regex")
-        if pattern in SPLIT_NAMES:
-            return SPLIT_NAMES[pattern]
-    raise ExportError(
-        f"GGUF export: this tokenizer's pre-tokenizer ({json.dumps(pre)[:300]}) is not one llama.cpp is known "
-        f"to reproduce (gpt2, smollm, llama-bpe, qwen2); export --format merged instead"
-    )
+        return SPLIT_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
+    return None
 
 
-def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
-    """tokenizer.ggml.* for a byte-level BPE tokenizer, as llama.cpp's `_set_vocab_gpt2` writes them."""
+def base_gguf_fields(spec: str) -> dict | None:
+    """The tokenizer.* fields of the base model's own GGUF (an embedded model ships as one,
+    a `.gguf` spec is one), or None for a model dir or hub id."""
+    import gguf
+
+    from ..models import EMBEDDED, locate_gguf
+
+    path = locate_gguf(EMBEDDED[spec]) if spec in EMBEDDED else Path(spec) if spec.endswith(".gguf") else None
+    if path is None:
+        return None
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+def pre_tokenizer_name(tokenizer, spec: dict, base_fields: dict | None) -> str:
+    """`tokenizer.ggml.pre`: what the base model's own GGUF says when there is one (the
+    ground truth: whoever converted it knew the original tokenizer); otherwise what
+    llama.cpp's converter would decide, by its hash; otherwise a pre-tokenizer built like a
+    known one (tiny test tokenizers, retrained vocabularies)."""
+    if base_fields is not None and "tokenizer.ggml.pre" in base_fields:
+        return base_fields["tokenizer.ggml.pre"]
+    fingerprint = llama_cpp_hash(tokenizer)
+    name = LLAMA_CPP_PRE_HASHES.get(fingerprint) or _pre_by_structure(spec.get("pre_tokenizer"))
+    if name is None:
+        raise ExportError(
+            f"GGUF export: llama.cpp would not know this tokenizer's pre-tokenizer (its converter's hash "
+            f"{fingerprint} is not one of {', '.join(sorted(set(LLAMA_CPP_PRE_HASHES.values())))}, and the "
+            f"pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:300]} is not built like one of them); "
+            f"export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
+    return name
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int, base_fields: dict | None = None) -> dict:
+    """tokenizer.ggml.* for a byte-level BPE tokenizer, as llama.cpp's `_set_vocab_gpt2` writes
+    them; `base_fields` (the base model's own GGUF's tokenizer.* fields) are the ground truth."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -363,7 +418,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
             f"GGUF export supports byte-level BPE tokenizers (GPT-2 style) only; this one is "
             f"{model.get('type')} with a {decoder.get('type')} decoder; export --format merged instead"
         )
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    pre = pre_tokenizer_name(tokenizer, spec, base_fields)
     reverse = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in spec.get("added_tokens", [])}
     for i, a in added.items():
@@ -392,12 +447,16 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
         "add_eos": tokenizer.eos_token_id is not None and len(probe) > 1 and probe[-1] == tokenizer.eos_token_id,
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
+    if base_fields is not None and base_fields.get("tokenizer.ggml.tokens", tokens) != tokens:
+        raise ExportError("GGUF export: the student's tokenizer has other tokens than its base model's GGUF; "
+                          "was the base model changed after training?")
     return meta
 
 
-def write_gguf(model, tokenizer, path: Path, dtype: str = "f32", name: str | None = None) -> dict:
-    """Write a Llama-family causal LM (weights already merged) and its tokenizer as GGUF.
-    Returns {'tensors': n, 'bytes': file size}."""
+def write_gguf(model, tokenizer, path: Path, dtype: str = "f32", name: str | None = None,
+               base_fields: dict | None = None) -> dict:
+    """Write a Llama-family causal LM (weights already merged) and its tokenizer as GGUF;
+    `base_fields`: see tokenizer_metadata. Returns {'tensors': n, 'bytes': file size}."""
     import gguf
     import numpy as np
 
@@ -422,7 +481,7 @@ def write_gguf(model, tokenizer, path: Path, dtype: str = "f32", name: str | Non
     embed = model.get_input_embeddings().weight
     if embed.shape[0] != vocab_size:
         raise ExportError(f"embedding has {embed.shape[0]} rows but config.vocab_size is {vocab_size}")
-    tok = tokenizer_metadata(tokenizer, vocab_size)
+    tok = tokenizer_metadata(tokenizer, vocab_size, base_fields)
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
