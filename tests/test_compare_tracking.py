@@ -107,7 +107,8 @@ def test_a_score_one_run_lacks_is_blank_and_extra_fields_show(two_runs, tmp_path
     shutil.copytree(b.root, other)
     s = _summary(b)
     del s["quality"]["persona"]
-    s["quality"]["fidelity"] = {"student": {"mean": 0.28, "ci95": [0.2, 0.3]}, "base": {"mean": 0.248, "ci95": [0.2, 0.3]},
+    # a score only the second run has (every run has fidelity now): a made-up name, compare knows no list
+    s["quality"]["made_up_score"] = {"student": {"mean": 0.28, "ci95": [0.2, 0.3]}, "base": {"mean": 0.248, "ci95": [0.2, 0.3]},
                                 "ceiling": {"mean": 0.0, "ci95": [0.0, 0.0]},
                                 "retained": {"mean": -0.13, "ci95": [-0.2, -0.07]}, "n": 6, "top_k": 20}
     (other / "summary.json").write_text(json.dumps(s))
@@ -117,9 +118,9 @@ def test_a_score_one_run_lacks_is_blank_and_extra_fields_show(two_runs, tmp_path
                                                       f"system_prompt: {long_prompt}"))
     rows = _tables((compare([a.root, other], tmp_path / "c.md"), (tmp_path / "c.md").read_text())[1])
     assert rows["persona retained"][1] == "" and rows["persona retained"][0]
-    assert rows["fidelity retained"] == ["", "-13% [-20%, -7%]"]
-    assert rows["fidelity student"] == ["", "0.28 [0.2, 0.3]"]
-    assert rows["fidelity top_k"] == ["", "20"]
+    assert rows["made_up_score retained"] == ["", "-13% [-20%, -7%]"]
+    assert rows["made_up_score student"] == ["", "0.28 [0.2, 0.3]"]
+    assert rows["made_up_score top_k"] == ["", "20"]
     assert rows["persona classifier.heldout_accuracy"][1] == ""
     assert rows["system_prompt"] == ["You are a pirate. Talk like one.",  # a long one is cut, with its hash
                                      f"{long_prompt[:48]}… (sha256 {hashlib.sha256(long_prompt.encode()).hexdigest()[:8]})"]
