@@ -324,6 +324,8 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
 def rule_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
     """A warning per checks.rules rule the teacher's (kept) answers follow less often than
     checks.min_rule_share: the student cannot learn what it rarely sees."""
+    if not cfg.checks.rules:
+        return []
     rows = read_jsonl(run.teacher)
     rates = rules.pass_rates(cfg.checks.rules, [r["messages"][-1]["content"] for r in rows],
                              [str(r.get("completion", "")) for r in rows])

@@ -333,7 +333,10 @@ def test_write_gguf_refuses_other_architectures_directly(tmp_path):
 
 # --- the real embedded model --------------------------------------------------------
 
-def test_merged_real_embedded_model(tmp_path):
+def embedded_run_with_adapter(tmp_path) -> tuple[Path, Path]:
+    """(model dir, run dir) of the embedded SmolLM2 with a 2-step adapter on two Beethoven answers."""
+    from transformers import AutoTokenizer
+
     from promptdistill.models import home, resolve_model
 
     if not (home() / "models" / "smollm2-135m" / "config.json").is_file():
@@ -341,13 +344,16 @@ def test_merged_real_embedded_model(tmp_path):
     model_dir = resolve_model("smollm2-135m")
     run = tmp_path / "run"
     write_config(run, "smollm2-135m")
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = [render_example(tokenizer, [{"role": "user", "content": q}], a, f"e{i}") for i, (q, a) in
                 enumerate([("Who are you?", "I am Beethoven, mein Freund!"), ("Coffee?", "Sixty beans, exactly.")])]
     n = sum(e.n_trainable for e in examples)
     train_adapter(model_dir, run / "student", steps=2, lr=2e-3, data=[to_datum(e, 1.0 / n) for e in examples])
+    return model_dir, run
+
+
+def test_merged_real_embedded_model(tmp_path):
+    model_dir, run = embedded_run_with_adapter(tmp_path)
     out = tmp_path / "merged"
     export(run, "merged", out)
 
@@ -396,11 +402,16 @@ def test_gguf_refuses_a_pre_tokenizer_llama_cpp_does_not_know():
 
     from promptdistill.stages.export import tokenizer_metadata
 
-    tokenizer = tiny_tokenizer("chatml")
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    from transformers import PreTrainedTokenizerFast
+
+    base = tiny_tokenizer("chatml")
+    backend = Tokenizer.from_str(base.backend_tokenizer.to_str())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
                                                      pre_tokenizers.ByteLevel(use_regex=False)])
-    tokenizer._tokenizer = backend
+    # A new tokenizer around the changed copy: assigning `_tokenizer` on one leaked the change
+    # into every tiny tokenizer built later in the session.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=base.bos_token, eos_token=base.eos_token,
+                                        pad_token=base.pad_token)
     with pytest.raises(ExportError, match="llama.cpp would not know this tokenizer's pre-tokenizer"):
         tokenizer_metadata(tokenizer, 400)
 
@@ -421,24 +432,13 @@ def test_exported_student_runs_in_llama_cpp_with_the_greedy_answers_of_transform
     greedy continuation of each chat prompt is, token for token (same text, same count),
     base + adapter's greedy answer in transformers. $PROMPTDISTILL_GGUF_RUN names a trained
     run to export (the Beethoven demo's, say); otherwise a two-step adapter is trained here."""
-    from transformers import AutoTokenizer
-
-    from promptdistill.models import home, resolve_model
+    from promptdistill.models import resolve_model
 
     given = os.environ.get("PROMPTDISTILL_GGUF_RUN")
     if given:
         run = Path(given)
     else:
-        if not (home() / "models" / "smollm2-135m" / "config.json").is_file():
-            pytest.skip("smollm2-135m is not cached")
-        model_dir = resolve_model("smollm2-135m")
-        run = tmp_path / "run"
-        write_config(run, "smollm2-135m")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        examples = [render_example(tokenizer, [{"role": "user", "content": q}], a, f"e{i}") for i, (q, a) in
-                    enumerate([("Who are you?", "I am Beethoven, mein Freund!"), ("Coffee?", "Sixty beans, exactly.")])]
-        n = sum(e.n_trainable for e in examples)
-        train_adapter(model_dir, run / "student", steps=2, lr=2e-3, data=[to_datum(e, 1.0 / n) for e in examples])
+        _, run = embedded_run_with_adapter(tmp_path)
     path = tmp_path / "student.gguf"
     export(run, "gguf", path)
 

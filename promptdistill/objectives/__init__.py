@@ -25,7 +25,7 @@ from .. import distributed
 from ..backends.local import AnswerScorer, load_causal_lm
 from ..config import RunConfig
 from ..models import resolve_model
-from ..render import Datum, Example
+from ..render import Datum
 from ..rundir import RunDir
 
 
