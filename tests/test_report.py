@@ -214,6 +214,16 @@ def test_nan_and_missing_numbers_print_na(tmp_path):
     assert_pngs(tmp_path / "run")
 
 
+def test_a_ci_that_misses_its_point_estimate_still_plots(tmp_path):
+    # A ratio's percentile bootstrap CI can lie wholly on one side of the ratio of means when
+    # the base's score is near the ceiling; CI met one such run on a tiny model.
+    summary = copy.deepcopy(SUMMARY)
+    summary["quality"]["likelihood"]["retained"] = {"mean": 0.30, "ci95": [0.45, 0.90]}
+    _, md = render(tmp_path, summary)
+    assert "30% [45%, 90%]" in section(md, "Quality")
+    assert_pngs(tmp_path / "run")
+
+
 def test_missing_summary_asks_for_eval(tmp_path):
     cfg, run = make_run(tmp_path / "run", summary=None)
     with pytest.raises(StageError, match=r"summary\.json.*run `distill eval` first"):

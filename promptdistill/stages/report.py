@@ -565,7 +565,10 @@ def plot_quality(summary: dict, path: Path) -> None:
         lo = 100 * ci[0] if _ok(ci[0]) else m
         hi = 100 * ci[1] if _ok(ci[1]) else m
         ax.bar(i, m, width=0.5, color=COLORS["student"], alpha=0.8)
-        ax.errorbar(i, m, yerr=[[m - lo], [hi - m]], color="black", capsize=5, lw=1)
+        # The interval is drawn as it is, not as error bars around the mean: a ratio's bootstrap
+        # CI need not contain its point estimate when the base's divergence is near zero.
+        ax.vlines(i, lo, hi, color="black", lw=1)
+        ax.hlines([lo, hi], i - 0.06, i + 0.06, color="black", lw=1)
         ax.annotate(f"{m:.0f}%", (i + 0.26, m), textcoords="offset points", xytext=(2, 0), fontsize=8, va="center")
         lo_lim, hi_lim = min(lo_lim, lo - 10, m - 10), max(hi_lim, hi + 10, m + 10)
     if lo_lim < -300 or hi_lim > 400:
