@@ -137,6 +137,14 @@ def to_datum(example: Example, weight: float = 1.0) -> Datum:
     )
 
 
+def sampled_datum(tokenizer, messages: list[Message], answer: list[int], weight: float = 1.0) -> Datum:
+    """A sampled answer after `messages`, token for token: its ids are the sampler's, never a
+    re-tokenisation of its text, so a score or a loss sees exactly what was sampled."""
+    prompt = prompt_ids(tokenizer, messages)
+    ids = prompt + answer
+    return Datum(ids[:-1], ids[1:], [0.0] * (len(prompt) - 1) + [weight] * len(answer))
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: EOS plus the template's end-of-turn marker."""
     probe = [{"role": "user", "content": "Hi"}]

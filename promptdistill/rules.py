@@ -18,6 +18,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .scores import bootstrap_ci, summarise
+
 TEXT_KINDS = ("ends_with", "starts_with", "contains", "not_contains")
 REGEX_KINDS = ("regex", "not_regex")
 COUNT_KINDS = ("max_sentences", "max_words")
@@ -165,12 +167,10 @@ TEACHABLE, REACH = 0.5, 0.7
 def compliance(rule_list: list[Rule], queries: list[str], answers: dict[str, list[str]],
                n_boot: int) -> tuple[dict, dict, list[dict]]:
     """Eval's compliance: `answers` holds the test answers of teacher, teacher_again,
-    student and base. Returns (the overall score in evaluate.summarise's shape: per query
+    student and base. Returns (the overall score in scores.summarise's shape: per query
     the share of applicable rules followed, floor base, ceiling the teacher's answers in
     teacher.jsonl, i.e. the data the student learnt from, selected when best_of is on;
     per-rule figures; per query, the rules each answer breaks)."""
-    from . import scores
-    from .stages.evaluate import summarise  # here, not at the top: evaluate imports this module
 
     m = {who: pass_matrix(rule_list, queries, texts) for who, texts in answers.items()}
     overall = summarise(*(per_query_compliance(m[who]) for who in ("student", "base", "teacher")), n_boot)
@@ -179,7 +179,7 @@ def compliance(rule_list: list[Rule], queries: list[str], answers: dict[str, lis
     for j, r in enumerate(rule_list):
         s = summarise(m["student"][:, j], m["base"][:, j], m["teacher"][:, j], n_boot)
         col = m["teacher_again"][:, j]
-        mean, lo, hi = scores.bootstrap_ci(col[~np.isnan(col)], n_boot=n_boot)
+        mean, lo, hi = bootstrap_ci(col[~np.isnan(col)], n_boot=n_boot)
         teacher, student = s["ceiling"]["mean"], s["student"]["mean"]
         reach = student / teacher if s["n"] and teacher > 0 else None
         per_rule[r.name] = {"kind": r.kind, "applies": s["n"], "teacher": s["ceiling"],

@@ -242,6 +242,21 @@ def paired_retained_ci(
     return value, float(lo), float(hi)
 
 
+def summarise(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray, n_boot: int) -> dict:
+    """A score of student, base and ceiling per query: each mean with its CI, and quality
+    retained with a paired bootstrap CI, over the queries where all three exist."""
+    keep = ~(np.isnan(student) | np.isnan(base) | np.isnan(ceiling))
+    student, base, ceiling = student[keep], base[keep], ceiling[keep]
+    out = {}
+    for name, values in (("student", student), ("base", base), ("ceiling", ceiling)):
+        mean, lo, hi = bootstrap_ci(values, n_boot=n_boot)
+        out[name] = {"mean": mean, "ci95": [lo, hi]}
+    value, lo, hi = paired_retained_ci(student, base, ceiling, n_boot=n_boot)
+    out["retained"] = {"mean": value, "ci95": [lo, hi]}
+    out["n"] = int(keep.sum())
+    return out
+
+
 def mean_nll_per_token(nll_sums: np.ndarray, token_counts: np.ndarray) -> float:
     """Pool NLL over all tokens, so long answers weigh by their length, not one vote each."""
     sums = np.asarray(nll_sums, dtype=np.float64)

@@ -166,8 +166,7 @@ class Server:
     """The loaded models, what each served name means, and the batching worker."""
 
     def __init__(self, cfg, run, teacher: bool = False, max_batch: int = 16, max_queue: int = 256):
-        from .stages.evaluate import Models
-        from .stages.generate import sampling_params
+        from .answerers import Models, sampling_params
 
         # Without --teacher, never load a separate teacher model: make Models see the student twice.
         models_cfg = cfg if teacher else cfg.model_copy(update={"teacher": cfg.student})

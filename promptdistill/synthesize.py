@@ -31,7 +31,7 @@ from .backends.base import SamplingParams
 from .config import ModelConfig, RunConfig
 from .rundir import RunDir, StageError, append_jsonl, fingerprint, read_jsonl, sha256_text
 from .scores import Embedder, near_duplicate_pairs, normalise_text, word_ngrams
-from .stages.generate import row_seed
+from .answerers import row_seed
 
 CACHE_FILE = "synthesized.jsonl"
 TEMPLATE_VERSION = 1  # bump when the wording below changes: cached samples came from the old one

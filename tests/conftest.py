@@ -19,3 +19,13 @@ def _threads(request):
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """For modules whose module-scoped fixtures build and train tiny models (they run before
+    `_threads`): the same one thread for them. Use with pytestmark = usefixtures(...)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

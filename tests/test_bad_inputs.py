@@ -17,7 +17,8 @@ from promptdistill.cli import main
 from promptdistill.config import load_config
 from promptdistill.models import ModelError, resolve_model
 from promptdistill.render import prompt_ids
-from promptdistill.stages.generate import row_key, teacher_messages
+from promptdistill.answerers import teacher_messages
+from promptdistill.stages.generate import row_key
 from tiny import QUESTIONS, save_tiny, tiny_model, tiny_tokenizer
 
 QUERIES = [{"id": f"q{i}", "query": q} for i, q in enumerate(QUESTIONS[:10])]
@@ -25,12 +26,7 @@ QUERIES = [{"id": f"q{i}", "query": q} for i, q in enumerate(QUESTIONS[:10])]
 TEACHER_BEFORE = '{"id": "old", "key": "0123456789abcdef0123", "split": "train", "completion": "Kept as it was."}\n'
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import io
 import json
 
 import pytest
-from tiny import PIRATE, save_tiny, trained_tiny_run
+from tiny import PIRATE, evaluated_tiny_run
 
 from promptdistill.config import load_config
 from promptdistill.pipeline import run_stage
@@ -17,10 +17,8 @@ def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evalrun")
     pricing = {"source": "test", "date": "2026-11-24", "teacher": {"input_per_1m": 1.0, "output_per_1m": 2.0},
                "student": {"input_per_1m": 1.0, "output_per_1m": 2.0}, "training_per_1m_tokens": 4.0}
-    cfg, run = trained_tiny_run(tmp, save_tiny(tmp), 24, pricing=pricing,
-                                eval={"classifier_train_size": 12, "latency_queries": 3, "bootstrap": 200})
-    run_stage(cfg, "eval")
-    return cfg, run
+    return evaluated_tiny_run(tmp, pricing=pricing,
+                              eval={"classifier_train_size": 12, "latency_queries": 3, "bootstrap": 200})
 
 
 def test_eval_writes_rows_and_a_consistent_summary(finished_run):

@@ -27,13 +27,7 @@ QUESTIONS = ["Hello there! How are you today?", "Say hello to the user."]
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny forwards are far faster on one thread on this (busy, 2-core) machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def write_config(run: Path, model: str) -> None:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from tiny import PIRATE, save_tiny, trained_tiny_run
+from tiny import PIRATE, evaluated_tiny_run
 
 from promptdistill import rules
 from promptdistill.config import ConfigError, load_config
@@ -98,10 +98,8 @@ RULES = [{"name": "arr", "kind": "contains", "value": ["arr", "ahoy", "aye"]},
 @pytest.fixture(scope="module")
 def ruled_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rulesrun")
-    cfg, run = trained_tiny_run(tmp, save_tiny(tmp), 24, checks={"rules": RULES},
-                                eval={"classifier_train_size": 12, "latency_queries": 2, "bootstrap": 200})
-    run_stage(cfg, "eval")
-    return cfg, run
+    return evaluated_tiny_run(tmp, checks={"rules": RULES},
+                              eval={"classifier_train_size": 12, "latency_queries": 2, "bootstrap": 200})
 
 
 def test_compliance_in_eval_matches_a_recount(ruled_run):

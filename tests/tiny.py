@@ -259,7 +259,8 @@ def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
     from promptdistill.config import load_config
     from promptdistill.pipeline import run_stage
     from promptdistill.rundir import RunDir, append_jsonl
-    from promptdistill.stages.generate import row_key, teacher_messages
+    from promptdistill.answerers import teacher_messages
+    from promptdistill.stages.generate import row_key
 
     root = Path(root)
     queries = [{"id": f"q{i:02d}", "query": QUESTIONS[i]} for i in range(n_queries)]
@@ -280,6 +281,15 @@ def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
                      "finish_reason": "stop", "tokens": {"prompt": 40, "completion": 9}})
     append_jsonl(run.teacher, rows)
     run_stage(cfg, "train")
+    return cfg, run
+
+
+def evaluated_tiny_run(root, **sections):
+    """trained_tiny_run of a fresh tiny model on 24 queries, then its eval stage."""
+    from promptdistill.pipeline import run_stage
+
+    cfg, run = trained_tiny_run(root, save_tiny(root), 24, **sections)
+    run_stage(cfg, "eval")
     return cfg, run
 
 

@@ -345,6 +345,10 @@ class Scored:
     weight: torch.Tensor  # same shape as target
     row: torch.Tensor  # [positions]
 
+    def per_row(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, target) of each of the batch's n datums."""
+        return [(self.logits[self.row == i], self.target[self.row == i]) for i in range(n)]
+
 
 class AnswerScorer:
     """Teacher-forced logits at the weighted target tokens. The output layer runs only at

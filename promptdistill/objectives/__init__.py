@@ -59,7 +59,7 @@ class PromptedTeacher:
         with off:
             s = self.scorer.scored(datums, share_prefix=True)
         self.model.train(was_training)
-        return [s.logits[s.row == i] for i in range(len(datums))]
+        return [logits for logits, _ in s.per_row(len(datums))]
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from .. import distributed
 from ..backends.base import SamplingParams
-from ..render import Datum, Example, prompt_ids
+from ..render import Datum, Example, sampled_datum
 from ..rundir import StageError, sha256_text
 from . import StepContext, micro_batches, my_share
 
@@ -34,12 +34,6 @@ def sample_seed(example_id: str, sample: int, seed: int, step: int) -> int:
     return int(sha256_text(f"{example_id}\x00{sample}\x00{seed}\x00{step}")[:12], 16)
 
 
-def answer_datum(tokenizer, messages: list[dict], answer: list[int], weight: float) -> Datum:
-    prompt = prompt_ids(tokenizer, messages)
-    ids = prompt + answer
-    return Datum(ids[:-1], ids[1:], [0.0] * (len(prompt) - 1) + [weight] * len(answer))
-
-
 def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
     cfg, op = ctx.cfg, ctx.cfg.train.on_policy
     mine = [(e.id, s) for e in my_share(examples) for s in range(op.samples_per_query)]
@@ -52,8 +46,8 @@ def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[
     total = int(total)
     datums = []
     for q, a in zip(queries, answers):
-        student = answer_datum(ctx.trainer.tokenizer, [{"role": "user", "content": q}], a.token_ids, 1.0 / total)
-        teacher = answer_datum(ctx.teacher.tokenizer, [{"role": "system", "content": cfg.system_prompt},
+        student = sampled_datum(ctx.trainer.tokenizer, [{"role": "user", "content": q}], a.token_ids, 1.0 / total)
+        teacher = sampled_datum(ctx.teacher.tokenizer, [{"role": "system", "content": cfg.system_prompt},
                                                        {"role": "user", "content": q}], a.token_ids, 1.0)
         datums.append((student, teacher))
     out = []

@@ -10,12 +10,11 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from ..answerers import Models, sampling_params, student_messages, teacher_messages
 from ..backends.base import SamplingParams
 from ..config import RunConfig
 from ..render import prompt_ids
 from ..rundir import RunDir
-from .evaluate import Models, student_messages
-from .generate import sampling_params, teacher_messages
 
 
 def stream_answer(models: Models, who: str, messages: list[dict], params: SamplingParams, seed: int, out: TextIO) -> str:

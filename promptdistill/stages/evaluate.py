@@ -30,50 +30,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import best_of, divergence, judge, rules, scores, tracking
+from ..answerers import Models, answer_settings, row_seed, sampling_params, student_messages
 from ..backends.base import Completion, SamplingParams
-from ..backends.local import AnswerScorer, LocalSampler, load_causal_lm
+from ..backends.local import AnswerScorer
 from ..config import RunConfig
-from ..models import check_adapter, resolve_model
-from ..render import Datum, RenderError, prompt_ids, render_example, to_datum
+from ..render import Datum, RenderError, prompt_ids, render_example, sampled_datum, to_datum
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
                       json_safe, read_jsonl, sha256_file)
-from .generate import answer_settings, row_seed, sampling_params
 from .train import load_split
-
-
-def student_messages(query: str) -> list[dict]:
-    return [{"role": "user", "content": query}]
-
-
-class Models:
-    """The student base model with its adapter (switchable off for `base`) and the
-    teacher, loaded once; when teacher and student are the same model, one copy serves both."""
-
-    def __init__(self, cfg: RunConfig, run: RunDir):
-        student_dir = check_adapter(run.student, cfg.student.model)
-        self.student, self.tokenizer = load_causal_lm(student_dir, cfg.student.device, adapter_dir=run.student)
-        if cfg.teacher.model == cfg.student.model:
-            self.teacher, self.teacher_tokenizer, self.shared = self.student, self.tokenizer, True
-        else:
-            self.teacher, self.teacher_tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device)
-            self.shared = False
-        # KL over the full vocabulary needs both models to number the tokens alike.
-        self.full_vocab = self.shared or self.teacher_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-        self.batch_size = cfg.sampling.batch_size
-
-    def adapter(self, on: bool):
-        return contextlib.nullcontext() if on else self.student.disable_adapter()
-
-    def teacher_context(self):
-        return self.student.disable_adapter() if self.shared else contextlib.nullcontext()
-
-    def sampler(self, who: str) -> LocalSampler:
-        if who == "teacher":
-            return LocalSampler(self.teacher, self.teacher_tokenizer, self.batch_size)
-        return LocalSampler(self.student, self.tokenizer, self.batch_size)
-
-    def context(self, who: str):
-        return self.teacher_context() if who == "teacher" else self.adapter(on=(who == "student"))
 
 
 def answer(models: Models, who: str, rows: list[dict], params: SamplingParams, seed_offset: int) -> list[Completion]:
@@ -98,13 +62,6 @@ def rows_datums(tokenizer, rows: list[dict], system_prompt: str | None) -> dict[
     return datums
 
 
-def own_answer_datum(tokenizer, messages: list[dict], completion: Completion) -> Datum:
-    """A sampled answer, token for token (no re-tokenisation of its text), after `messages`."""
-    prompt = prompt_ids(tokenizer, messages)
-    ids = prompt + completion.token_ids
-    return Datum(ids[:-1], ids[1:], [0.0] * (len(prompt) - 1) + [1.0] * len(completion.token_ids))
-
-
 def logits_by_row(models: Models, who: str, datums: list[Datum],
                   share_prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Teacher-forced logits at each datum's weighted positions, as `who` (teacher: the
@@ -112,7 +69,8 @@ def logits_by_row(models: Models, who: str, datums: list[Datum],
     scorer = AnswerScorer(models.teacher if who == "teacher" else models.student)
     with torch.no_grad(), models.context(who):
         s = scorer.scored(datums, share_prefix=share_prefix)
-    return [s.logits[s.row == i] for i in range(len(datums))], [s.target[s.row == i] for i in range(len(datums))]
+    logits, targets = zip(*s.per_row(len(datums))) if datums else ((), ())
+    return list(logits), list(targets)
 
 
 def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher_topk: dict | None) -> dict:
@@ -174,8 +132,10 @@ def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Compl
         values = np.full(len(rows), np.nan)
         for start in tqdm(range(0, len(rows), size), desc=f"eval: on-policy fidelity ({who})", unit="batch", leave=False):
             chunk = range(start, min(start + size, len(rows)))
-            own = [own_answer_datum(models.tokenizer, student_messages(rows[i]["query"]), answers[who][i]) for i in chunk]
-            judged = [own_answer_datum(models.teacher_tokenizer, rows[i]["messages"], answers[who][i]) for i in chunk]
+            own = [sampled_datum(models.tokenizer, student_messages(rows[i]["query"]), answers[who][i].token_ids)
+                   for i in chunk]
+            judged = [sampled_datum(models.teacher_tokenizer, rows[i]["messages"], answers[who][i].token_ids)
+                      for i in chunk]
             model_logits, _ = logits_by_row(models, who, own)
             teacher_logits, _ = logits_by_row(models, "teacher", judged, share_prefix=True)
             for j, i in enumerate(chunk):
@@ -200,19 +160,6 @@ def latency(models: Models, who: str, rows: list[dict], params: SamplingParams) 
             ttft.append(first[0] - start)
     return {"ttft_ms_median": 1000 * statistics.median(ttft), "total_ms_median": 1000 * statistics.median(total),
             "queries": len(rows)}
-
-
-def summarise(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray, n_boot: int) -> dict:
-    keep = ~(np.isnan(student) | np.isnan(base) | np.isnan(ceiling))
-    student, base, ceiling = student[keep], base[keep], ceiling[keep]
-    out = {}
-    for name, values in (("student", student), ("base", base), ("ceiling", ceiling)):
-        mean, lo, hi = scores.bootstrap_ci(values, n_boot=n_boot)
-        out[name] = {"mean": mean, "ci95": [lo, hi]}
-    value, lo, hi = scores.paired_retained_ci(student, base, ceiling, n_boot=n_boot)
-    out["retained"] = {"mean": value, "ci95": [lo, hi]}
-    out["n"] = int(keep.sum())
-    return out
 
 
 def _num(x: float) -> float | None:
@@ -326,23 +273,23 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         quality = {}
         zero = np.zeros(len(test))  # the prompted teacher's KL to itself: the ceiling of both fidelity scores
         if kl is not None:
-            quality["fidelity"] = summarise(kl["student"], kl["base"], zero, cfg.eval.bootstrap)
+            quality["fidelity"] = scores.summarise(kl["student"], kl["base"], zero, cfg.eval.bootstrap)
             quality["fidelity"]["source"] = ("full vocabulary" if models.full_vocab
                                              else f"teacher's top-{topk_k(topk)} log-probabilities, renormalised")
         else:
             notes.append("fidelity skipped: the teacher does not share the student's tokenizer and teacher.jsonl has "
                          "no log-probabilities with token ids (set sampling.top_logprobs and re-generate)")
         if on_policy is not None:
-            quality["on_policy_fidelity"] = summarise(on_policy["student"], on_policy["base"], zero, cfg.eval.bootstrap)
+            quality["on_policy_fidelity"] = scores.summarise(on_policy["student"], on_policy["base"], zero, cfg.eval.bootstrap)
         else:
             notes.append("on-policy fidelity skipped: it needs the teacher to score the student's own answers "
                          "token by token over the student's vocabulary")
-        quality["likelihood"] = summarise(nll["student"], nll["base"], nll["base_with_prompt"], cfg.eval.bootstrap)
-        quality["similarity"] = summarise(similarity["student"], similarity["base"], similarity["teacher_again"],
+        quality["likelihood"] = scores.summarise(nll["student"], nll["base"], nll["base_with_prompt"], cfg.eval.bootstrap)
+        quality["similarity"] = scores.summarise(similarity["student"], similarity["base"], similarity["teacher_again"],
                                           cfg.eval.bootstrap)
         if persona is not None:
             in_persona = {who: (p >= 0.5).astype(float) for who, p in persona.items()}
-            quality["persona"] = summarise(in_persona["student"], in_persona["base"], in_persona["teacher_again"],
+            quality["persona"] = scores.summarise(in_persona["student"], in_persona["base"], in_persona["teacher_again"],
                                            cfg.eval.bootstrap)
             quality["persona"]["classifier"] = {"heldout_accuracy": classifier.heldout_accuracy,
                                                 "heldout_n": classifier.heldout_n, "train_n": 2 * len(train_rows)}

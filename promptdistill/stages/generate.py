@@ -20,37 +20,15 @@ from datetime import datetime, timezone
 from tqdm import tqdm
 
 from .. import best_of
+from ..answerers import answer_settings, row_seed, sampling_params, teacher_messages
 from ..backends import make_sampler
-from ..backends.base import SamplingParams
 from ..config import RunConfig
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_json, fingerprint, fmt_seconds, read_jsonl,
                       sha256_text)
 
 
-def sampling_params(cfg: RunConfig) -> SamplingParams:
-    """How to answer, for every stage that samples; only `generate` adds top_logprobs."""
-    s = cfg.sampling
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                          repetition_penalty=s.repetition_penalty, seed=s.seed)
-
-
-def answer_settings(cfg: RunConfig) -> dict:
-    """The sampling settings an answer depends on: batching does not change one, and an
-    unset option is left out so that adding an option keeps older runs' keys. best_of
-    chooses among answers rather than shaping one, so it is in generate's inputs instead."""
-    return cfg.sampling.model_dump(exclude={"batch_size", "best_of"}, exclude_none=True)
-
-
-def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
-    return [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": query}]
-
-
 def row_key(cfg: RunConfig, query: str) -> str:
     return sha256_text(json.dumps([cfg.system_prompt, query, cfg.teacher.model, answer_settings(cfg)], sort_keys=True))[:20]
-
-
-def row_seed(key: str, base_seed: int) -> int:
-    return (int(key[:12], 16) + base_seed) % (2**63)
 
 
 ERRORS_FILE = "teacher_errors.jsonl"
