@@ -5,17 +5,25 @@ run's models loaded once. The four answerers:
   student   the student model + adapter, NO prompt
   base      the student model, NO adapter, NO prompt
 (`teacher_again` in eval is the teacher with another seed.)
+
+A teacher behind an endpoint (`teacher.backend: openai`) is asked there and never loaded
+here: what it said with its answers (teacher.jsonl's top-k log-probabilities) is read by
+`recorded_topk`, for eval's fidelity and the kl objective alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
-from .backends.base import SamplingParams
+import torch
+
+from .backends import make_sampler
+from .backends.base import Sampler, SamplingParams
 from .backends.local import LocalSampler, load_causal_lm
 from .config import RunConfig
 from .models import check_adapter, resolve_model
-from .rundir import RunDir
+from .rundir import RunDir, StageError
 
 
 def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
@@ -37,28 +45,70 @@ def answer_settings(cfg: RunConfig) -> dict:
     """The sampling settings an answer depends on: batching does not change one, and an
     unset option is left out so that adding an option keeps older runs' keys. best_of
     chooses among answers rather than shaping one, so it is in generate's inputs instead."""
-    return cfg.sampling.model_dump(exclude={"batch_size", "best_of"}, exclude_none=True)
+    settings = cfg.sampling.model_dump(exclude={"batch_size", "best_of"}, exclude_none=True)
+    # Like top_logprobs, token ids change what a row records: rows recorded without them are not reused.
+    return settings | ({"logprob_token_ids": True} if cfg.teacher.logprob_token_ids else {})
 
 
 def row_seed(key: str, base_seed: int) -> int:
     return (int(key[:12], 16) + base_seed) % (2**63)
 
 
+def recorded_topk(row: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(top-k ids, their log-probabilities, the sampled ids) per answer token, from the
+    `logprobs` generate recorded in a teacher.jsonl row (sampling.top_logprobs), or None when
+    the row has none with token ids (a server that gives token text only)."""
+    entries = row.get("logprobs") or []
+    if not entries or any(e.get("id") is None or not e.get("top") or any(t[1] is None for t in e["top"])
+                          for e in entries):
+        return None
+    k = min(len(e["top"]) for e in entries)
+    return (torch.tensor([[t[1] for t in e["top"][:k]] for e in entries]),
+            torch.tensor([[t[2] for t in e["top"][:k]] for e in entries]),
+            torch.tensor([e["id"] for e in entries]))
+
+
+def recorded_positions(sampled: torch.Tensor, scored: torch.Tensor) -> int:
+    """How many leading positions of an answer, scored as the tokens `scored`, a teacher's
+    recorded distributions describe: a distribution depends only on the tokens before it, so
+    every position up to and including the first where `scored` leaves the tokens the teacher
+    sampled (a re-tokenised text, an answer trimmed to its last full sentence), none beyond
+    what was recorded."""
+    n = min(len(sampled), len(scored))
+    same = int((sampled[:n] == scored[:n]).long().cumprod(0).sum())
+    return min(same + 1, n)
+
+
 class Models:
     """The student base model with its adapter (switchable off for `base`) and the
-    teacher, loaded once; when teacher and student are the same model, one copy serves both."""
+    teacher, loaded once; when teacher and student are the same model, one copy serves both.
+    A teacher behind an endpoint (backend openai) is never loaded, even when `model` names a
+    local copy: its figures are then the served model's (the one that wrote teacher.jsonl),
+    and a hub id is never downloaded; `endpoint` samples it."""
 
     def __init__(self, cfg: RunConfig, run: RunDir):
         student_dir = check_adapter(run.student, cfg.student.model)
         self.student, self.tokenizer = load_causal_lm(student_dir, cfg.student.device, adapter_dir=run.student)
-        if cfg.teacher.model == cfg.student.model:
+        self.teacher_config = cfg.teacher
+        self.remote_teacher = cfg.teacher.backend == "openai"
+        if self.remote_teacher:
+            self.teacher = self.teacher_tokenizer = None
+            self.shared = False
+        elif cfg.teacher.model == cfg.student.model:
             self.teacher, self.teacher_tokenizer, self.shared = self.student, self.tokenizer, True
         else:
             self.teacher, self.teacher_tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device)
             self.shared = False
-        # KL over the full vocabulary needs both models to number the tokens alike.
-        self.full_vocab = self.shared or self.teacher_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        # KL over the full vocabulary needs the teacher here, numbering tokens like the student.
+        self.full_vocab = not self.remote_teacher and (
+            self.shared or self.teacher_tokenizer.get_vocab() == self.tokenizer.get_vocab())
         self.batch_size = cfg.sampling.batch_size
+
+    @functools.cached_property
+    def endpoint(self):
+        """The remote teacher's sampler (OpenAISampler), made on first use: a chat that never
+        asks the teacher needs neither its server nor its key."""
+        return make_sampler(self.teacher_config, self.batch_size)
 
     def adapter(self, on: bool):
         return contextlib.nullcontext() if on else self.student.disable_adapter()
@@ -67,9 +117,17 @@ class Models:
         return self.student.disable_adapter() if self.shared else contextlib.nullcontext()
 
     def sampler(self, who: str) -> LocalSampler:
+        """`who`'s local sampler (token-level decoding, streaming callbacks)."""
+        if who == "teacher" and self.remote_teacher:
+            raise StageError(f"the teacher {self.teacher_config.served_name!r} is served at {self.teacher_config.base_url} "
+                             f"(teacher.backend openai): it has no local copy here to decode with")
         if who == "teacher":
             return LocalSampler(self.teacher, self.teacher_tokenizer, self.batch_size)
         return LocalSampler(self.student, self.tokenizer, self.batch_size)
+
+    def answerer(self, who: str) -> Sampler:
+        """What answers as `who`: its local sampler, or the remote teacher's endpoint."""
+        return self.endpoint if who == "teacher" and self.remote_teacher else self.sampler(who)
 
     def context(self, who: str):
         return self.teacher_context() if who == "teacher" else self.adapter(on=(who == "student"))

@@ -46,6 +46,9 @@ class ModelConfig(Strict):
     concurrency: int = Field(8, ge=1, le=1024, description="openai: requests in flight at once")
     timeout: float = Field(60, gt=0, description="openai: seconds one request may take before it is abandoned and retried")
     max_retries: int = Field(5, ge=0, description="openai: retries per request after 429 / 5xx / timeouts / connection errors")
+    logprob_token_ids: bool = Field(False, description="openai: ask for log-probabilities with token ids "
+                                    "(vLLM's return_tokens_as_token_ids; distill serve honours it), so eval's fidelity "
+                                    "and the kl objective can use a teacher that lives only behind its endpoint")
 
     @model_validator(mode="before")
     @classmethod
@@ -70,6 +73,9 @@ class ModelConfig(Strict):
     def _openai_needs_a_server(self) -> "ModelConfig":
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend openai needs base_url, the server's API root (e.g. http://127.0.0.1:8000/v1)")
+        if self.logprob_token_ids and self.backend != "openai":
+            raise ValueError(f"logprob_token_ids is for backend openai, not {self.backend}; remove it "
+                             f"(a local model's log-probabilities carry token ids already)")
         if self.backend == "tinker" and not self.api_model:
             raise ValueError("backend tinker needs api_model, the Tinker base model (e.g. Qwen/Qwen3-8B); "
                              "model stays the local or hub copy of the same weights")

@@ -14,8 +14,10 @@ also with the messages as given, so a client sends the system prompt itself (tha
 same model, the teacher is the base weights with the adapter switched off.
 
 Sampling: temperature, top_p, max_tokens (or max_completion_tokens), seed, logprobs and top_logprobs (not with streaming) and
-repetition_penalty (a vLLM-style extension) are honoured; anything not given falls back
-to the run config's `sampling` section, and a request without a seed gets a random one.
+repetition_penalty (a vLLM-style extension) are honoured, and so is vLLM's return_tokens_as_token_ids
+(each logprobs token written "token_id:123": the ids a client lines the log-probabilities up
+with); anything not given falls back to the run config's `sampling` section, and a request
+without a seed gets a random one.
 Batching: one worker thread decodes; requests that arrive while a batch decodes wait and
 form the next batch (oldest first, up to --max-batch, those with the same model and
 sampling settings together; it waits up to 50 ms for as many requests as the last batch
@@ -49,6 +51,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .backends.openai import TOKEN_ID_PREFIX
+
 # --- the OpenAI request shape (the parts we honour; unknown fields are ignored) -----------
 
 
@@ -77,6 +81,7 @@ class ChatRequest(BaseModel):
     tools: list | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
 
 
 class ApiError(Exception):
@@ -110,15 +115,17 @@ def _text_of(message: ChatMessage) -> str:
     return "".join(parts)
 
 
-def _openai_logprobs(scored: list[dict] | None) -> dict | None:
-    """Our per-token log-probabilities in OpenAI's `choices[0].logprobs` shape."""
+def _openai_logprobs(scored: list[dict] | None, as_token_ids: bool = False) -> dict | None:
+    """Our per-token log-probabilities in OpenAI's `choices[0].logprobs` shape; with
+    `as_token_ids` each token is written "token_id:<id>", as vLLM does."""
     if scored is None:
         return None
 
-    def entry(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def entry(token: str, token_id: int, logprob: float) -> dict:
+        text = f"{TOKEN_ID_PREFIX}{token_id}" if as_token_ids else token
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [entry(s["token"], s["logprob"]) | {"top_logprobs": [entry(t, lp) for t, _, lp in s["top"]]}
+    return {"content": [entry(s["token"], s["id"], s["logprob"]) | {"top_logprobs": [entry(*t) for t in s["top"]]}
                         for s in scored]}
 
 
@@ -405,7 +412,8 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "logprobs": _openai_logprobs(done.logprobs), "finish_reason": done.finish_reason}],
+                                 "logprobs": _openai_logprobs(done.logprobs, req.return_tokens_as_token_ids),
+                                 "finish_reason": done.finish_reason}],
                     "usage": usage(done)}
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))

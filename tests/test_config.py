@@ -88,3 +88,15 @@ def test_split_fractions_must_sum_to_one(tmp_path):
 def test_bad_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(EXAMPLE, ["train.lr"])
+
+
+def test_logprob_token_ids_is_for_an_openai_teacher_and_changes_the_rows_key(tmp_path):
+    from promptdistill.answerers import answer_settings
+
+    with pytest.raises(ConfigError, match=r"teacher: .*logprob_token_ids is for backend openai, not local"):
+        load_config(write(tmp_path, minimal(teacher={"model": "smollm2-135m", "logprob_token_ids": True})))
+    remote = {"model": "made-up/teacher", "backend": "openai", "base_url": "http://127.0.0.1:8000/v1"}
+    plain = load_config(write(tmp_path, minimal(teacher=remote)))
+    with_ids = load_config(write(tmp_path, minimal(teacher=remote | {"logprob_token_ids": True})))
+    assert "logprob_token_ids" not in answer_settings(plain)  # older runs keep their row keys
+    assert answer_settings(with_ids) == answer_settings(plain) | {"logprob_token_ids": True}  # rows without ids are not reused

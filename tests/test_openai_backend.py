@@ -284,6 +284,9 @@ def test_the_key_is_never_written_anywhere(srv, tmp_path):
     run = tmp_path / "run"
     assert len(teacher_rows(run)) == 32 and (run / "summary.json").is_file() and (run / "report.md").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["teacher"]["api_key_env"] == TOKEN_ENV
+    notes = json.loads((run / "summary.json").read_text())["notes"]  # eval asked the endpoint, with the key, too
+    assert any(n.startswith("fidelity skipped: the teacher is behind its endpoint") and "teacher.logprob_token_ids" in n
+               for n in notes), notes
     needle = KEY.encode()
     assert needle not in r.stdout and needle not in r.stderr
     assert _files_holding(tmp_path, needle) == []

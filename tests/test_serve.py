@@ -234,6 +234,12 @@ def test_logprobs_are_the_local_models_in_openai_shape(srv, client):
         assert tops == sorted(tops, reverse=True) and got.logprob <= tops[0] + 1e-6 and bytes(got.bytes).decode() == got.token
     plain = client.chat.completions.create(model=STUDENT, messages=messages, max_tokens=4, seed=5)
     assert plain.choices[0].logprobs is None  # only when asked
+    as_ids = client.chat.completions.create(model=STUDENT, messages=messages, temperature=1.0, top_p=1.0, max_tokens=10,
+                                            seed=5, logprobs=True, top_logprobs=3,
+                                            extra_body={"return_tokens_as_token_ids": True})  # vLLM's option
+    for got, want in zip(as_ids.choices[0].logprobs.content, local.logprobs, strict=True):
+        assert got.token == f"token_id:{want['id']}" and got.logprob == pytest.approx(want["logprob"], abs=1e-4)
+        assert [t.token for t in got.top_logprobs] == [f"token_id:{i}" for _, i, _ in want["top"]]
     with pytest.raises(openai.BadRequestError, match="without streaming"):
         client.chat.completions.create(model=STUDENT, messages=messages, max_tokens=4, logprobs=True, stream=True)
 

@@ -244,6 +244,38 @@ def save_chatty_tiny(out) -> Path:
     return out
 
 
+def save_pirate_tiny(out, system_prompt: str, steps: int = 80, lr: float = 2e-2) -> Path:
+    """The tiny chatml model taught (all its weights, AdamW) to answer with the PIRATE lines
+    after `system_prompt`: a teacher whose answers are words, whose sampled tokens are mostly
+    those its tokenizer gives their text, as a real model's are (a random tiny model's are
+    byte soup) and that seldom answers nothing."""
+    import torch
+    import torch.nn.functional as F
+
+    from promptdistill.render import render_example
+
+    tokenizer = tiny_tokenizer("chatml")
+    model = tiny_model(tokenizer)
+    examples = [render_example(tokenizer, [{"role": "system", "content": system_prompt}, {"role": "user", "content": q}],
+                               answer, str(i)) for i, (q, answer) in enumerate(zip(QUESTIONS, PIRATE))]
+    width = max(len(e.tokens) for e in examples)
+    ids = torch.tensor([e.tokens + [tokenizer.pad_token_id] * (width - len(e.tokens)) for e in examples])
+    mask = torch.tensor([e.mask + [0] * (width - len(e.mask)) for e in examples])[:, 1:].float()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        logits = model(input_ids=ids).logits[:, :-1]
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        optimizer.zero_grad()
+        ((nll * mask).sum() / mask.sum()).backward()
+        optimizer.step()
+    model.eval()
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 PIRATE = ["Arr, the sea be my home.", "Ahoy! Gold be buried on the isle.", "Aye, matey, hoist the sails!",
           "Shiver me timbers, a storm!", "Yo ho, the rum be gone.", "Avast! Ye scallywag."]
 

@@ -20,6 +20,12 @@ module is scrubbed of it. Without `api_key_env` no Authorization header is sent 
 Token counts are the server's own (`usage`); the prompt size is not known before a
 request, so `count_prompt_tokens` returns None and the generate stage's context check
 is left to the server (an over-long prompt comes back as an HTTP 400 row error).
+
+Log-probabilities come back with token text; with `logprob_token_ids` the request asks
+for token ids instead (vLLM's `return_tokens_as_token_ids`, which `distill serve`
+honours too: tokens come back as "token_id:123"), which is what fidelity and the kl
+objective need. `timed()` streams one request at a time for eval's latency: the time to
+the first text chunk and to the end, as this client sees them.
 """
 
 from __future__ import annotations
@@ -45,11 +51,17 @@ FATAL_STATUS = {401: "the server refused the API key", 403: "the server refused 
 ERROR_TEXT_MAX = 500
 
 
+TOKEN_ID_PREFIX = "token_id:"  # how vLLM's return_tokens_as_token_ids writes a token
+
+
 @dataclass(frozen=True)
 class RemoteCompletion(Completion):
-    """A completion whose token ids are the server's secret; its counts come from `usage`."""
+    """A completion whose token ids are the server's secret; its counts come from `usage`.
+    A streamed one (`timed`) also has the seconds to its first text chunk and to its end."""
 
     usage_completion_tokens: int = 0
+    first_token_s: float | None = None
+    total_s: float | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -130,7 +142,7 @@ class OpenAISampler:
 
     def __init__(self, base_url: str, api_model: str, api_key_env: str | None = None, concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 5, backoff_base: float = BACKOFF_BASE,
-                 backoff_cap: float = BACKOFF_CAP):
+                 backoff_cap: float = BACKOFF_CAP, logprob_token_ids: bool = False):
         self.base_url = base_url
         self.api_model = api_model
         self.api_key_env = api_key_env  # the variable's NAME; the key itself is never kept
@@ -139,11 +151,13 @@ class OpenAISampler:
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.logprob_token_ids = logprob_token_ids
 
     @classmethod
     def from_config(cls, model) -> "OpenAISampler":
         sampler = cls(base_url=model.base_url, api_model=model.served_name, api_key_env=model.api_key_env,
-                      concurrency=model.concurrency, timeout=model.timeout, max_retries=model.max_retries)
+                      concurrency=model.concurrency, timeout=model.timeout, max_retries=model.max_retries,
+                      logprob_token_ids=model.logprob_token_ids)
         sampler._api_key()  # a missing key is an error now, before anything is sampled
         return sampler
 
@@ -170,12 +184,21 @@ class OpenAISampler:
             return []
         return _run(self._sample(conversations, params, seeds))
 
-    async def _sample(self, conversations, params: SamplingParams, seeds: list[int]) -> list[Completion]:
+    def timed(self, conversations: list[list[Message]], params: SamplingParams) -> list[RemoteCompletion]:
+        """Each conversation streamed, one request at a time (seed params.seed), with the
+        seconds from sending it to its first text chunk and to its last: latency as a client
+        of this server sees it. One client serves them all, so only the first pays for the
+        connection, as in a long-lived client."""
+        if not conversations:
+            return []
+        return _run(self._sample(conversations, params, [params.seed] * len(conversations), timed=True))
+
+    async def _sample(self, conversations, params: SamplingParams, seeds: list[int], timed: bool = False) -> list[Completion]:
         import openai
 
         key = self._api_key()
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key or "unused", max_retries=0, timeout=self.timeout)
-        batch = _Batch(self, client, key, params)
+        batch = _Batch(self, client, key, params, timed)
         tasks = [asyncio.ensure_future(batch.row(c, s)) for c, s in zip(conversations, seeds)]
         try:
             return list(await asyncio.gather(*tasks))
@@ -189,12 +212,12 @@ class OpenAISampler:
 
 
 class _Batch:
-    """One `sample()` call: its client, its concurrency limit, and the pause every request
-    honours after a server said Retry-After."""
+    """One `sample()` (or `timed()`) call: its client, its concurrency limit, and the pause
+    every request honours after a server said Retry-After."""
 
-    def __init__(self, sampler: OpenAISampler, client, key: str | None, params: SamplingParams):
-        self.s, self.client, self.key, self.params = sampler, client, key, params
-        self.slots = asyncio.Semaphore(sampler.concurrency)
+    def __init__(self, sampler: OpenAISampler, client, key: str | None, params: SamplingParams, timed: bool = False):
+        self.s, self.client, self.key, self.params, self.timed = sampler, client, key, params, timed
+        self.slots = asyncio.Semaphore(1 if timed else sampler.concurrency)  # timed: nothing else in flight
         self.not_before = 0.0  # time.monotonic() before which no request is sent
 
     async def row(self, messages: list[Message], seed: int) -> Completion:
@@ -225,13 +248,19 @@ class _Batch:
         import openai
 
         p = self.params
-        extra = {"repetition_penalty": p.repetition_penalty} if p.repetition_penalty != 1.0 else None
+        extra = {"repetition_penalty": p.repetition_penalty} if p.repetition_penalty != 1.0 else {}
         scores = {} if p.top_logprobs is None else {"logprobs": True, "top_logprobs": p.top_logprobs}
+        if scores and self.s.logprob_token_ids:
+            extra["return_tokens_as_token_ids"] = True
+        stream = {"stream": True, "stream_options": {"include_usage": True}} if self.timed else {}
         headers = None if self.key else {"Authorization": openai.Omit()}  # no key: send no Authorization at all
         try:
-            resp = await asyncio.wait_for(self.client.chat.completions.create(
+            start = time.perf_counter()
+            request = self.client.chat.completions.create(
                 model=self.s.api_model, messages=messages, temperature=p.temperature, top_p=p.top_p,
-                max_tokens=p.max_tokens, seed=seed, extra_body=extra, extra_headers=headers, **scores), self.s.timeout)
+                max_tokens=p.max_tokens, seed=seed, extra_body=extra or None, extra_headers=headers, **scores, **stream)
+            return await asyncio.wait_for(self._streamed(request, start) if self.timed else self._answered(request),
+                                          self.s.timeout)
         except (asyncio.TimeoutError, openai.APITimeoutError):
             raise _Retry(f"timed out after {self.s.timeout:g}s") from None
         except openai.APIConnectionError as e:
@@ -251,34 +280,68 @@ class _Batch:
             raise _GiveUp(text) from None
         except openai.OpenAIError as e:
             raise _GiveUp(scrub(f"{type(e).__name__}: {e}", self.key)) from None
+        except _GiveUp:
+            raise
         except Exception as e:  # noqa: BLE001  a garbled answer (bad JSON...): one row's trouble, maybe transient
             raise _Retry(scrub(f"unexpected {type(e).__name__}: {e}", self.key)) from None
-        return self._completion(resp)
 
-    def _completion(self, resp) -> Completion:
+    async def _answered(self, request) -> Completion:
+        resp = await request
         choices = getattr(resp, "choices", None) or []
         if not choices or choices[0].message is None:
             raise _GiveUp("the response has no choices")
         choice = choices[0]
-        finish = choice.finish_reason or "stop"
-        if finish not in ("stop", "length"):  # content_filter, tool_calls...: not a plain answer
-            raise _GiveUp(f"finish_reason {finish!r}: the server gave no plain text answer")
         usage = getattr(resp, "usage", None)
         return RemoteCompletion(
             text=(choice.message.content or "").strip(),
             token_ids=[],  # the server's ids are not returned; counts come from usage
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            finish_reason=finish,
+            finish_reason=_plain_finish(choice.finish_reason),
             usage_completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             logprobs=_logprobs(choice) if self.params.top_logprobs is not None else None,
         )
 
+    async def _streamed(self, request, start: float) -> RemoteCompletion:
+        """A streamed answer put together, timed from `start` (just before the request went out)."""
+        parts, first, finish, usage = [], None, None, None
+        async for chunk in await request:
+            usage = chunk.usage or usage  # the last chunk, with stream_options include_usage
+            for choice in chunk.choices:
+                if choice.delta is not None and choice.delta.content:
+                    first = first or time.perf_counter()
+                    parts.append(choice.delta.content)
+                finish = choice.finish_reason or finish
+        end = time.perf_counter()
+        return RemoteCompletion(
+            text="".join(parts).strip(), token_ids=[], prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            finish_reason=_plain_finish(finish), usage_completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            first_token_s=(first or end) - start, total_s=end - start)  # an empty answer's first text is its end
+
+
+def _plain_finish(finish: str | None) -> str:
+    finish = finish or "stop"
+    if finish not in ("stop", "length"):  # content_filter, tool_calls...: not a plain answer
+        raise _GiveUp(f"finish_reason {finish!r}: the server gave no plain text answer")
+    return finish
+
+
+def _token(text: str) -> tuple[str | None, int | None]:
+    """(token text, token id) of a logprobs entry's token: an id when the server wrote it as
+    "token_id:123" (return_tokens_as_token_ids), which then carries no text."""
+    if text.startswith(TOKEN_ID_PREFIX) and text[len(TOKEN_ID_PREFIX):].isdigit():
+        return None, int(text[len(TOKEN_ID_PREFIX):])
+    return text, None
+
 
 def _logprobs(choice) -> list[dict] | None:
     """The answer's token log-probabilities in our shape, or None where the server offers none.
-    Servers give token text, not ids: "id" is None."""
+    Servers give token text, whose "id" is None, or with logprob_token_ids the id alone."""
     content = getattr(getattr(choice, "logprobs", None), "content", None)
     if not content:
         return None
-    return [{"token": c.token, "id": None, "logprob": c.logprob,
-             "top": [[t.token, None, t.logprob] for t in (c.top_logprobs or [])]} for c in content]
+    out = []
+    for c in content:
+        token, token_id = _token(c.token)
+        out.append({"token": token, "id": token_id, "logprob": c.logprob,
+                    "top": [[*_token(t.token), t.logprob] for t in (c.top_logprobs or [])]})
+    return out

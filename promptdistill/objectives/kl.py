@@ -8,6 +8,11 @@ carries what the prompt does to every alternative, where a sampled answer carrie
 The targets are computed once by a teacher-forced pass (the prompt shared across the batch)
 and stored in `teacher_topk/`, one safetensors file per batch, written whole (temp + rename):
 a killed run keeps what it finished and a re-run computes only what is missing.
+
+A teacher that is not local (behind an endpoint) cannot be asked to score answers, but it
+returned its top-k with each token it sampled (sampling.top_logprobs, with token ids:
+teacher.logprob_token_ids): those, read from teacher.jsonl, are the targets then, nothing to
+compute or store.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import distributed
+from ..answerers import recorded_positions, recorded_topk
 from ..render import Datum, Example, RenderError, render_example, to_datum
-from ..rundir import StageError, sha256_text
+from ..rundir import StageError, read_jsonl, sha256_text
 from . import StepContext, micro_batches, my_share
 
 LOSS = "cross_entropy"
@@ -64,15 +71,16 @@ def save_targets(root: Path, targets: dict[str, tuple[torch.Tensor, torch.Tensor
 
 def prepare(ctx: StepContext, examples: list[Example]) -> None:
     """Fill ctx.soft_targets (example id -> (top ids, top log-probabilities) per answer token)
-    from the store, computing what is missing with the local prompted teacher."""
+    from the store, computing what is missing with the local prompted teacher; without one,
+    from what the teacher recorded with its answers."""
+    if ctx.teacher is None:
+        ctx.soft_targets = recorded_targets(ctx, examples)
+        return
     t, cfg = ctx.cfg.train, ctx.cfg
     root = ctx.run.root / TARGETS_DIR
     stored = load_targets(root)
     keys = {e.id: target_key(ctx.rows[e.id], t.topk, cfg.teacher.model) for e in examples}
     todo = [e for e in examples if keys[e.id] not in stored]
-    if todo and ctx.teacher is None:
-        raise StageError(f"train.objective kl: teacher {cfg.teacher.model!r} is not a local model, so its top-{t.topk} "
-                         f"distributions cannot be computed here; use a local teacher, or the sft objective")
     size = max(1, cfg.sampling.batch_size // 4)
     for batch in tqdm(micro_batches(todo, size), desc=f"train: teacher top-{t.topk} targets", unit="batch", leave=False):
         datums, kept = [], []
@@ -94,6 +102,43 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
         save_targets(root, found)
         stored.update(found)
     ctx.soft_targets = {e.id: stored[keys[e.id]] for e in examples}
+
+
+def recorded_targets(ctx: StepContext, examples: list[Example]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Soft targets from the top-k log-probabilities (with token ids) recorded in teacher.jsonl,
+    k = the fewest any row carries (at most train.topk). They describe the answer positions up
+    to where the trained tokens leave the sampled ones (`recorded_positions`); past that the
+    teacher's context is not the trained one, so the trained token itself is the target there."""
+    cfg = ctx.cfg
+    by_key = {r["key"]: r for r in read_jsonl(ctx.run.teacher)}
+    recorded = {}
+    for e in examples:
+        top = recorded_topk(by_key[ctx.rows[e.id]["key"]])
+        if top is None:
+            raise StageError(
+                f"train.objective kl: teacher {cfg.teacher.model!r} is not a local model, so its top-k distributions "
+                f"cannot be computed here, and its answer to {e.id!r} in teacher.jsonl carries no top-k "
+                f"log-probabilities with token ids; set sampling.top_logprobs (and teacher.logprob_token_ids: true "
+                f"for vLLM or distill serve) and re-generate, or use the sft objective")
+        recorded[e.id] = top
+    k = min(cfg.train.topk, *(top[0].shape[1] for top in recorded.values()))
+    out, hard, positions = {}, 0, 0
+    for e in examples:
+        ids, logprobs, sampled = recorded[e.id]
+        trained = torch.tensor(answer_targets(e))
+        n = recorded_positions(sampled, trained)
+        rest = trained[n:]
+        one_hot = torch.full((len(rest), k), float("-inf"))
+        one_hot[:, 0] = 0.0  # the trained token, with all the probability
+        out[e.id] = (torch.cat([ids[:n, :k], rest[:, None].expand(-1, k)]), torch.cat([logprobs[:n, :k], one_hot]))
+        hard += len(rest)
+        positions += len(trained)
+    if distributed.is_main():
+        print(f"train: kl soft targets: the top-{k} log-probabilities {cfg.teacher.served_name} returned with its answers "
+              f"(teacher.jsonl), {positions - hard} of {positions} answer positions"
+              + (f"; the other {hard}, past where the trained tokens leave the sampled ones, learn the trained token"
+                 if hard else ""), flush=True)
+    return out
 
 
 def soft_datum(e: Example, ids: torch.Tensor, logprobs: torch.Tensor, weight: float, sft_weight: float) -> Datum:

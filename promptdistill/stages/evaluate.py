@@ -14,6 +14,12 @@ base-style ones). Each score gives quality retained = (student - base) / (ceilin
 Token counts come from the real tokenizers, latency is measured here, and cost follows
 from the config's pricing section. Per-query rows go to eval.jsonl; every headline
 number to summary.json (keys documented in docs/summary.md).
+
+A teacher behind an endpoint (teacher.backend openai) is never loaded here: it answers
+again there, its latency is timed over streaming, its token counts are the server's usage
+generate recorded, and fidelity uses the top-k log-probabilities it returned with its
+answers (with token ids); on-policy fidelity, which needs it to score given tokens, is
+skipped. summary.json's `sources` says where each teacher figure came from.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import best_of, divergence, judge, rules, scores, tracking
-from ..answerers import Models, answer_settings, row_seed, sampling_params, student_messages
+from ..answerers import (Models, answer_settings, recorded_positions, recorded_topk, row_seed, sampling_params,
+                         student_messages)
 from ..backends.base import Completion, SamplingParams
 from ..backends.local import AnswerScorer
 from ..config import RunConfig
@@ -41,14 +48,19 @@ from .train import load_split
 
 
 def answer(models: Models, who: str, rows: list[dict], params: SamplingParams, seed_offset: int) -> list[Completion]:
-    """Sample answers for `rows` as `who` (teacher: with the prompt; student/base: without)."""
-    sampler = models.sampler(who)
+    """Sample answers for `rows` as `who` (teacher: with the prompt; student/base: without);
+    a teacher behind an endpoint answers there."""
+    sampler = models.answerer(who)
     convs = [r["messages"] if who == "teacher" else student_messages(r["query"]) for r in rows]
     seeds = [row_seed(r["key"], params.seed + seed_offset) for r in rows]
     out: list[Completion] = []
     with models.context(who):
         for start in tqdm(range(0, len(rows), models.batch_size), desc=f"eval: {who} answers", unit="batch", leave=False):
             out += sampler.sample(convs[start:start + models.batch_size], params, seeds[start:start + models.batch_size])
+    failed = [c.error for c in out if c.finish_reason == "error"]  # an endpoint that gave up on a row after retries
+    if failed:
+        raise StageError(f"eval: {len(failed)} of {len(rows)} {who} answers failed after retries (first: {failed[0]}); "
+                         f"re-run eval")
     return out
 
 
@@ -78,15 +90,18 @@ def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher
       nll        of the answer under student, base (no prompt) and base WITH the prompt (likelihood);
       fidelity   forward KL(teacher WITH the prompt || student / base WITHOUT it), over the full
                  vocabulary when the teacher is local and shares the student's tokenizer, else
-                 against the teacher's top-k log-probabilities (`teacher_topk`: row key -> (ids, logprobs)),
-                 else not computed (None).
-    Rows that cannot render get nan. Also the per-token KL of the student, for the report."""
+                 against the teacher's top-k log-probabilities (`teacher_topk`: row key -> recorded_topk)
+                 at the answer positions they describe (`recorded_positions`), else not computed (None).
+    Rows that cannot render get nan. Also the per-token KL of the student, for the report, and
+    how many of the answers' tokens the KL covers."""
     n = len(rows)
     out = {name: np.full(n, np.nan) for name in ("student", "base", "base_with_prompt")}
     kl = {"student": np.full(n, np.nan), "base": np.full(n, np.nan)} if (models.full_vocab or teacher_topk) else None
     token_kl: list[list[float] | None] = [None] * n
+    kl_tokens = {"scored": 0, "of": 0}
     plain, prompted = rows_datums(models.tokenizer, rows, None), rows_datums(models.tokenizer, rows, system_prompt)
-    teacher = rows_datums(models.teacher_tokenizer, rows, system_prompt) if not models.shared else prompted
+    # The teacher's own rendering, where its own forward pass gives the KL (a local teacher that is not the student).
+    teacher = rows_datums(models.teacher_tokenizer, rows, system_prompt) if models.full_vocab and not models.shared else prompted
     index = sorted(set(plain) & set(prompted) & set(teacher), key=lambda i: len(plain[i].input_tokens))  # less padding
     size = max(1, models.batch_size // 4)
     for start in tqdm(range(0, len(index), size), desc="eval: teacher-forced scores", unit="batch", leave=False):
@@ -105,22 +120,26 @@ def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher
         elif models.full_vocab:
             t_logits, t_targets = ceiling, targets
         for j, i in enumerate(chunk):
+            kl_tokens["of"] += len(targets[j])
             if models.full_vocab:
                 if not torch.equal(t_targets[j], targets[j]):  # the two tokenizations of the answer differ
                     continue
+                scored = len(targets[j])
                 kl_to = functools.partial(divergence.forward_kl, t_logits[j])
             else:
                 top = teacher_topk.get(rows[i]["key"])
-                if top is None or not torch.equal(top[2], targets[j]):  # the teacher scored other tokens
+                scored = 0 if top is None else recorded_positions(top[2], targets[j])
+                if scored == 0:
                     continue
-                kl_to = functools.partial(divergence.topk_forward_kl, top[0], top[1])
+                kl_to = functools.partial(divergence.topk_forward_kl, top[0][:scored], top[1][:scored])
+            kl_tokens["scored"] += scored
             for who, (logits, _) in by_who.items():
-                per_token = kl_to(logits[j])
+                per_token = kl_to(logits[j][:scored])
                 kl[who][i] = float(per_token.mean())
                 if who == "student":
                     token_kl[i] = per_token.tolist()
     answer_tokens = {i: [t for t, w in zip(d.target_tokens, d.weights) if w > 0] for i, d in plain.items()}
-    return {"nll": out, "kl": kl, "token_kl": token_kl, "answer_tokens": answer_tokens}
+    return {"nll": out, "kl": kl, "kl_tokens": kl_tokens, "token_kl": token_kl, "answer_tokens": answer_tokens}
 
 
 def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Completion]]) -> dict[str, np.ndarray]:
@@ -145,7 +164,23 @@ def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Compl
 
 
 def latency(models: Models, who: str, rows: list[dict], params: SamplingParams) -> dict:
-    """Median time to first token and total time per query, one query at a time."""
+    """Median time to first token and total time per query, one query at a time: in this
+    process for a local model, over streaming for a teacher behind an endpoint (the time to
+    its first text chunk and to its end, as its client sees them)."""
+    if who == "teacher" and models.remote_teacher:
+        done = models.endpoint.timed([r["messages"] for r in rows], params)
+        failed = [c.error for c in done if c.finish_reason == "error"]
+        if failed:
+            raise StageError(f"eval: timing the teacher at {models.teacher_config.base_url} failed: {failed[0]}")
+        ttft, total = [c.first_token_s for c in done], [c.total_s for c in done]
+    else:
+        ttft, total = local_timings(models, who, rows, params)
+    return {"ttft_ms_median": 1000 * statistics.median(ttft), "total_ms_median": 1000 * statistics.median(total),
+            "queries": len(rows)}
+
+
+def local_timings(models: Models, who: str, rows: list[dict], params: SamplingParams) -> tuple[list[float], list[float]]:
+    """Seconds to the first token and to the end of each row's answer, decoded here."""
     sampler = models.sampler(who)
     ttft, total = [], []
     with models.context(who):
@@ -158,8 +193,7 @@ def latency(models: Models, who: str, rows: list[dict], params: SamplingParams) 
             sampler.generate([ids], params, [0], on_token=lambda row, tok: first or first.append(time.perf_counter()))
             total.append(time.perf_counter() - start)
             ttft.append(first[0] - start)
-    return {"ttft_ms_median": 1000 * statistics.median(ttft), "total_ms_median": 1000 * statistics.median(total),
-            "queries": len(rows)}
+    return ttft, total
 
 
 def _num(x: float) -> float | None:
@@ -167,21 +201,53 @@ def _num(x: float) -> float | None:
 
 
 def teacher_topk(rows: list[dict]) -> dict:
-    """Row key -> (top-k ids, their log-probabilities, the sampled ids), from the `logprobs`
-    generate recorded (sampling.top_logprobs), for rows whose tokens carry ids."""
-    out = {}
-    for r in rows:
-        entries = r.get("logprobs") or []
-        if not entries or any(e.get("id") is None or not e.get("top") for e in entries):
-            continue
-        out[r["key"]] = (torch.tensor([[t[1] for t in e["top"]] for e in entries]),
-                         torch.tensor([[t[2] for t in e["top"]] for e in entries]),
-                         torch.tensor([e["id"] for e in entries]))
-    return out
+    """Row key -> recorded_topk, for the rows whose recorded log-probabilities carry token ids."""
+    return {r["key"]: top for r in rows if (top := recorded_topk(r)) is not None}
 
 
 def topk_k(topk: dict) -> int:
-    return next(iter(topk.values()))[0].shape[1] if topk else 0
+    return min(top[0].shape[1] for top in topk.values()) if topk else 0
+
+
+def fidelity_skipped(models: Models, rows: list[dict], topk: dict) -> str:
+    """Why fidelity could not be computed without the teacher here, and what would let it."""
+    why = ("the teacher is behind its endpoint (teacher.backend openai), so only the log-probabilities it returned "
+           "could serve" if models.remote_teacher else
+           "the teacher does not share the student's tokenizer, so only its recorded top-k log-probabilities could serve")
+    ids = "teacher.logprob_token_ids: true (vLLM, distill serve)" if models.remote_teacher else "a teacher that gives token ids"
+    if not any(r.get("logprobs") for r in rows):
+        return f"fidelity skipped: {why}, and teacher.jsonl has none; set sampling.top_logprobs and {ids}, and re-generate"
+    if not topk:
+        return (f"fidelity skipped: {why}, and those in teacher.jsonl carry token text only, no token ids; set {ids} "
+                f"and re-generate")
+    return (f"fidelity skipped: {why}, and no test answer's recorded tokens begin as the student's tokenizer reads the "
+            f"answer: the teacher numbers its tokens otherwise")
+
+
+def sources(cfg: RunConfig, models: Models, quality: dict) -> dict[str, str]:
+    """Where each teacher figure came from, the teacher's weights here or its endpoint (the report
+    shows them); the student's and the base's figures are always this process's."""
+    t = cfg.teacher
+    where = (f"the endpoint {t.base_url} (model {t.served_name})" if models.remote_teacher
+             else "the student's base weights, adapter off" if models.shared else f"the local teacher {t.model}")
+    fidelity = quality.get("fidelity", {}).get("source")
+    return {
+        "teacher": where + ("; no teacher weights loaded here" if models.remote_teacher else ""),
+        "teacher_answers": "teacher.jsonl, as generate recorded them",
+        "teacher_again": f"the ceiling of similarity and persona: sampled again from {where}",
+        "fidelity": ("skipped (see notes)" if not fidelity else
+                     f"{fidelity}, returned by the endpoint with its answers (teacher.jsonl)" if models.remote_teacher else
+                     f"{fidelity}: {where}, teacher-forced here" if models.full_vocab else
+                     f"{fidelity}, recorded with its answers (teacher.jsonl)"),
+        "on_policy_fidelity": (f"{where}, scoring the models' own answers" if "on_policy_fidelity" in quality
+                               else "skipped (see notes)"),
+        "likelihood": "the student's base model WITH the prompt as the ceiling, here",
+        "teacher_tokens": ("the server's usage, as generate recorded it in teacher.jsonl" if models.remote_teacher
+                           else "the teacher's tokenizer, as generate recorded it in teacher.jsonl"),
+        "teacher_latency": (f"over streaming from {t.base_url}: to its first text chunk and its end, as this client "
+                            f"sees them" if models.remote_teacher else "decoded in this process"),
+        "student": "the student's base model and adapter, in this process",
+    }
 
 
 def divergent_tokens(tokenizer, forced: dict, i: int, k: int = 5) -> list[dict] | None:
@@ -267,6 +333,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             topk = None if models.full_vocab else teacher_topk(test)
             forced = teacher_forced(models, test, cfg.system_prompt, topk)
             nll, kl = forced["nll"], forced["kl"]
+            if topk and np.isnan(kl["student"]).all():  # recorded top-k, but on no answer's tokens
+                kl = None
             on_policy = on_policy_kl(models, test, answers) if models.full_vocab else None
         print(f"eval: teacher-forced scores and fidelity in {fmt_seconds(fidelity_time.seconds)}", flush=True)
 
@@ -274,13 +342,18 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         zero = np.zeros(len(test))  # the prompted teacher's KL to itself: the ceiling of both fidelity scores
         if kl is not None:
             quality["fidelity"] = scores.summarise(kl["student"], kl["base"], zero, cfg.eval.bootstrap)
-            quality["fidelity"]["source"] = ("full vocabulary" if models.full_vocab
-                                             else f"teacher's top-{topk_k(topk)} log-probabilities, renormalised")
+            quality["fidelity"]["source"] = ("full vocabulary" if models.full_vocab else
+                                             f"{'endpoint' if models.remote_teacher else 'teacher'}'s top-{topk_k(topk)} "
+                                             f"log-probabilities, renormalised")
+            quality["fidelity"]["tokens"] = forced["kl_tokens"]
         else:
-            notes.append("fidelity skipped: the teacher does not share the student's tokenizer and teacher.jsonl has "
-                         "no log-probabilities with token ids (set sampling.top_logprobs and re-generate)")
+            notes.append(fidelity_skipped(models, test, topk))
         if on_policy is not None:
             quality["on_policy_fidelity"] = scores.summarise(on_policy["student"], on_policy["base"], zero, cfg.eval.bootstrap)
+        elif models.remote_teacher:
+            notes.append("on-policy fidelity skipped: the teacher is behind its endpoint, and scoring the models' own "
+                         "answers would need its log-probabilities of given tokens (prompt log-probabilities), which "
+                         "eval does not ask an endpoint for")
         else:
             notes.append("on-policy fidelity skipped: it needs the teacher to score the student's own answers "
                          "token by token over the student's vocabulary")
@@ -333,7 +406,9 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
         summary = {
             "run": cfg.name, "n_test": len(test),
-            "models": {"teacher": cfg.teacher.model, "student": cfg.student.model},
+            "models": {"teacher": cfg.teacher.model, "student": cfg.student.model,
+                       **({"teacher_endpoint": cfg.teacher.base_url} if models.remote_teacher else {})},
+            "sources": sources(cfg, models, quality),
             "quality": quality, "tokens": tokens, "latency": lat,
             "cost": cost_section(cfg, run, tokens),
             "training": {"steps": max((m["step"] for m in metrics), default=0),

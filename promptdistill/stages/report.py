@@ -41,6 +41,12 @@ SCORES = {
                 "the teacher answering again (another seed)", "higher"),
 }
 
+# summary.json's `sources`: what each names, in the report's words.
+SOURCES = {"teacher": "Teacher", "teacher_answers": "Teacher's answers (the reference)",
+           "teacher_again": "Teacher again", "fidelity": "Fidelity", "on_policy_fidelity": "On-policy fidelity",
+           "likelihood": "Likelihood", "teacher_tokens": "Teacher's token counts", "teacher_latency": "Teacher's latency",
+           "student": "Student and base (answers, scores, tokens, latency)"}
+
 PRICING_EXAMPLE = """\
 pricing:   # example numbers: use your provider's, with source and date (see examples/pricing.md)
   source: "https://your-provider.example/pricing"
@@ -176,12 +182,19 @@ def first_paragraph(summary: dict) -> str:
     else:
         parts.append("there are no cost figures because the config has no pricing section")
     lat = summary.get("latency") or {}
-    parts.append(f"the median time to first token, measured on this machine, is "
-                 f"{duration_ms(_get(lat, 'teacher', 'ttft_ms_median'))} for the teacher vs "
-                 f"{duration_ms(_get(lat, 'student', 'ttft_ms_median'))} for the student")
+    teacher, student = duration_ms(_get(lat, 'teacher', 'ttft_ms_median')), duration_ms(_get(lat, 'student', 'ttft_ms_median'))
+    parts.append(f"the median time to first token is {teacher} for the teacher (over streaming from its endpoint) vs "
+                 f"{student} for the student (on this machine)" if streamed(summary) else
+                 f"the median time to first token, measured on this machine, is {teacher} for the teacher vs "
+                 f"{student} for the student")
     where = f"over {n} test queries" if _ok(n) else "on the test split"
     sentence = f"In numbers, {where}: " + "; ".join(parts[:-1]) + "; and " + parts[-1] + "."
     return f"{verdict.strip()} {sentence}"
+
+
+def streamed(summary: dict) -> bool:
+    """The teacher's latency was timed over streaming from its endpoint, not on this machine."""
+    return bool(_get(summary, "models", "teacher_endpoint"))
 
 
 def pct_points(x, digits: int = 1) -> str:
@@ -211,7 +224,8 @@ def headline(summary: dict) -> list[str]:
     else:
         lines.append("cost: n/a (no pricing section in the config)")
     lat = summary.get("latency") or {}
-    lines.append(f"median latency on this machine: time to first token {duration_ms(_get(lat, 'teacher', 'ttft_ms_median'))} -> "
+    where = "(the teacher's over streaming from its endpoint)" if streamed(summary) else "on this machine"
+    lines.append(f"median latency {where}: time to first token {duration_ms(_get(lat, 'teacher', 'ttft_ms_median'))} -> "
                  f"{duration_ms(_get(lat, 'student', 'ttft_ms_median'))} ({num(lat.get('ttft_ratio'), '.2f')}x), "
                  f"total {duration_ms(_get(lat, 'teacher', 'total_ms_median'))} -> "
                  f"{duration_ms(_get(lat, 'student', 'total_ms_median'))} ({num(lat.get('total_ratio'), '.2f')}x)")
@@ -279,6 +293,7 @@ def build_markdown(summary: dict, rows: list[dict], metrics: list[dict], manifes
           f"+ LoRA adapter answers WITHOUT it; base = the student model with no adapter and no prompt. "
           f"All scores are on {n} held-out test queries.", ""]
     md += [f"- Note: {note}" for note in summary.get("notes") or []] + ([""] if summary.get("notes") else [])
+    md += sources_section(summary)
 
     md += ["## Headline", ""]
     pairs = [line.split(": ", 1) for line in headline(summary)]
@@ -306,6 +321,15 @@ def build_markdown(summary: dict, rows: list[dict], metrics: list[dict], manifes
     else:
         md += ["## Plots", "", "No plots: matplotlib is not installed (`pip install matplotlib`, then re-run `distill report`).", ""]
     return "\n".join(md).rstrip() + "\n"
+
+
+def sources_section(summary: dict) -> list[str]:
+    """Where each figure came from: the teacher's weights here, or its endpoint."""
+    found = summary.get("sources")
+    if not found:
+        return []
+    return (["## Where the numbers come from", ""]
+            + table(["Figure", "From"], [[SOURCES.get(k, k), v] for k, v in found.items()]) + [""])
 
 
 def quality_section(summary: dict, plot: bool) -> list[str]:
@@ -445,8 +469,12 @@ def latency_section(summary: dict, plot: bool) -> list[str]:
     lat = summary.get("latency") or {}
     q = _get(lat, "teacher", "queries")
     md = ["## Latency", "",
-          f"Median per query, measured on this machine during `distill eval` ({q if q is not None else NA} test queries, "
-          "one at a time, greedy decoding, each paying its own prefill). Small samples on a busy machine are noisy.", ""]
+          f"Median per query, measured during `distill eval` ({q if q is not None else NA} test queries, one at a time, "
+          "greedy decoding, each paying its own prefill), "
+          + ("the teacher's over streaming from its endpoint (to its first text chunk and its end, as this client sees "
+             "them: the network and the server's load included), the student's on this machine. "
+             if streamed(summary) else "on this machine. ")
+          + "Small samples on a busy machine are noisy.", ""]
     md += table(["Median per query", "Teacher (with prompt)", "Student (no prompt)", "Student / teacher"], [
         ["Time to first token", duration_ms(_get(lat, "teacher", "ttft_ms_median")),
          duration_ms(_get(lat, "student", "ttft_ms_median")), ratio(lat.get("ttft_ratio"))],
