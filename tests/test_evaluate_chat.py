@@ -60,6 +60,26 @@ def test_cost_follows_the_config_prices(finished_run):
         assert cost["break_even_queries"] == pytest.approx(cost["one_time"]["total"] / saving)
 
 
+def test_with_best_of_the_generation_cost_counts_every_try(finished_run, tmp_path):
+    from promptdistill.stages.evaluate import cost_section
+
+    cfg, run = finished_run
+    rows = [json.loads(l) for l in run.teacher.read_text().splitlines()]
+    copy = RunDir(tmp_path / "run")
+    copy.root.mkdir()
+    copy.teacher.write_text(run.teacher.read_text())
+    # Three tries for the first row (the kept one among them), one for every other, and one of
+    # a row no longer in teacher.jsonl (another query set): not this run's cost.
+    tries = [{"key": rows[0]["key"], "try": i, "tokens": {"prompt": 40, "completion": 100}} for i in range(3)]
+    tries += [{"key": r["key"], "try": 0, "tokens": r["tokens"]} for r in rows[1:]]
+    tries.append({"key": "gone", "try": 0, "tokens": {"prompt": 10**6, "completion": 10**6}})
+    (copy.root / "teacher_tries.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tries))
+    tokens = {"teacher_input": 40, "teacher_output": 9, "student_input": 5, "student_output": 9}
+    one_time = cost_section(cfg, copy, tokens)["one_time"]
+    assert one_time["teacher_answers_paid"] == len(rows) + 2
+    assert one_time["generation"] == pytest.approx((3 * (40 + 100 * 2.0) + (len(rows) - 1) * (40 + 9 * 2.0)) / 1e6)
+
+
 def test_chat_answers_piped_questions_with_and_without_compare(finished_run):
     cfg, run = finished_run
     out = io.StringIO()

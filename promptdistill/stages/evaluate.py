@@ -273,7 +273,11 @@ def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
         "student": p.student.million_calls(tokens["student_input"], tokens["student_output"]),
     }
     teacher_rows = read_jsonl(run.teacher)
-    generation = sum(p.teacher.million_calls(r["tokens"]["prompt"], r["tokens"]["completion"]) for r in teacher_rows) / 1e6
+    # With sampling.best_of every try was paid for, kept or not.
+    keys = {r["key"] for r in teacher_rows}
+    tries = [t for t in read_jsonl(best_of.tries_path(run)) if t["key"] in keys] if best_of.tries_path(run).exists() else []
+    paid = tries or teacher_rows
+    generation = sum(p.teacher.million_calls(r["tokens"]["prompt"], r["tokens"]["completion"]) for r in paid) / 1e6
     trained_tokens = sum(m.get("tokens", 0) for m in read_jsonl(run.metrics))
     training = trained_tokens * p.training_per_1m_tokens / 1e6
     saving_per_query = (per_million["teacher"] - per_million["student"]) / 1e6
@@ -282,7 +286,7 @@ def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
         "per_1m_queries": per_million,
         "saving_pct": 100 * (1 - per_million["student"] / per_million["teacher"]),
         "one_time": {"generation": generation, "training": training, "total": generation + training,
-                     "trained_tokens": trained_tokens},
+                     "trained_tokens": trained_tokens, "teacher_answers_paid": len(paid)},
         "break_even_queries": (generation + training) / saving_per_query if saving_per_query > 0 else None,
     }
 
