@@ -20,8 +20,8 @@ with); anything not given falls back to the run config's `sampling` section, and
 without a seed gets a random one.
 Batching: one worker thread decodes; requests that arrive while a batch decodes wait and
 form the next batch (oldest first, up to --max-batch, those with the same model and
-sampling settings together; it waits up to 50 ms for as many requests as the last batch
-had, the time closed-loop clients take to come back), so each row keeps its own settings and seed and its answer
+sampling settings together; it gathers while requests keep arriving, until none came for
+10 ms, at most 50 ms: a batch's clients come back together), so each row keeps its own settings and seed and its answer
 does not depend on its batch-mates (LocalSampler seeds every row alone). At most
 --max-queue requests wait; beyond that the server answers 503 with Retry-After.
 --max-batch 1 serves one request at a time (the benchmark's baseline).
@@ -237,7 +237,8 @@ def _settle(future: concurrent.futures.Future, result=None, error: BaseException
         pass
 
 
-GATHER_SECONDS = 0.05  # how long a new batch waits for the last batch's clients to come back
+GATHER_SECONDS = 0.05  # the longest a new batch waits for more requests
+QUIET_SECONDS = 0.01  # ...and it stops waiting once none has arrived for this long
 
 
 @dataclass(eq=False)
@@ -259,7 +260,7 @@ class Batcher:
     A batch is the oldest waiting job plus the next waiting jobs with the same model and
     sampling settings (LocalSampler.generate takes one SamplingParams per batch; seeds are
     per row), up to `max_batch`. Jobs arriving meanwhile wait for the next batch, which
-    waits up to GATHER_SECONDS for as many jobs as the last batch had. A client
+    gathers while jobs keep arriving (QUIET_SECONDS apart, GATHER_SECONDS at most). A client
     that goes away cancels its job: skipped if still waiting, left to finish with its batch
     otherwise (the batch stops early only when every row's client has gone)."""
 
@@ -287,14 +288,18 @@ class Batcher:
         with self.ready:
             while not self.waiting:
                 self.ready.wait()
-            # The clients of the last batch send their next requests within milliseconds of
-            # their answers. Starting at once would decode the first arrivals alone and keep the
-            # rest waiting a whole batch (batches then alternate small and large), so wait that
-            # long for as many jobs as the last batch had; a lone client never waits.
+            # A batch's clients get their answers together and send their next requests within
+            # milliseconds. Starting at the first arrival would decode it alone and keep the rest
+            # waiting a whole batch (batches then alternate small and large), so gather while
+            # requests keep arriving: until none came for QUIET_SECONDS, at most GATHER_SECONDS.
             deadline = time.monotonic() + GATHER_SECONDS
-            expected = min(self.max_batch, self.batch_sizes[-1] if self.batch_sizes else 1)
-            while len(self.waiting) < expected and (left := deadline - time.monotonic()) > 0:
+            while len(self.waiting) < self.max_batch:
+                seen, left = len(self.waiting), min(QUIET_SECONDS, deadline - time.monotonic())
+                if left <= 0:
+                    break
                 self.ready.wait(left)
+                if len(self.waiting) == seen:
+                    break
             while True:
                 while self.waiting and self.waiting[0].cancel.is_set():
                     _settle(self.waiting.popleft().future, error=_Cancelled())
