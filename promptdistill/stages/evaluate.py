@@ -275,7 +275,7 @@ def cost_section(cfg: RunConfig, run: RunDir, tokens: dict) -> dict | None:
     teacher_rows = read_jsonl(run.teacher)
     # With sampling.best_of every try was paid for, kept or not.
     keys = {r["key"] for r in teacher_rows}
-    tries = [t for t in read_jsonl(best_of.tries_path(run)) if t["key"] in keys] if best_of.tries_path(run).exists() else []
+    tries = [t for t in read_jsonl(best_of.tries_path(run)) if t["key"] in keys]  # [] without best_of
     paid = tries or teacher_rows
     generation = sum(p.teacher.million_calls(r["tokens"]["prompt"], r["tokens"]["completion"]) for r in paid) / 1e6
     trained_tokens = sum(m.get("tokens", 0) for m in read_jsonl(run.metrics))
