@@ -20,7 +20,7 @@ import torch
 
 from .backends import make_sampler
 from .backends.base import Sampler, SamplingParams
-from .backends.local import LocalSampler, load_causal_lm
+from .backends.local import AnswerScorer, LocalSampler, load_causal_lm
 from .config import RunConfig
 from .models import check_adapter, resolve_model
 from .rundir import RunDir, StageError
@@ -103,6 +103,7 @@ class Models:
         self.full_vocab = not self.remote_teacher and (
             self.shared or self.teacher_tokenizer.get_vocab() == self.tokenizer.get_vocab())
         self.batch_size = cfg.sampling.batch_size
+        self._scorers: dict[str, AnswerScorer] = {}
 
     @functools.cached_property
     def endpoint(self):
@@ -131,3 +132,11 @@ class Models:
 
     def context(self, who: str):
         return self.teacher_context() if who == "teacher" else self.adapter(on=(who == "student"))
+
+    def scorer(self, who: str) -> AnswerScorer:
+        """`who`'s teacher-forced scorer, one per answerer for the whole evaluation: it keeps the
+        system prompt's keys and values between batches, and those depend on the adapter being
+        on or off, so student, base and teacher never share one."""
+        if who not in self._scorers:
+            self._scorers[who] = AnswerScorer(self.teacher if who == "teacher" else self.student)
+        return self._scorers[who]

@@ -176,7 +176,8 @@ class TrainConfig(Strict):
         "on the student's own samples")
     phases: list[Phase] | None = Field(None, min_length=1, description="a schedule, e.g. [{objective: kl, steps: 20}, "
                                        "{objective: on_policy, steps: 10}]; replaces objective and steps/epochs")
-    topk: int = Field(64, ge=1, description="kl: how many of the teacher's likeliest tokens per position are kept")
+    topk: int | None = Field(64, ge=1, description="kl: how many of the teacher's likeliest tokens per position are "
+                             "kept; null: its whole distribution, scored each step by the local teacher (local trainer)")
     sft_weight: float = Field(0.0, ge=0, le=1, description="kl: share of the loss on the teacher's sampled token "
                               "(hard label); the rest on its top-k distribution")
     on_policy: OnPolicyConfig = OnPolicyConfig()

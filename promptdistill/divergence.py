@@ -17,7 +17,8 @@ def forward_kl(teacher_logits: torch.Tensor, model_logits: torch.Tensor) -> torc
     """KL(teacher || model) = sum_v p_t(v) (log p_t(v) - log p_m(v)), over the full vocabulary."""
     t = torch.log_softmax(teacher_logits.float(), -1)
     m = torch.log_softmax(model_logits.float(), -1)
-    return (t.exp() * (t - m)).sum(-1)
+    p = t.exp()
+    return (p * (t - m)).masked_fill(p == 0, 0.0).sum(-1)  # 0 log 0 = 0: a teacher may rule a token out (-inf)
 
 
 def reverse_kl(model_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -37,3 +38,10 @@ def topk_forward_kl(top_ids: torch.Tensor, top_logprobs: torch.Tensor, model_log
     q = renormalised(top_logprobs.float())
     m = torch.log_softmax(model_logits.float(), -1).gather(-1, top_ids)
     return (q.exp() * (q - m)).sum(-1)
+
+
+def sampled_reverse_kl(advantage, weight):
+    """The one-sample reverse-KL estimate log p_model(x) - log p_teacher(x) at each sampled
+    token x, read back from an on-policy datum's advantage = weight x (log p_teacher - log p_model)
+    (the importance_sampling loss's inputs). Tensors or plain floats."""
+    return -advantage / weight

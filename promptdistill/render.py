@@ -44,6 +44,10 @@ class Datum:
     # loss "reverse_kl" (local trainer only): the teacher's log-probabilities over the whole
     # vocabulary at each weighted position, a [positions, vocab] tensor.
     teacher_logprobs: object = None
+    # loss "importance_sampling" (Tinker's policy-gradient loss, -sum(exp(logp - sampling_logprobs) * advantages)),
+    # one value per position, 0 where the weight is 0: the sampler's log-probability of each target and its advantage.
+    sampling_logprobs: list[float] | None = None
+    advantages: list[float] | None = None
 
 
 def render_text(tokenizer, messages: list[Message], generation_prompt: bool) -> str:

@@ -81,6 +81,41 @@ def test_sft_weight_mixes_in_the_sampled_token(model_dir):
     assert [t[-1] for t, w in zip(d.target_tokens, d.weights) if sum(w) > 0] == kl_objective.answer_targets(e)
 
 
+@pytest.mark.parametrize("sft_weight", [0.0, 0.3])
+def test_kl_over_the_whole_vocabulary_is_forward_kl_to_the_prompted_teacher(tmp_path, model_dir, sft_weight):
+    """train.topk null: each step the teacher (here a second tiny model) scores the answers WITH
+    the prompt, and the loss of a datum is, by plain forward passes, sum_t w KL(target_t || student_t)
+    with target = (1 - s) teacher + s one_hot(sampled token)."""
+    from promptdistill.config import RunConfig
+    from promptdistill.objectives import PromptedTeacher, StepContext
+    from promptdistill.backends.local import load_causal_lm
+    from promptdistill.render import prompt_ids
+
+    teacher_dir = save_tiny(tmp_path / "teacher", seed=1)
+    trainer = new_trainer(model_dir)
+    cfg = RunConfig.model_validate({"name": "t", "system_prompt": SYSTEM, "queries": {"files": ["q.jsonl"]}, "teacher": {"model": str(teacher_dir)},
+                                    "student": {"model": str(model_dir)}, "train": {"objective": "kl", "topk": None,
+                                                                                  "sft_weight": sft_weight, "steps": 1}})
+    teacher_model, teacher_tok = load_causal_lm(teacher_dir, "cpu")
+    e = example(trainer)
+    ctx = StepContext(cfg, None, trainer, rows={"q1": {"query": "Where is the treasure?"}},
+                      teacher=PromptedTeacher(teacher_model, teacher_tok, base_of_adapter=False))
+    kl_objective.prepare(ctx, [e])
+    (batch,), loss_fn, total = kl_objective.step_batches(ctx, [e], 0)
+    assert (loss_fn, total) == ("forward_kl", e.n_trainable)
+    got = trainer.forward(batch, loss_fn).loss
+
+    answer = kl_objective.answer_targets(e)
+    prompted = prompt_ids(teacher_tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is the treasure?"}])
+    with torch.no_grad():
+        t = torch.log_softmax(teacher_model(input_ids=torch.tensor([prompted + answer])).logits[0, len(prompted) - 1:-1].double(), -1)
+        m = torch.log_softmax(trainer.model(input_ids=torch.tensor([e.tokens[:-1]])).logits[0].double(), -1)
+    m = m[[i for i, w in enumerate(e.mask[1:]) if w]]
+    target = (1 - sft_weight) * t.exp() + sft_weight * torch.nn.functional.one_hot(torch.tensor(answer), t.shape[-1])
+    expected = (target * (target.clamp_min(1e-300).log() - m)).sum() / total
+    assert got == pytest.approx(float(expected), rel=1e-4)
+
+
 def reverse_kl_to_teacher(cfg, run, adapter: bool) -> float:
     """Mean reverse KL(student || prompted teacher) on greedy answers to the train queries,
     computed outside the trainer: plain forward passes of the teacher and of base or base + adapter."""
@@ -106,6 +141,43 @@ def reverse_kl_to_teacher(cfg, run, adapter: bool) -> float:
             t = teacher(input_ids=torch.tensor([prompted + out])).logits[0, len(prompted) - 1:-1]
         values.append(float(divergence.reverse_kl(m, t).mean()))
     return sum(values) / len(values)
+
+
+def test_on_policys_policy_gradient_form_is_the_exact_reverse_kl_gradient_in_expectation(model_dir):
+    """Tinker takes on_policy as importance_sampling with advantage = teacher - student log-probability.
+    Summed over every token x the student could sample at one position, each weighted by its
+    probability p(x), that loss's gradient is exactly the gradient of KL(p || teacher) there:
+    sum_x p(x) (log p(x) - log q(x)) grad log p(x) = grad KL, since sum_x p(x) grad log p(x) = 0."""
+    from promptdistill.backends.base import Completion
+    from promptdistill.objectives.on_policy import advantage_datum, exact_datum
+    from promptdistill.render import sampled_datum
+
+    trainer = new_trainer(model_dir)
+    user = [{"role": "user", "content": "Where is the treasure?"}]
+    vocab = len(trainer.tokenizer)
+    teacher = torch.log_softmax(2 * torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)), -1)
+    probe = sampled_datum(trainer.tokenizer, user, [0])
+    with torch.no_grad():
+        student = torch.log_softmax(trainer.model(input_ids=torch.tensor([probe.input_tokens])).logits[0, -1].float(), -1)
+
+    trainer.forward_backward([exact_datum(probe, teacher)], "reverse_kl")
+    exact = [p.grad.clone() for p in trainer.params]
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    datums = []
+    for x in range(vocab):
+        answer = Completion(text="", token_ids=[x], prompt_tokens=0, finish_reason="length",
+                            logprobs=[{"token": "", "id": x, "logprob": float(student[x]), "top": []}])
+        datums.append(advantage_datum(sampled_datum(trainer.tokenizer, user, [x], float(student[x].exp())), answer,
+                                      teacher[0, [x]]))
+    assert datums[7].advantages[-1] == pytest.approx(float(student[7].exp() * (teacher[0, 7] - student[7])))
+    result = trainer.forward_backward(datums, "importance_sampling")
+    for a, p in zip(exact, trainer.params):
+        assert torch.allclose(a, p.grad, atol=1e-6, rtol=1e-3)
+    # And the advantages, so weighted, sum to the exact KL itself.
+    assert sum(-d.advantages[-1] for d in datums) == pytest.approx(
+        float(divergence.reverse_kl(student[None], teacher)), rel=1e-4)
+    assert result.tokens == vocab
 
 
 def test_on_policy_lowers_the_reverse_kl_to_a_fixed_teacher(tmp_path, model_dir):

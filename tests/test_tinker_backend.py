@@ -139,6 +139,47 @@ def test_soft_label_datums_are_tinkers_2d_cross_entropy_and_give_the_local_loss(
     assert ours.nll_sum == pytest.approx(local.nll_sum, rel=1e-4)
 
 
+def test_on_policy_datums_are_tinkers_importance_sampling_and_give_the_local_loss(trainer):
+    """on_policy on Tinker: the datums (the student's sampled tokens, the sampler's log-probability
+    of each and its advantage) become importance_sampling's target_tokens/logprobs/advantages;
+    that loss, -sum(exp(logprob - sampling logprob) * advantage), computed from the Tinker Datums
+    alone, equals the local trainer's, and step_result reads a real output as the local one."""
+    from promptdistill.backends.base import Completion
+    from promptdistill.objectives.on_policy import advantage_datum
+    from promptdistill.render import sampled_datum
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, datums = len(trainer.tokenizer), []
+    for q, n in (("Where is the gold?", 5), ("Hi", 3)):
+        tokens = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        answer = Completion(text="", token_ids=tokens, prompt_tokens=0, finish_reason="length",
+                            logprobs=[{"token": "", "id": t, "logprob": -1.0 - 0.1 * i, "top": []} for i, t in enumerate(tokens)])
+        student = sampled_datum(trainer.tokenizer, [{"role": "user", "content": q}], tokens, 1.0 / 8)
+        datums.append(advantage_datum(student, answer, -3 * torch.rand(n, generator=gen)))  # the teacher's log-probabilities
+    trainer.model.eval()
+    outputs, loss = [], 0.0
+    with torch.no_grad():
+        for d in datums:
+            td = to_tinker_datum(d, "importance_sampling")
+            inputs = td.loss_fn_inputs
+            assert set(inputs) == {"target_tokens", "logprobs", "advantages"}
+            assert td.model_input.to_ints() == d.input_tokens and inputs["target_tokens"].tolist() == d.target_tokens
+            assert inputs["logprobs"].tolist() == pytest.approx(d.sampling_logprobs, rel=1e-6)
+            assert inputs["advantages"].tolist() == pytest.approx(d.advantages, rel=1e-6, abs=1e-12)
+            assert [a != 0 for a in d.advantages] == [w > 0 for w in d.weights]  # only the sampled answer counts
+            logits = trainer.model(input_ids=torch.tensor([td.model_input.to_ints()])).logits[0].float()
+            logprobs = torch.log_softmax(logits, -1).gather(1, inputs["target_tokens"].to_torch()[:, None])[:, 0]
+            ratio = torch.exp(logprobs - inputs["logprobs"].to_torch())
+            loss += float(-(ratio * inputs["advantages"].to_torch()).sum())
+            outputs.append({"logprobs": types.TensorData.from_torch(logprobs)})
+    local = trainer.forward(datums, "importance_sampling")
+    assert loss == pytest.approx(local.loss, rel=1e-4)
+    ours = step_result(datums, types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs),
+                       "importance_sampling")
+    assert ours.tokens == local.tokens == 8
+    assert ours.loss == pytest.approx(local.loss, rel=1e-4) and ours.nll_sum == pytest.approx(local.nll_sum, rel=1e-4)
+
+
 def test_a_tinker_student_needs_its_tinker_model_named(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"name": "t", "system_prompt": "Be a pirate.", "teacher": {"model": "smollm2-135m"},
@@ -157,6 +198,8 @@ def test_settings_tinker_cannot_honour_are_refused_naming_the_field(monkeypatch)
     sampler = TinkerSampler(client=None, tokenizer=tiny_tokenizer("chatml"))  # refused before any request
     with pytest.raises(ModelError, match="repetition_penalty"):
         sampler.sample([[{"role": "user", "content": "Hi"}]], SamplingParams(repetition_penalty=1.2), [0])
+    with pytest.raises(ModelError, match="top_logprobs=5"):
+        sampler.sample([[{"role": "user", "content": "Hi"}]], SamplingParams(top_logprobs=5), [0])
     model = ModelConfig(model="smollm2-135m", backend="tinker", api_model="Qwen/Qwen3-8B", api_key_env="PD_TEST_TINKER_KEY")
     monkeypatch.delenv("PD_TEST_TINKER_KEY", raising=False)
     with pytest.raises(ModelError, match=r"\$PD_TEST_TINKER_KEY \(api_key_env\) is not set"):

@@ -10,8 +10,10 @@ model's compute.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,16 @@ def pick_device(spec: str = "auto") -> torch.device:
     return torch.device(spec)
 
 
+@contextlib.contextmanager
+def peft_wrapping():
+    """peft (0.21) reads the model's `is_gradient_checkpointing` when it wraps it, a property
+    transformers 5.24 deprecates with a FutureWarning on every read: that one warning, raised
+    by peft's read and not by our code, is silenced while peft wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+        yield
+
+
 def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str | Path | None = None):
     """(model, tokenizer) in eval mode; with `adapter_dir`, the base model plus that LoRA adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -155,7 +167,8 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model, tokenizer
 
@@ -426,6 +439,8 @@ class LocalTrainer:
     torchrun, each process holds a full copy and optim_step first sums the gradients of all
     processes (see distributed.py), so every copy takes the same step."""
 
+    LOSSES = ("cross_entropy", "forward_kl", "reverse_kl", "importance_sampling")
+
     def __init__(self, model_dir: str | Path, *, rank: int, alpha: float, dropout: float,
                  target_modules: str | list[str], weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  gradient_checkpointing: bool = False, device: str = "auto", seed: int = 0, sample_batch_size: int = 16):
@@ -438,7 +453,8 @@ class LocalTrainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-        self.model = get_peft_model(base, lora)
+        with peft_wrapping():
+            self.model = get_peft_model(base, lora)
         self.device = next(self.model.parameters()).device
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_from_main(self.params)
@@ -451,7 +467,10 @@ class LocalTrainer:
         """(sum of weight x per-token loss, the per-token losses summed unweighted, positions).
         cross_entropy: -log p(target), or with K targets per position the soft cross-entropy
         sum_k w_k (-log p(target_k)) (its per-token value divides by sum_k w_k); reverse_kl:
-        KL(model || teacher) over the vocabulary, the teacher's log-probabilities carried by the datums."""
+        KL(model || teacher) over the vocabulary, the teacher's log-probabilities carried by the datums
+        (forward_kl: KL(teacher || model), the kl objective with the whole distribution);
+        importance_sampling: Tinker's -sum(exp(log p - sampling log p) x advantage), whose per-token
+        value is the sampled reverse-KL estimate the advantages encode (the on_policy objective on Tinker)."""
         if loss_fn == "cross_entropy" and not isinstance(batch[0].target_tokens[0], (list, tuple)):
             nll, weights, _ = self.scorer.token_nll(batch)  # the fused kernel: the SFT path
             return (nll * weights).sum(), nll.detach().sum(), len(nll)
@@ -460,10 +479,16 @@ class LocalTrainer:
             picked = -torch.log_softmax(s.logits, -1).gather(-1, s.target)  # [positions, K]
             per_token = (picked * s.weight).sum(-1) / s.weight.sum(-1)
             return (picked * s.weight).sum(), per_token.detach().sum(), len(per_token)
-        if loss_fn == "reverse_kl":
+        if loss_fn in ("reverse_kl", "forward_kl"):
             teacher = torch.cat([d.teacher_logprobs for d in batch]).to(s.logits.device)
-            per_token = divergence.forward_kl(s.logits, teacher)  # KL(student || teacher)
+            per_token = (divergence.reverse_kl(s.logits, teacher) if loss_fn == "reverse_kl"
+                         else divergence.forward_kl(teacher, s.logits))
             return (per_token * s.weight).sum(), per_token.detach().sum(), len(per_token)
+        if loss_fn == "importance_sampling":
+            old, advantage = (torch.tensor([x for d in batch for x, w in zip(getattr(d, f), d.weights) if w > 0],
+                                           device=s.logits.device) for f in ("sampling_logprobs", "advantages"))
+            logp = torch.log_softmax(s.logits, -1).gather(-1, s.target[:, None]).squeeze(-1)
+            return -(torch.exp(logp - old) * advantage).sum(), divergence.sampled_reverse_kl(advantage, s.weight).sum(), len(logp)
         raise ValueError(f"the local trainer has no loss {loss_fn!r}")
 
     def forward_backward(self, batch: list[Datum], loss_fn: str = "cross_entropy") -> StepResult:

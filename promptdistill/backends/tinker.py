@@ -27,6 +27,7 @@ $TINKER_API_KEY); `base_url` defaults to $TINKER_BASE_URL, then to Tinker's API.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -40,6 +41,7 @@ from pathlib import Path
 import tinker
 from tinker import types
 
+from .. import divergence
 from ..config import LoraConfig, ModelConfig, TrainConfig
 from ..models import ADAPTER_FILES, ModelError, check_adapter, resolve_model
 from ..render import Datum, Message, prompt_ids, stop_token_ids
@@ -48,25 +50,34 @@ from .base import Completion, SamplingParams, StepResult
 from .openai import failed, scrub  # a failed row and the key scrubbed from its text, as there
 
 LOSS_FN = "cross_entropy"
+LOSSES = (LOSS_FN, "importance_sampling")  # sft and kl; on_policy (its policy-gradient form)
 STATE_FILE = "tinker_state.json"  # written last by save_state: train.STATE_FILES lists it
 DOWNLOAD_TIMEOUT = 120  # seconds per adapter file
 NO_EXPORT_STATUS = (404, 405, 501)  # save_weights_external answered so: the server has no external weights
 FATAL_STATUS = (401, 403, 404)  # a sample refused so would fail every row: the key or the model name
 NOT_READY_TRIES = 30  # an archive still being written answers 425; asked again once a second
 MAX_REDIRECTS = 5
+# Our seeds are hashes (up to 48 bits); SkyRL's JAX sampler refuses seeds beyond int32 (HTTP 400),
+# so each is folded into 31 bits, the same fold on every server: a row keeps its one seed.
+SEED_RANGE = 2**31
 
 
 def tinker_batch(batch: list[Datum], loss_fn: str) -> list[types.Datum]:
-    if loss_fn != LOSS_FN:
-        raise StageError(f"train.objective: loss {loss_fn!r} is not built for Tinker yet (its on_policy objective "
-                         f"needs importance_sampling datums); train this objective with student.backend local")
-    return [to_tinker_datum(d) for d in batch]
+    if loss_fn not in LOSSES:
+        raise StageError(f"train: loss {loss_fn!r} has no Tinker form; train this objective with student.backend local")
+    return [to_tinker_datum(d, loss_fn) for d in batch]
 
 
-def to_tinker_datum(d: Datum) -> types.Datum:
+def to_tinker_datum(d: Datum, loss_fn: str = LOSS_FN) -> types.Datum:
     """Our Datum as Tinker's: the same tokens, targets and weights, position for position. Soft
-    labels (K targets per position) become Tinker's 2-D cross_entropy inputs of shape (N, K)."""
+    labels (K targets per position) become Tinker's 2-D cross_entropy inputs of shape (N, K);
+    an on-policy datum becomes importance_sampling's target_tokens, logprobs and advantages."""
     n = len(d.target_tokens)
+    if loss_fn == "importance_sampling":
+        return types.Datum(model_input=types.ModelInput.from_ints(list(d.input_tokens)), loss_fn_inputs={
+            "target_tokens": types.TensorData(data=list(d.target_tokens), dtype="int64", shape=[n]),
+            "logprobs": types.TensorData(data=list(d.sampling_logprobs), dtype="float32", shape=[n]),
+            "advantages": types.TensorData(data=list(d.advantages), dtype="float32", shape=[n])})
     if isinstance(d.target_tokens[0], (list, tuple)):
         k = len(d.target_tokens[0])
         targets = [t for row in d.target_tokens for t in row]
@@ -81,11 +92,21 @@ def to_tinker_datum(d: Datum) -> types.Datum:
     )
 
 
-def step_result(batch: list[Datum], output: types.ForwardBackwardOutput) -> StepResult:
-    """Our StepResult from Tinker's per-datum target logprobs (cross_entropy's `logprobs` output;
-    (N, K) of them for soft labels, whose per-token loss is sum_k w_k (-logprob_k) / sum_k w_k)."""
+def step_result(batch: list[Datum], output: types.ForwardBackwardOutput, loss_fn: str = LOSS_FN) -> StepResult:
+    """Our StepResult from Tinker's per-datum target logprobs (the `logprobs` output;
+    (N, K) of them for soft labels, whose per-token loss is sum_k w_k (-logprob_k) / sum_k w_k).
+    importance_sampling: loss -sum(exp(logprob - sampling logprob) x advantage), per-token value
+    the sampled reverse KL, as the local trainer reports it."""
     loss = nll_sum = 0.0
     tokens = 0
+    if loss_fn == "importance_sampling":
+        for d, out in zip(batch, output.loss_fn_outputs, strict=True):
+            for w, lp, old, adv in zip(d.weights, out["logprobs"].tolist(), d.sampling_logprobs, d.advantages, strict=True):
+                if w > 0:
+                    loss -= math.exp(lp - old) * adv
+                    nll_sum += divergence.sampled_reverse_kl(adv, w)
+                    tokens += 1
+        return StepResult(loss=loss, nll_sum=nll_sum, tokens=tokens)
     for d, out in zip(batch, output.loss_fn_outputs, strict=True):
         for w, lp in zip(d.weights, out["logprobs"].tolist(), strict=True):
             ws, lps = (w, lp) if isinstance(w, (list, tuple)) else ([w], [lp])
@@ -99,11 +120,11 @@ def step_result(batch: list[Datum], output: types.ForwardBackwardOutput) -> Step
 class PendingStep:
     """A submitted forward_backward: its StepResult once Tinker has answered."""
 
-    def __init__(self, batch: list[Datum], future):
-        self.batch, self.future = batch, future
+    def __init__(self, batch: list[Datum], future, loss_fn: str):
+        self.batch, self.future, self.loss_fn = batch, future, loss_fn
 
     def result(self) -> StepResult:
-        return step_result(self.batch, self.future.result())
+        return step_result(self.batch, self.future.result(), self.loss_fn)
 
 
 def api_key(model: ModelConfig) -> str | None:
@@ -164,16 +185,38 @@ class TinkerSampler:
     def sample(self, conversations: list[list[Message]], params: SamplingParams, seeds: list[int]) -> list[Completion]:
         if params.repetition_penalty != 1.0:
             raise ModelError(f"sampling.repetition_penalty={params.repetition_penalty}: Tinker's sampler has none; set it to 1")
+        if params.top_logprobs:
+            raise ModelError(f"sampling.top_logprobs={params.top_logprobs}: the tinker backend records each sampled "
+                             f"token's own log-probability only; leave top_logprobs unset")
         prompts = [prompt_ids(self.tokenizer, c) for c in conversations]
         futures = [self.client.sample(prompt=types.ModelInput.from_ints(p), num_samples=1, sampling_params=types.SamplingParams(
-            max_tokens=params.max_tokens, seed=seed, stop=self.stop_ids, temperature=params.temperature, top_p=params.top_p))
+            max_tokens=params.max_tokens, seed=seed % SEED_RANGE, stop=self.stop_ids, temperature=params.temperature, top_p=params.top_p))
             for p, seed in zip(prompts, seeds, strict=True)]
-        return [self.collect(p, future) for p, future in zip(prompts, futures)]
+        return [self.collect(p, future, params.top_logprobs is not None) for p, future in zip(prompts, futures)]
 
-    def collect(self, prompt: list[int], future) -> Completion:
-        """One row's Completion from its submitted sample; a failure is that row's alone."""
+    def target_logprobs(self, datums: list[Datum]) -> list[list[float]]:
+        """The served model's log-probability of each datum's weighted target tokens, teacher-forced
+        (compute_logprobs on the whole sequence; every datum submitted at once)."""
+        futures = [self.client.compute_logprobs(types.ModelInput.from_ints([*d.input_tokens, d.target_tokens[-1]]))
+                   for d in datums]
+        out = []
+        for d, future in zip(datums, futures):
+            try:
+                scored = future.result()  # scored[i]: log p(token i | tokens before it); target j is token j + 1
+            except Exception as e:  # noqa: BLE001  the step cannot go on without its teacher's judgement
+                raise StageError(f"the teacher {self.spec.served_name if self.spec else ''} on Tinker could not score "
+                                 f"the student's tokens ({scrub(f'{type(e).__name__}: {e}', sent_key(self.spec))}); "
+                                 f"re-run to resume") from None
+            out.append([scored[j + 1] for j, w in enumerate(d.weights) if w > 0])
+        return out
+
+    def collect(self, prompt: list[int], future, logprobs: bool = False) -> Completion:
+        """One row's Completion from its submitted sample; a failure is that row's alone. With
+        `logprobs`, each sampled token's log-probability as the sampler reports it (top_logprobs 0)."""
         try:
             seq = future.result().sequences[0]
+            if logprobs and seq.logprobs is None:
+                return failed("the server sent no log-probabilities of the sampled tokens")
         except tinker.APIStatusError as e:
             text = scrub(f"HTTP {e.status_code}: {e.message}", sent_key(self.spec))
             if e.status_code in FATAL_STATUS:
@@ -182,11 +225,15 @@ class TinkerSampler:
         except Exception as e:  # noqa: BLE001  timeouts, a failed request, a reply the SDK cannot read: this row's
             return failed(scrub(f"{type(e).__name__}: {e}", sent_key(self.spec)))
         return Completion(text=self.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip(),
-                          token_ids=list(seq.tokens), prompt_tokens=len(prompt), finish_reason=seq.stop_reason)
+                          token_ids=list(seq.tokens), prompt_tokens=len(prompt), finish_reason=seq.stop_reason,
+                          logprobs=[{"token": self.tokenizer.decode([t]), "id": t, "logprob": lp, "top": []}
+                                    for t, lp in zip(seq.tokens, seq.logprobs, strict=True)] if logprobs else None)
 
 
 class TinkerTrainer:
     """The Trainer interface on a Tinker LoRA TrainingClient."""
+
+    LOSSES = LOSSES
 
     def __init__(self, model: ModelConfig, lora: LoraConfig, train: TrainConfig):
         self.spec = model  # the student ModelConfig
@@ -200,10 +247,10 @@ class TinkerTrainer:
                      "grad_clip_norm": train.max_grad_norm or 0.0}
 
     def forward_backward(self, batch: list[Datum], loss_fn: str = LOSS_FN) -> PendingStep:
-        return PendingStep(batch, self.client.forward_backward(tinker_batch(batch, loss_fn), LOSS_FN))
+        return PendingStep(batch, self.client.forward_backward(tinker_batch(batch, loss_fn), loss_fn), loss_fn)
 
     def forward(self, batch: list[Datum], loss_fn: str = LOSS_FN) -> StepResult:
-        return step_result(batch, self.client.forward(tinker_batch(batch, loss_fn), LOSS_FN).result())
+        return step_result(batch, self.client.forward(tinker_batch(batch, loss_fn), loss_fn).result(), loss_fn)
 
     def optim_step(self, lr: float) -> dict:
         metrics = self.client.optim_step(types.AdamParams(learning_rate=lr, **self.adam)).result().metrics or {}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import distributed
+from ..backends import make_sampler
 from ..backends.local import AnswerScorer, load_causal_lm
 from ..config import RunConfig
 from ..models import resolve_model
@@ -35,15 +36,19 @@ class PromptedTeacher:
     by the batch). When teacher and student are the same model, the trainer's own model with
     its adapter switched off is the teacher: no second copy in memory."""
 
+    whole_distribution = True  # its logits over the vocabulary, not only the given tokens' log-probabilities
+
     def __init__(self, model, tokenizer, base_of_adapter: bool):
         self.model, self.tokenizer = model, tokenizer
         self.base_of_adapter = base_of_adapter
         self.scorer = AnswerScorer(model)
 
     @classmethod
-    def for_run(cls, cfg: RunConfig, trainer) -> "PromptedTeacher | None":
-        """None when the teacher is not a local model (its judgement then comes only from
-        what generate recorded)."""
+    def for_run(cls, cfg: RunConfig, trainer) -> "PromptedTeacher | RemoteTeacher | None":
+        """The local teacher; a teacher on Tinker when on_policy needs its judgement (it can score
+        given tokens there); else None (its judgement then comes only from what generate recorded)."""
+        if cfg.teacher.backend == "tinker" and "on_policy" in cfg.train.objectives():
+            return RemoteTeacher(make_sampler(cfg.teacher, cfg.sampling.batch_size))
         if cfg.teacher.backend != "local":
             return None
         if cfg.teacher.model == cfg.student.model and cfg.student.backend == "local":
@@ -61,6 +66,28 @@ class PromptedTeacher:
         self.model.train(was_training)
         return [logits for logits, _ in s.per_row(len(datums))]
 
+    def token_logprobs(self, datums: list[Datum]) -> list[torch.Tensor]:
+        """Its log-probability of each datum's weighted target tokens."""
+        return [torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets(d))[:, None]).squeeze(-1)
+                for d, logits in zip(datums, self.logits(datums))]
+
+
+class RemoteTeacher:
+    """A teacher on a server that scores given tokens WITH its prompt (Tinker's compute_logprobs):
+    the log-probability of each weighted target, not its whole distribution."""
+
+    whole_distribution = False
+
+    def __init__(self, sampler):
+        self.sampler, self.tokenizer = sampler, sampler.tokenizer
+
+    def token_logprobs(self, datums: list[Datum]) -> list[torch.Tensor]:
+        return [torch.tensor(lps) for lps in self.sampler.target_logprobs(datums)]
+
+
+def targets(d: Datum) -> list[int]:
+    return [t for t, w in zip(d.target_tokens, d.weights) if w > 0]
+
 
 @dataclass
 class StepContext:
@@ -69,7 +96,7 @@ class StepContext:
     run: RunDir
     trainer: object
     rows: dict[str, dict]  # example id -> its train row (query, answer, teacher row key)
-    teacher: PromptedTeacher | None = None
+    teacher: PromptedTeacher | RemoteTeacher | None = None
     soft_targets: dict = field(default_factory=dict)  # kl: example id -> (top ids, top log-probabilities)
 
 

@@ -17,6 +17,7 @@ compute or store.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -25,11 +26,12 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..answerers import recorded_positions, recorded_topk
-from ..render import Datum, Example, RenderError, render_example, to_datum
+from ..render import Datum, Example, RenderError, render_example, sampled_datum, to_datum
 from ..rundir import StageError, read_jsonl, sha256_text
-from . import StepContext, micro_batches, my_share
+from . import StepContext, micro_batches, my_micro_batches, my_share
 
 LOSS = "cross_entropy"
+FULL = "forward_kl"  # train.topk null: KL(teacher || student) over the whole vocabulary (local trainer)
 TARGETS_DIR = "teacher_topk"
 
 
@@ -73,10 +75,18 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     """Fill ctx.soft_targets (example id -> (top ids, top log-probabilities) per answer token)
     from the store, computing what is missing with the local prompted teacher; without one,
     from what the teacher recorded with its answers."""
-    if ctx.teacher is None:
+    t, cfg = ctx.cfg.train, ctx.cfg
+    local = ctx.teacher is not None and ctx.teacher.whole_distribution  # a teacher that gives its distribution here
+    if t.topk is None:
+        if not local or FULL not in ctx.trainer.LOSSES:
+            raise StageError("train.topk null (the teacher's whole distribution, scored each step) needs a local "
+                             "teacher and student.backend local; set train.topk to a number")
+        if ctx.teacher.tokenizer.get_vocab() != ctx.trainer.tokenizer.get_vocab():
+            raise StageError("train.objective kl: soft labels need teacher and student to share a tokenizer; these two differ")
+        return
+    if not local:
         ctx.soft_targets = recorded_targets(ctx, examples)
         return
-    t, cfg = ctx.cfg.train, ctx.cfg
     root = ctx.run.root / TARGETS_DIR
     stored = load_targets(root)
     keys = {e.id: target_key(ctx.rows[e.id], t.topk, cfg.teacher.model) for e in examples}
@@ -161,7 +171,30 @@ def soft_datum(e: Example, ids: torch.Tensor, logprobs: torch.Tensor, weight: fl
     return Datum(input_tokens=e.tokens[:-1], target_tokens=targets, weights=weights)
 
 
+def full_datums(ctx: StepContext, batch: list[Example], weight: float) -> list[Datum]:
+    """train.topk null: the teacher scores the batch's answers WITH the prompt now (the prompt's
+    keys and values shared), and each datum carries its whole next-token distribution, mixed
+    with the sampled token by sft_weight: the loss is then forward KL(target || student)."""
+    cfg, s = ctx.cfg, ctx.cfg.train.sft_weight
+    prompted = []
+    for e in batch:
+        messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": ctx.rows[e.id]["query"]}]
+        prompted.append(sampled_datum(ctx.teacher.tokenizer, messages, answer_targets(e)))
+    out = []
+    for e, logits in zip(batch, ctx.teacher.logits(prompted)):
+        target = torch.log_softmax(logits, -1)
+        if s > 0:  # log((1 - s) p + s one_hot), in log space: a token the teacher rules out stays at -inf, not nan
+            sampled = torch.full_like(target, float("-inf"))
+            sampled.scatter_(-1, torch.tensor(answer_targets(e))[:, None], 0.0)
+            target = torch.logaddexp(target + math.log(1 - s), sampled + math.log(s)) if s < 1 else sampled
+        weights = [weight if m else 0.0 for m in e.mask[1:]]
+        out.append(Datum(e.tokens[:-1], e.tokens[1:], weights, teacher_logprobs=target))
+    return out
+
+
 def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
     total = sum(e.n_trainable for e in examples)
+    if ctx.cfg.train.topk is None:
+        return [full_datums(ctx, b, 1.0 / total) for b in my_micro_batches(examples, ctx.cfg.train.batch_size)], FULL, total
     mine = [soft_datum(e, *ctx.soft_targets[e.id], 1.0 / total, ctx.cfg.train.sft_weight) for e in my_share(examples)]
     return micro_batches(mine, ctx.cfg.train.batch_size), LOSS, total

@@ -39,7 +39,6 @@ from .. import best_of, divergence, judge, rules, scores, tracking
 from ..answerers import (Models, answer_settings, recorded_positions, recorded_topk, row_seed, sampling_params,
                          student_messages)
 from ..backends.base import Completion, SamplingParams
-from ..backends.local import AnswerScorer
 from ..config import RunConfig
 from ..render import Datum, RenderError, prompt_ids, render_example, sampled_datum, to_datum
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
@@ -78,9 +77,8 @@ def logits_by_row(models: Models, who: str, datums: list[Datum],
                   share_prefix: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Teacher-forced logits at each datum's weighted positions, as `who` (teacher: the
     teacher model; student: adapter on; base: adapter off)."""
-    scorer = AnswerScorer(models.teacher if who == "teacher" else models.student)
     with torch.no_grad(), models.context(who):
-        s = scorer.scored(datums, share_prefix=share_prefix)
+        s = models.scorer(who).scored(datums, share_prefix=share_prefix)
     logits, targets = zip(*s.per_row(len(datums))) if datums else ((), ())
     return list(logits), list(targets)
 
@@ -339,8 +337,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             nll, kl = forced["nll"], forced["kl"]
             if topk and np.isnan(kl["student"]).all():  # recorded top-k, but on no answer's tokens
                 kl = None
-            on_policy = on_policy_kl(models, test, answers) if models.full_vocab else None
-        print(f"eval: teacher-forced scores and fidelity in {fmt_seconds(fidelity_time.seconds)}", flush=True)
+            with Timer() as on_policy_time:
+                on_policy = on_policy_kl(models, test, answers) if models.full_vocab else None
+        print(f"eval: teacher-forced scores and fidelity in {fmt_seconds(fidelity_time.seconds)}"
+              + (f" (on-policy fidelity {fmt_seconds(on_policy_time.seconds)})" if on_policy is not None else ""), flush=True)
 
         quality = {}
         zero = np.zeros(len(test))  # the prompted teacher's KL to itself: the ceiling of both fidelity scores
