@@ -44,7 +44,7 @@ def student() -> ModelConfig:
 @pytest.mark.real_model
 def test_pipeline_trains_the_student_on_tinker_and_evaluates_its_adapter_here(tmp_path):
     run = tmp_path / "run"
-    sets = [x for s in [f"run_dir={run}", *TINY, *STUDENT] for x in ("--set", s)]
+    sets = [x for s in [f"run_dir={run}", *TINY, *STUDENT, "train.objective=sft"] for x in ("--set", s)]
     assert main(["run", EXAMPLE, *sets]) == 0
 
     check_adapter(run / "student", LOCAL_MODEL)  # the downloaded PEFT adapter, on the local base
