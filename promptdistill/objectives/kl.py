@@ -90,7 +90,9 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     root = ctx.run.root / TARGETS_DIR
     stored = load_targets(root)
     keys = {e.id: target_key(ctx.rows[e.id], t.topk, cfg.teacher.model) for e in examples}
-    todo = [e for e in examples if keys[e.id] not in stored]
+    # Under a launcher rank 0 alone computes and writes the missing targets (two writers would
+    # race on one file); the others wait for it, then read them all from the store.
+    todo = [e for e in examples if keys[e.id] not in stored] if distributed.is_main() else []
     size = max(1, cfg.sampling.batch_size // 4)
     for batch in tqdm(micro_batches(todo, size), desc=f"train: teacher top-{t.topk} targets", unit="batch", leave=False):
         datums, kept = [], []
@@ -111,6 +113,9 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
             found[keys[e.id]] = (top_ids, top_lp)
         save_targets(root, found)
         stored.update(found)
+    if distributed.world_size() > 1:
+        distributed.barrier()
+        stored = load_targets(root)
     ctx.soft_targets = {e.id: stored[keys[e.id]] for e in examples}
 
 
