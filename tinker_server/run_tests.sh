@@ -34,9 +34,10 @@ trap 'exit 130' INT TERM
 echo "test-tinker: SkyRL server on 127.0.0.1:$SERVER_PORT (log $WORK/server.log), shim on 127.0.0.1:$SHIM_PORT"
 # Sized for a small CPU machine: SkyRL's defaults (32 LoRA slots, each with its gradients and
 # Adam state, and no activation checkpointing) grew its engine past 19 GB and the OOM killer
-# took it; 4 slots (slot 0 is the base model's) of rank <= 32 are enough for the tests.
+# took it; 8 slots (slot 0 is the base model's: 7 training clients, the opt-in tests make 6)
+# of rank <= 32 are enough for the tests.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} setsid "$VENV/bin/python" "$HERE/serve.py" --backend jax --base-model "$MODEL" \
-  --backend-config '{"max_lora_adapters": 4, "max_lora_rank": 32, "gradient_checkpointing": true}' \
+  --backend-config '{"max_lora_adapters": 8, "max_lora_rank": 32, "gradient_checkpointing": true}' \
   --database-url "sqlite:///$WORK/tinker.db" --checkpoints-base "$WORK/checkpoints" \
   --port "$SERVER_PORT" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!

@@ -202,12 +202,16 @@ class TinkerSampler:
         out = []
         for d, future in zip(datums, futures):
             try:
-                scored = future.result()  # scored[i]: log p(token i | tokens before it); target j is token j + 1
+                scored = future.result()  # log p(each token | the tokens before it)
             except Exception as e:  # noqa: BLE001  the step cannot go on without its teacher's judgement
                 raise StageError(f"the teacher {self.spec.served_name if self.spec else ''} on Tinker could not score "
                                  f"the student's tokens ({scrub(f'{type(e).__name__}: {e}', sent_key(self.spec))}); "
                                  f"re-run to resume") from None
-            out.append([scored[j + 1] for j, w in enumerate(d.weights) if w > 0])
+            # Tinker's SDK gives one entry per token (None for the first); SkyRL's server leaves the first out.
+            skip = len(scored) - len(d.weights)
+            if skip not in (0, 1):
+                raise StageError(f"the teacher on Tinker scored {len(scored)} tokens of a {len(d.weights) + 1}-token sequence")
+            out.append([scored[j + skip] for j, w in enumerate(d.weights) if w > 0])
         return out
 
     def collect(self, prompt: list[int], future, logprobs: bool = False) -> Completion:
