@@ -27,7 +27,7 @@ from ..backends.local import AnswerScorer, load_causal_lm
 from ..config import RunConfig
 from ..models import resolve_model
 from ..render import Datum
-from ..rundir import RunDir
+from ..rundir import RunDir, StageError
 
 
 class PromptedTeacher:
@@ -87,6 +87,12 @@ class RemoteTeacher:
 
 def targets(d: Datum) -> list[int]:
     return [t for t, w in zip(d.target_tokens, d.weights) if w > 0]
+
+
+def check_shared_vocabulary(ctx: "StepContext", why: str) -> None:
+    """The distribution-level objectives compare teacher and student token by token."""
+    if ctx.teacher.tokenizer.get_vocab() != ctx.trainer.tokenizer.get_vocab():
+        raise StageError(f"train.objective {why}, so teacher and student must share a tokenizer; these two differ")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .. import distributed
 from ..answerers import recorded_positions, recorded_topk
 from ..render import Datum, Example, RenderError, render_example, sampled_datum, to_datum
 from ..rundir import StageError, read_jsonl, sha256_text
-from . import StepContext, micro_batches, my_micro_batches, my_share
+from . import StepContext, check_shared_vocabulary, micro_batches, my_micro_batches, my_share, targets
 
 LOSS = "cross_entropy"
 FULL = "forward_kl"  # train.topk null: KL(teacher || student) over the whole vocabulary (local trainer)
@@ -81,8 +81,7 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
         if not local or FULL not in ctx.trainer.LOSSES:
             raise StageError("train.topk null (the teacher's whole distribution, scored each step) needs a local "
                              "teacher and student.backend local; set train.topk to a number")
-        if ctx.teacher.tokenizer.get_vocab() != ctx.trainer.tokenizer.get_vocab():
-            raise StageError("train.objective kl: soft labels need teacher and student to share a tokenizer; these two differ")
+        check_shared_vocabulary(ctx, "kl: soft labels are the teacher's distribution over the student's tokens")
         return
     if not local:
         ctx.soft_targets = recorded_targets(ctx, examples)
@@ -106,7 +105,7 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
             kept.append(e)
         found = {}
         for e, d, logits in zip(kept, datums, ctx.teacher.logits(datums)):
-            if [x for x, w in zip(d.target_tokens, d.weights) if w > 0] != answer_targets(e):
+            if targets(d) != answer_targets(e):
                 raise StageError(f"train.objective kl: example {e.id}: the teacher tokenizes the answer differently "
                                  f"from the student; soft labels need teacher and student to share a tokenizer")
             top_lp, top_ids = torch.log_softmax(logits, -1).topk(t.topk, -1)

@@ -23,7 +23,7 @@ from .. import distributed
 from ..backends.base import SamplingParams
 from ..render import Datum, Example, sampled_datum
 from ..rundir import StageError, sha256_text
-from . import StepContext, micro_batches, my_share
+from . import StepContext, check_shared_vocabulary, micro_batches, my_share
 
 EXACT = "reverse_kl"  # the local trainer: exact over the vocabulary, gradients through the student's distribution
 SAMPLED = "importance_sampling"  # the same objective as a policy gradient on the sampled tokens
@@ -34,9 +34,7 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
         raise StageError(f"train.objective on_policy: teacher {ctx.cfg.teacher.model!r} (backend "
                          f"{ctx.cfg.teacher.backend}) cannot score the student's samples each step; it must be local "
                          f"or on Tinker (use the sft or kl objective)")
-    if ctx.teacher.tokenizer.get_vocab() != ctx.trainer.tokenizer.get_vocab():
-        raise StageError("train.objective on_policy: the teacher scores the student's own tokens, so teacher and "
-                         "student must share a tokenizer; these two differ")
+    check_shared_vocabulary(ctx, "on_policy: the teacher scores the student's own tokens")
 
 
 def exact(ctx: StepContext) -> bool:
