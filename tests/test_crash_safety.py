@@ -188,8 +188,15 @@ def test_reference_run_is_a_real_run(reference):
     """The data the kills are checked against: most answers trainable, val loss moving."""
     teacher = complete_rows(reference / "teacher.jsonl")
     assert len(teacher) == 40 and sum(r["finish_reason"] == "stop" for r in teacher) >= 20
+    # The adapter trains, so "equals the reference's adapter" below says something. Not a
+    # val-loss margin: the teacher's samples are seeded by a key holding the model's tmp path,
+    # so the data differ per pytest run, and on one draw in CI 12 steps moved val loss 0.005
+    # (0.1-0.3 on 16 other draws measured). LoRA's B starts at zero: trained means non-zero.
     metrics = complete_rows(reference / "metrics.jsonl")
-    assert metrics[0]["val_loss"] - metrics[-1]["val_loss"] > 0.01  # the adapter trains
+    assert metrics[0]["val_loss"] != metrics[-1]["val_loss"]
+    adapter = load_file(reference / "student" / "adapter_model.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().max() > 1e-4 for t in lora_b)
     assert [r["step"] for r in complete_rows(reference / "checkpoints.jsonl")] == [2, 4, 6, 8, 10]
 
 
