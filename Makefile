@@ -12,14 +12,21 @@ DISTILL = $(VENV)/bin/distill
 # torch installed would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup model demo test test-tinker test-gguf bench compare clean
+.PHONY: setup setup-dev model demo test test-tinker test-gguf bench compare clean
 
+# The demo needs the package alone; the tests add pytest, the Tinker SDK and what the
+# tests read back (11 s of the demo's set-up when installed with it, measured).
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,tinker]'
 	touch $@
 
@@ -29,15 +36,15 @@ model: setup
 demo: model
 	$(DISTILL) run examples/beethoven/config.yaml
 
-test: model
+test: model setup-dev
 	$(PY) -m pytest -q
 
-test-tinker: model
+test-tinker: model setup-dev
 	tinker_server/run_tests.sh $(PY)
 
 # llama.cpp's llama-simple, built once under $PROMPTDISTILL_HOME/llama.cpp (tests/build_llama_cpp.py);
 # `make test` skips this test unless that binary exists.
-test-gguf: model
+test-gguf: model setup-dev
 	$(PY) tests/build_llama_cpp.py
 	$(PY) -m pytest -q -s tests/test_export.py -k llama_cpp
 
