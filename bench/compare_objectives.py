@@ -7,7 +7,7 @@ Every variant gets its own run dir under runs/objectives/, seeded with the sourc
 config, queries and teacher answers (so no variant pays for generation again, and all
 learn from the very same answers), then `distill train` and `distill eval` as separate
 processes, one at a time. Budgets:
-  steps  every objective gets the source config's optimiser steps;
+  steps  every objective gets the optimiser steps the source run took (else its config's);
   wall   every objective gets as many steps as fit in the sft variant's training seconds,
          at the seconds per step it showed in the steps budget (run steps first).
 The table goes to bench/results/objectives-<budget>.md (and its plot beside it).
@@ -86,8 +86,11 @@ def main() -> None:
     import yaml
 
     train = yaml.safe_load(config)["train"]
+    done = source / "metrics.jsonl"  # the steps the source run took (its truncated answers are not trained)
+    ran = [json.loads(line)["step"] for line in done.read_text().splitlines() if '"lr"' in line] if done.exists() else []
     n_train = sum(json.loads(line)["split"] == "train" for line in (source / "queries.jsonl").read_text().splitlines())
-    steps = train.get("steps") or math.ceil(train["epochs"] * n_train / (train["batch_size"] * train.get("grad_accum", 1)))
+    steps = (max(ran) if ran else train.get("steps")
+             or math.ceil(train["epochs"] * n_train / (train["batch_size"] * train.get("grad_accum", 1))))
     chosen = args.only.split(",") if args.only else list(variants(steps))
     results = {}
     for budget in args.budget.split(","):
@@ -101,7 +104,8 @@ def main() -> None:
                 overrides = variants(fit)[name]
             results[(budget, name)] = run_variant(source, out / f"{budget}-{name}", overrides)
             dirs.append(str(results[(budget, name)]["dir"]))
-            if name == "kl" and not (source / "teacher_topk").exists():  # computed once, reused by the others
+            if (name == "kl" and not (source / "teacher_topk").exists()  # top-k targets: computed once, reused
+                    and (out / f"{budget}-{name}" / "teacher_topk").exists()):  # (kl over the whole vocabulary stores none)
                 shutil.copytree(out / f"{budget}-{name}" / "teacher_topk", source / "teacher_topk")
         report = BENCH / "results" / f"objectives-{budget}.md"
         subprocess.run(DISTILL + ["compare", *dirs, "--out", str(report)], check=True, cwd=ROOT)

@@ -1,6 +1,6 @@
 """Benchmarks: promptdistill's own sampler and trainer against the usual baselines.
 
-    python bench/run.py [--only generation,training,latency,machine,e2e,concurrency] [--quick] [--repeats N]
+    python bench/run.py [--only generation,training,objectives,latency,machine,e2e,concurrency] [--quick] [--repeats N]
 
 Every measured run is a separate child process (bench/workloads.py), started one at a
 time, baseline and ours alternating, on the same model (the embedded SmolLM2-135M),
@@ -16,6 +16,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORKLOADS = BENCH / "workloads.py"
-COMPARISONS = ["machine", "generation", "training", "latency", "e2e", "concurrency"]  # machine first: MFU needs it
+COMPARISONS = ["machine", "generation", "training", "objectives", "latency", "e2e", "concurrency"]  # machine first: MFU needs it
 
 # The settings of the full run; --quick and the size flags shrink them.
 FULL = {
@@ -36,10 +37,13 @@ FULL = {
     "latency": {"queries": 16, "max_tokens": 96},
     "machine": {"matmul_sizes": [1024, 2048], "matmul_repeats": 10},
     "concurrency": {"requests": 128, "latency_s": 0.2, "tokens": 64, "levels": [1, 4, 16, 64]},
+    "objectives": {"objectives": ["sft", "kl", "on_policy"], "steps": 8},
 }
 QUICK = {"generation": {"queries": 16, "max_tokens": 48}, "training": {"examples": 32, "steps": 6},
-         "latency": {"queries": 4, "max_tokens": 48}, "machine": {"matmul_repeats": 5}, "concurrency": {"requests": 64}}
-TARGETS = {"generation": 8.0, "training": 1.5, "ttft": 0.25, "demo_s": 600, "concurrency": 31.0}
+         "latency": {"queries": 4, "max_tokens": 48}, "machine": {"matmul_repeats": 5}, "concurrency": {"requests": 64},
+         "objectives": {"steps": 4}}
+# on_policy_step: its seconds per optimiser step over sft's, both at the demo's settings
+TARGETS = {"generation": 25.0, "training": 2.0, "ttft": 0.25, "demo_s": 600, "concurrency": 31.0, "on_policy_step": 2.0}
 
 
 def settings(args) -> dict:
@@ -155,6 +159,48 @@ def bench_e2e(s: dict, repeats: int) -> dict:
             "complete": bool(seconds) and len(done) == len(seconds) and "report" in seconds}
 
 
+def bench_objectives(s: dict, repeats: int) -> dict:
+    """Seconds per optimiser step of each objective at the demo's settings: `distill train` for
+    a few steps on the demo's own teacher answers (runs/beethoven), one objective at a time,
+    round-robin. A step's seconds are read from metrics.jsonl; the first step (it carries the
+    step-0 validation and the warm-up) is left out, and no validation or checkpoint falls between."""
+    from compare_objectives import seed_run
+
+    o, source = s["objectives"], ROOT / "runs" / "beethoven"
+    if not (source / "teacher.jsonl").exists():
+        return {"source": None}
+    steps = max(3, o["steps"])
+    runs: dict[str, list[dict]] = {name: [] for name in o["objectives"]}
+    for r in range(repeats):
+        for name in o["objectives"]:
+            busy = cpu_busy()
+            print(f"  {name} (round {r + 1}/{repeats}) ...", end="", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                run = Path(tmp) / name
+                seed_run(source, run)
+                sets = [f"train.objective={name}", "train.epochs=null", "train.phases=null", f"train.steps={steps}",
+                        f"train.eval_every={steps}", f"train.save_every={steps + 1}"]
+                proc = subprocess.run([sys.executable, "-m", "promptdistill.cli", "train", str(run),
+                                       *[a for x in sets for a in ("--set", x)]],
+                                      capture_output=True, text=True, env=child_env(), cwd=ROOT)
+                if proc.returncode != 0:
+                    print(f" FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}")
+                    raise SystemExit(1)
+                rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            seconds = [row["seconds"] for row in rows if "lr" in row]
+            per_step = [b - a for a, b in zip(seconds, seconds[1:])]
+            runs[name].append({"median_step_s": statistics.median(per_step), "step_seconds": per_step,
+                               "cpu_busy_before": busy})
+            print(f" {statistics.median(per_step):.2f} s/step")
+    out = {"settings": o | {"steps": steps}, "source": str(source.relative_to(ROOT)), "runs": runs}
+    for name in runs:
+        out[name] = median_run(runs[name], "median_step_s")
+    if "sft" in out:
+        for name in runs:
+            out[name]["ratio_to_sft"] = out[name]["median_step_s"] / out["sft"]["median_step_s"]
+    return out
+
+
 def bench_concurrency(s: dict, repeats: int) -> dict:
     c = s["concurrency"]
     runs = [run_child("concurrency", c, f"OpenAI backend vs fixed-latency server (round {r + 1}/{repeats})")
@@ -163,7 +209,7 @@ def bench_concurrency(s: dict, repeats: int) -> dict:
 
 
 RUNNERS = {"machine": bench_machine, "generation": bench_generation, "training": bench_training,
-           "latency": bench_latency, "e2e": bench_e2e, "concurrency": bench_concurrency}
+           "objectives": bench_objectives, "latency": bench_latency, "e2e": bench_e2e, "concurrency": bench_concurrency}
 
 
 def add_mfu(results: dict) -> None:
@@ -259,6 +305,15 @@ def table(results: dict, info: dict) -> str:
             target = f">= {TARGETS['concurrency']:.0f}x" if level == top else ""
             rows.append((f"  concurrency {level} (ideal {r['ideal_tokens_per_s']:.0f})", "", f"{r['tokens_per_s']:.0f}",
                          f"{r['speedup']:.1f}x", target, check(r["speedup"] >= TARGETS["concurrency"]) if target else ""))
+    if (ob := results.get("objectives")) and ob.get("source") and "sft" in ob:
+        for name in ob["settings"]["objectives"]:
+            if name == "sft":
+                continue
+            ratio = ob[name]["ratio_to_sft"]
+            target = f"<= {TARGETS['on_policy_step']:.0f}x" if name == "on_policy" else ""
+            rows.append((f"{name} step s at the demo's settings (baseline: an sft step)", f"{ob['sft']['median_step_s']:.2f}",
+                         f"{ob[name]['median_step_s']:.2f}", f"{ratio:.2f}x", target,
+                         check(ratio <= TARGETS["on_policy_step"]) if target else ""))
     if m := results.get("machine"):
         sizes = ", ".join(f"{n}: {v:.1f}" for n, v in m["matmul"].items())
         rows.append((f"fp32 matmul GFLOP/s ({m['torch_threads']} torch threads)", "", sizes, "", "", ""))

@@ -7,7 +7,7 @@ import torch
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 from promptdistill.backends.base import SamplingParams
-from promptdistill.backends.local import LocalSampler, LocalTrainer
+from promptdistill.backends.local import LocalSampler, LocalTrainer, lora_merged
 from promptdistill.render import prompt_ids, render_example, to_datum
 
 SYSTEM = "You are a pirate captain of the seven seas. Answer briefly, with salt and swagger, always."
@@ -165,6 +165,35 @@ def test_sampler_from_trainer_uses_the_trained_weights(trainer):
             p.add_(torch.randn_like(p))
     after = trainer.sampler().sample(conv, SamplingParams(temperature=0, max_tokens=6), seeds=[0])[0].token_ids
     assert before != after
+
+
+def test_merged_lora_decodes_what_the_adapter_path_decodes_and_restores_the_weights(trainer):
+    """on_policy samples through lora_merged: the same logits and tokens as peft's adapter path,
+    the base weights bit-identical afterwards, and nothing merged while the adapter is off."""
+    with torch.no_grad():  # a trained-looking adapter: B away from its zero start
+        for p in trainer.params:
+            p.add_(torch.randn_like(p) * 0.05)
+    model, convs = trainer.model, conversations()
+    base = {n: t.clone() for n, t in model.named_parameters() if "lora_" not in n}
+    ids = torch.tensor([prompt_ids(trainer.tokenizer, convs[1])])
+    with torch.no_grad():
+        adapter_path = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits
+        with lora_merged(model):
+            merged = model(input_ids=ids).logits
+        with model.disable_adapter(), lora_merged(model):
+            off = model(input_ids=ids).logits
+    assert not torch.allclose(adapter_path, base_logits, atol=1e-3)  # the adapter changes the answer
+    assert torch.allclose(merged, adapter_path, atol=1e-5)
+    assert torch.equal(off, base_logits)
+    assert all(torch.equal(t, base[n]) for n, t in model.named_parameters() if "lora_" not in n)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    plain = LocalSampler(model, trainer.tokenizer, batch_size=4).sample(convs, greedy, seeds=[0] * len(convs))
+    fast = trainer.sampler()
+    assert fast.merge_lora
+    assert [c.token_ids for c in fast.sample(convs, greedy, seeds=[0] * len(convs))] == [c.token_ids for c in plain]
+    assert all(torch.equal(t, base[n]) for n, t in model.named_parameters() if "lora_" not in n)
 
 
 def test_per_example_scores_do_not_depend_on_batching(trainer):

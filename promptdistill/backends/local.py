@@ -173,6 +173,37 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def lora_merged(model):
+    """The active LoRA adapter added into its base weights for the duration, with peft's
+    adapter path switched off: a decoded token then costs one matmul per linear layer, not
+    three (base, A, B) and peft's bookkeeping around them. The base weights are copied first
+    and put back bit for bit afterwards: merging and unmerging in floating point would drift
+    them, and with them the teacher (the same base with the adapter off) and resumed runs.
+    Does nothing for a model without an active adapter (or inside disable_adapter())."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.disable_adapters and not m.merged]
+    if not layers or any(m.use_dora.get(name) for m in layers for name in m.active_adapters):
+        yield  # nothing to merge, or DoRA, whose delta is not a plain weight sum
+        return
+    saved = []
+    with torch.no_grad():
+        for m in layers:
+            weight = m.get_base_layer().weight
+            saved.append(weight.detach().clone())
+            for name in m.active_adapters:
+                if name in m.lora_A:
+                    weight += m.get_delta_weight(name).to(weight.dtype)
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for m, weight in zip(layers, saved):
+                m.get_base_layer().weight.copy_(weight)
+
+
 @torch.no_grad()
 def prefix_kv(model, prefix: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (keys, values) of `prefix`, [kv_heads, len, head_dim]: one copy that every
@@ -191,8 +222,9 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
 
 
 class LocalSampler:
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    def __init__(self, model, tokenizer, batch_size: int = 16, merge_lora: bool = False):
         self.model = model
+        self.merge_lora = merge_lora  # decode with the adapter folded into the weights (lora_merged)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
@@ -214,10 +246,11 @@ class LocalSampler:
         prompts = [prompt_ids(self.tokenizer, c) for c in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
         out: list[Completion | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            for i, c in zip(idx, self.generate([prompts[i] for i in idx], params, [seeds[i] for i in idx])):
-                out[i] = c
+        with lora_merged(self.model) if self.merge_lora else contextlib.nullcontext():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                for i, c in zip(idx, self.generate([prompts[i] for i in idx], params, [seeds[i] for i in idx])):
+                    out[i] = c
         return out
 
     def _logprob_rows(self, entries: list[tuple]) -> list[dict]:
@@ -534,4 +567,6 @@ class LocalTrainer:
         random.setstate(state["python_rng"])
 
     def sampler(self) -> LocalSampler:
-        return LocalSampler(self.model, self.tokenizer, self.sample_batch_size)
+        """A sampler of the current weights (on_policy's student answers), the adapter merged
+        for decoding: a new one per call, so no prefix cache outlives a step's weights."""
+        return LocalSampler(self.model, self.tokenizer, self.sample_batch_size, merge_lora=True)
