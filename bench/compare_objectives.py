@@ -58,6 +58,14 @@ def seed_run(source: Path, dest: Path) -> None:
         shutil.copytree(source / "teacher_topk", dest / "teacher_topk")
 
 
+def step_rows(run: Path) -> list[dict]:
+    """metrics.jsonl's optimiser-step rows (the step-0 validation row has no lr); [] when absent."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [m for m in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "lr" in m]
+
+
 def run_variant(source: Path, dest: Path, overrides: list[str]) -> dict:
     if not (dest / "summary.json").exists():
         seed_run(source, dest)
@@ -66,8 +74,7 @@ def run_variant(source: Path, dest: Path, overrides: list[str]) -> dict:
             started = time.perf_counter()
             subprocess.run(DISTILL + [verb, str(dest), *sets], check=True, cwd=ROOT)
             print(f"objectives: {dest.name} {verb} in {time.perf_counter() - started:.0f} s", flush=True)
-    metrics = [json.loads(line) for line in (dest / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in metrics if "lr" in m]
+    steps = step_rows(dest)
     return {"dir": dest, "steps": len(steps), "train_seconds": steps[-1]["seconds"] if steps else None,
             "seconds_per_step": steps[-1]["seconds"] / len(steps) if steps else None}
 
@@ -86,11 +93,12 @@ def main() -> None:
     import yaml
 
     train = yaml.safe_load(config)["train"]
-    done = source / "metrics.jsonl"  # the steps the source run took (its truncated answers are not trained)
-    ran = [json.loads(line)["step"] for line in done.read_text().splitlines() if '"lr"' in line] if done.exists() else []
-    n_train = sum(json.loads(line)["split"] == "train" for line in (source / "queries.jsonl").read_text().splitlines())
-    steps = (max(ran) if ran else train.get("steps")
-             or math.ceil(train["epochs"] * n_train / (train["batch_size"] * train.get("grad_accum", 1))))
+    ran = step_rows(source)  # the steps the source run took (its truncated answers are not trained)
+    if ran:
+        steps = ran[-1]["step"]
+    else:
+        n_train = sum(json.loads(line)["split"] == "train" for line in (source / "queries.jsonl").read_text().splitlines())
+        steps = train.get("steps") or math.ceil(train["epochs"] * n_train / (train["batch_size"] * train.get("grad_accum", 1)))
     chosen = args.only.split(",") if args.only else list(variants(steps))
     results = {}
     for budget in args.budget.split(","):

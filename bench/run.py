@@ -73,6 +73,13 @@ def child_env() -> dict:
     return env
 
 
+def exit_on_failure(proc: subprocess.CompletedProcess) -> None:
+    """A failed child ends the benchmark, with the tail of what it printed."""
+    if proc.returncode != 0:
+        print(f" FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}")
+        raise SystemExit(1)
+
+
 def run_child(name: str, spec: dict, label: str) -> dict:
     """Run one workload in a fresh process and return its result."""
     busy = cpu_busy()  # the previous child has exited: anything busy now is someone else
@@ -83,9 +90,7 @@ def run_child(name: str, spec: dict, label: str) -> dict:
         proc = subprocess.run([sys.executable, str(WORKLOADS), name, json.dumps(spec), str(out)],
                               capture_output=True, text=True, env=child_env(), cwd=ROOT)
         wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            print(f" FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}")
-            raise SystemExit(1)
+        exit_on_failure(proc)
         result = json.loads(out.read_text())
     result["process_wall_s"] = wall
     result["cpu_busy_before"] = busy
@@ -164,7 +169,7 @@ def bench_objectives(s: dict, repeats: int) -> dict:
     a few steps on the demo's own teacher answers (runs/beethoven), one objective at a time,
     round-robin. A step's seconds are read from metrics.jsonl; the first step (it carries the
     step-0 validation and the warm-up) is left out, and no validation or checkpoint falls between."""
-    from compare_objectives import seed_run
+    from compare_objectives import seed_run, step_rows
 
     o, source = s["objectives"], ROOT / "runs" / "beethoven"
     if not (source / "teacher.jsonl").exists():
@@ -183,11 +188,8 @@ def bench_objectives(s: dict, repeats: int) -> dict:
                 proc = subprocess.run([sys.executable, "-m", "promptdistill.cli", "train", str(run),
                                        *[a for x in sets for a in ("--set", x)]],
                                       capture_output=True, text=True, env=child_env(), cwd=ROOT)
-                if proc.returncode != 0:
-                    print(f" FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}")
-                    raise SystemExit(1)
-                rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            seconds = [row["seconds"] for row in rows if "lr" in row]
+                exit_on_failure(proc)
+                seconds = [row["seconds"] for row in step_rows(run)]
             per_step = [b - a for a, b in zip(seconds, seconds[1:])]
             runs[name].append({"median_step_s": statistics.median(per_step), "step_seconds": per_step,
                                "cpu_busy_before": busy})
