@@ -278,7 +278,12 @@ def test_torchrun_trains_the_distribution_objectives_like_one_process(project, t
     # on_policy measured 9.2e-5 and 1.2e-4 in two runs (losses, grad norms and every step's token
     # count as one process's, so both drew the same samples): its samples are decoded in other
     # batch shapes on each rank and its reverse KL runs the softmax over the whole vocabulary,
-    # and 4 steps at lr 3e-3 carry that rounding into the weights. The wrong sum (SFT without the
-    # all-reduce, above) is 3.5e-2 off, 70x this bound.
-    assert apart <= (5e-4 if objective == "on_policy" else WEIGHT_TOLERANCE)
+    # and 4 steps at lr 3e-3 carry that rounding into the weights. kl over the whole vocabulary
+    # has the same cause (each rank's teacher scores its half of the step in another batch
+    # shape): 1e-6 to 1e-5 on most draws, 1.09e-4 on CI's (--basetemp .../pytest-23; the data
+    # follow the tmp path), its losses still within LOSS_TOLERANCE. Only stored targets (kl_top8)
+    # are bit-equal inputs. The wrong sum (SFT without the all-reduce, above) is 3.5e-2 off, 70x
+    # this bound.
+    rescored = objective in ("on_policy", "kl_whole_vocabulary")  # the teacher scores on each rank
+    assert apart <= (5e-4 if rescored else WEIGHT_TOLERANCE)
     print(f"{objective}: torchrun, 2 processes vs 1: largest loss difference {worst:.2e}")
