@@ -38,6 +38,10 @@ def variants(steps: int) -> dict[str, list[str]]:
         "sft": ["train.objective=sft", *budget],
         "kl": ["train.objective=kl", *budget],
         "on_policy": ["train.objective=on_policy", *budget],
+        # the stored alternatives of the two: top-256 soft labels scored once (plus the rest of the
+        # vocabulary as one bin), and the student's answers of 8 steps sampled in one decode
+        "kl_top256": ["train.objective=kl", "train.topk=256", *budget],
+        "on_policy_ahead8": ["train.objective=on_policy", "train.on_policy.sample_ahead=8", *budget],
         "kl_then_on_policy": ["train.epochs=null", "train.steps=null",
                               f"train.phases=[{{objective: kl, steps: {first}}}, "
                               f"{{objective: on_policy, steps: {max(1, steps - first)}}}]"],
@@ -74,16 +78,21 @@ def run_variant(source: Path, dest: Path, overrides: list[str]) -> dict:
             started = time.perf_counter()
             subprocess.run(DISTILL + [verb, str(dest), *sets], check=True, cwd=ROOT)
             print(f"objectives: {dest.name} {verb} in {time.perf_counter() - started:.0f} s", flush=True)
+            if verb == "train":  # with model loading and any soft labels scored before the first step
+                (dest / "train_wall_s").write_text(f"{time.perf_counter() - started:.1f}\n")
     steps = step_rows(dest)
+    wall = dest / "train_wall_s"
     return {"dir": dest, "steps": len(steps), "train_seconds": steps[-1]["seconds"] if steps else None,
-            "seconds_per_step": steps[-1]["seconds"] / len(steps) if steps else None}
+            "seconds_per_step": steps[-1]["seconds"] / len(steps) if steps else None,
+            "train_wall": float(wall.read_text()) if wall.exists() else None}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="source", default="runs/beethoven", help="a run dir with teacher answers")
     ap.add_argument("--budget", default="steps,wall", help="steps, wall, or both")
-    ap.add_argument("--only", default=None, help="comma list of variants (default: all four)")
+    ap.add_argument("--only", default=None, help="comma list of variants (default: all)")
+    ap.add_argument("--tag", default="", help="report name suffix: bench/results/objectives-<budget>-<tag>.md")
     ap.add_argument("--out", default=str(ROOT / "runs" / "objectives"))
     args = ap.parse_args()
     source, out = (ROOT / args.source).resolve(), Path(args.out).resolve()
@@ -115,13 +124,14 @@ def main() -> None:
             if (name == "kl" and not (source / "teacher_topk").exists()  # top-k targets: computed once, reused
                     and (out / f"{budget}-{name}" / "teacher_topk").exists()):  # (kl over the whole vocabulary stores none)
                 shutil.copytree(out / f"{budget}-{name}" / "teacher_topk", source / "teacher_topk")
-        report = BENCH / "results" / f"objectives-{budget}.md"
+        report = BENCH / "results" / f"objectives-{budget}{'-' + args.tag if args.tag else ''}.md"
         subprocess.run(DISTILL + ["compare", *dirs, "--out", str(report)], check=True, cwd=ROOT)
         print(f"objectives: {budget} budget table in {report}", flush=True)
         for name in chosen:
             r = results[(budget, name)]
             print(f"  {name}: {r['steps']} steps, {r['train_seconds']:.0f} s of training, "
-                  f"{r['seconds_per_step']:.2f} s/step", flush=True)
+                  f"{r['seconds_per_step']:.2f} s/step"
+                  + (f", train stage {r['train_wall']:.0f} s wall" if r.get("train_wall") else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ class Models:
                              f"(teacher.backend openai): it has no local copy here to decode with")
         if who == "teacher":
             return LocalSampler(self.teacher, self.teacher_tokenizer, self.batch_size)
-        return LocalSampler(self.student, self.tokenizer, self.batch_size)
+        # The student decodes as it is deployed (export merged, gguf): its adapter in the weights.
+        return LocalSampler(self.student, self.tokenizer, self.batch_size, merge_lora=who == "student")
 
     def answerer(self, who: str) -> Sampler:
         """What answers as `who`: its local sampler, or the remote teacher's endpoint."""

@@ -162,6 +162,10 @@ class OnPolicyConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1, description="default: sampling.max_tokens")
     samples_per_query: int = Field(1, ge=1, description="answers sampled per train query in a step")
+    sample_ahead: int = Field(1, ge=1, description="steps whose answers are sampled in one decode, with the weights of "
+                              "the first of them (1: every step samples with its own weights); decoding is memory-bound, "
+                              "so K steps' answers cost little more than one step's, and step i of a group learns on "
+                              "answers i steps old")
 
 
 class Phase(Strict):

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 from tiny import save_tiny, trained_tiny_run
 
 from promptdistill import divergence
 from promptdistill.backends.local import LocalTrainer
 from promptdistill.objectives import kl as kl_objective
+from promptdistill.objectives import on_policy
 from promptdistill.render import render_example
+from promptdistill.stages.train import load_split, render_all, step_examples
 
 SYSTEM = "You are a pirate captain of the seven seas. Answer briefly, with salt and swagger, always."
 
@@ -69,6 +72,34 @@ def test_kl_gradient_equals_autograd_through_an_explicit_kl(model_dir):
     explicit.backward()
     for a, p in zip(ours, trainer.params):
         assert torch.allclose(a, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_with_rest_is_the_forward_kl_over_the_top_k_and_one_bin_for_the_rest(model_dir):
+    # The local trainer's top-k loss: the teacher's k tokens at their own probabilities and one
+    # more bin, every other token together. Loss and gradient against the explicit k+1-bin KL.
+    trainer = new_trainer(model_dir)
+    e = example(trainer)
+    n, k = e.n_trainable, 5
+    teacher_logp = torch.log_softmax(2 * torch.randn(n, len(trainer.tokenizer), generator=torch.Generator().manual_seed(2)), -1)
+    top_lp, top_ids = teacher_logp.topk(k)
+    datum = kl_objective.soft_datum(e, top_ids, top_lp, weight=0.5, sft_weight=0.0, rest=True)
+    assert sum(row[-1] == -1 for row in datum.target_tokens) == n  # one rest bin per answer position
+    result = trainer.forward_backward([datum], kl_objective.REST)
+    ours = [p.grad.clone() for p in trainer.params]
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    logits = trainer.model(input_ids=torch.tensor([e.tokens[:-1]])).logits[0]
+    positions = [i for i, m in enumerate(e.mask[1:]) if m]
+    student = torch.log_softmax(logits[positions].double(), -1)
+    p_top, q_top = top_lp.double().exp(), student.gather(-1, top_ids).exp()
+    p_bins = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    q_bins = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    cross_entropy = -(p_bins * q_bins.log()).sum()
+    assert result.loss == pytest.approx(0.5 * float(cross_entropy), rel=1e-5)
+    binned_kl = (p_bins * (p_bins.log() - q_bins.log())).sum()  # the same gradient: the teacher's entropy is constant
+    (0.5 * binned_kl).backward()
+    for a, p in zip(ours, trainer.params):
+        assert torch.allclose(a, p.grad.float(), atol=1e-6, rtol=1e-4)
 
 
 def test_sft_weight_mixes_in_the_sampled_token(model_dir):
@@ -191,6 +222,40 @@ def test_on_policy_lowers_the_reverse_kl_to_a_fixed_teacher(tmp_path, model_dir)
     before, after = reverse_kl_to_teacher(cfg, run, adapter=False), reverse_kl_to_teacher(cfg, run, adapter=True)
     print(f"reverse KL to the teacher: base {before:.4f}, after on_policy {after:.4f}")
     assert after < 0.7 * before, (before, after)
+
+
+def test_sample_ahead_draws_a_groups_answers_in_one_decode(tmp_path, model_dir, monkeypatch):
+    # sample_ahead 3 over 5 steps: steps 1-3 are sampled in one decode with step 1's weights,
+    # steps 4-5 (the run ends there) in another, each row with its own step's seed.
+    decodes = []
+    sampler = LocalTrainer.sampler
+
+    def recording(self):
+        s = sampler(self)
+        sample = s.sample
+        s.sample = lambda conversations, params, seeds: decodes.append(seeds) or sample(conversations, params, seeds)
+        return s
+
+    monkeypatch.setattr(LocalTrainer, "sampler", recording)
+    train = {"objective": "on_policy", "steps": 5, "batch_size": 4, "lr": 1e-2, "eval_every": 5,
+             "on_policy": {"max_tokens": 6, "sample_ahead": 3}}
+    (tmp_path / "ahead").mkdir()
+    (tmp_path / "plain").mkdir()
+    cfg, run = trained_tiny_run(tmp_path / "ahead", model_dir, 16, system_prompt=SYSTEM, train=train)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student.model)
+    examples, _ = render_all(tokenizer, load_split(cfg, run)["train"], cfg.train.max_seq_len)
+    expected = [[on_policy.sample_seed(e.id, 0, cfg.train.seed, s) for s in group for e in step_examples(examples, s, cfg.train)]
+                for group in ([0, 1, 2], [3, 4])]
+    assert [sorted(d) for d in decodes] == [sorted(e) for e in expected]
+    ahead = [json.loads(l) for l in run.metrics.read_text().splitlines() if "train_loss" in json.loads(l)]
+
+    # Step 1 is the same step as without sample_ahead (same weights, examples and seeds).
+    decodes.clear()
+    _, plain = trained_tiny_run(tmp_path / "plain", model_dir, 16, system_prompt=SYSTEM,
+                                train=train | {"on_policy": {"max_tokens": 6}})
+    assert len(decodes) == 5
+    first = [json.loads(l) for l in plain.metrics.read_text().splitlines() if "train_loss" in json.loads(l)][0]
+    assert ahead[0]["tokens"] == first["tokens"] and ahead[0]["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5)
 
 
 def test_a_schedule_runs_its_phases_in_order(tmp_path, model_dir):

@@ -246,12 +246,16 @@ class LocalSampler:
         prompts = [prompt_ids(self.tokenizer, c) for c in conversations]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
         out: list[Completion | None] = [None] * len(prompts)
-        with lora_merged(self.model) if self.merge_lora else contextlib.nullcontext():
+        with self.merged():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 for i, c in zip(idx, self.generate([prompts[i] for i in idx], params, [seeds[i] for i in idx])):
                     out[i] = c
         return out
+
+    def merged(self):
+        """The context `generate` calls decode in: the adapter merged when merge_lora is set."""
+        return lora_merged(self.model) if self.merge_lora else contextlib.nullcontext()
 
     def _logprob_rows(self, entries: list[tuple]) -> list[dict]:
         def text(i: int) -> str:
@@ -472,7 +476,7 @@ class LocalTrainer:
     torchrun, each process holds a full copy and optim_step first sums the gradients of all
     processes (see distributed.py), so every copy takes the same step."""
 
-    LOSSES = ("cross_entropy", "forward_kl", "reverse_kl", "importance_sampling")
+    LOSSES = ("cross_entropy", "cross_entropy_with_rest", "forward_kl", "reverse_kl", "importance_sampling")
 
     def __init__(self, model_dir: str | Path, *, rank: int, alpha: float, dropout: float,
                  target_modules: str | list[str], weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
@@ -502,14 +506,23 @@ class LocalTrainer:
         sum_k w_k (-log p(target_k)) (its per-token value divides by sum_k w_k); reverse_kl:
         KL(model || teacher) over the vocabulary, the teacher's log-probabilities carried by the datums
         (forward_kl: KL(teacher || model), the kl objective with the whole distribution);
+        cross_entropy_with_rest: the soft cross-entropy where a target id of -1 stands for all the
+        tokens the position's other targets do not name, as one bin (log p of it = logsumexp of
+        their logits - logsumexp of all): stored top-k soft labels with the mass they leave out;
         importance_sampling: Tinker's -sum(exp(log p - sampling log p) x advantage), whose per-token
         value is the sampled reverse-KL estimate the advantages encode (the on_policy objective on Tinker)."""
         if loss_fn == "cross_entropy" and not isinstance(batch[0].target_tokens[0], (list, tuple)):
             nll, weights, _ = self.scorer.token_nll(batch)  # the fused kernel: the SFT path
             return (nll * weights).sum(), nll.detach().sum(), len(nll)
         s = self.scorer.scored(batch)
-        if loss_fn == "cross_entropy":
-            picked = -torch.log_softmax(s.logits, -1).gather(-1, s.target)  # [positions, K]
+        if loss_fn in ("cross_entropy", "cross_entropy_with_rest"):
+            rest = s.target < 0
+            named = torch.where(rest, s.target[:, :1], s.target)  # the rest bin's column repeats a named id
+            picked = -torch.log_softmax(s.logits, -1).gather(-1, named)  # [positions, K]
+            if loss_fn == "cross_entropy_with_rest":
+                log_rest = (torch.logsumexp(s.logits.scatter(-1, named, float("-inf")), -1)
+                            - torch.logsumexp(s.logits, -1))
+                picked = torch.where(rest, -log_rest[:, None], picked)
             per_token = (picked * s.weight).sum(-1) / s.weight.sum(-1)
             return (picked * s.weight).sum(), per_token.detach().sum(), len(per_token)
         if loss_fn in ("reverse_kl", "forward_kl"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -26,7 +27,7 @@ from ..backends import make_sampler
 from ..backends.local import AnswerScorer, load_causal_lm
 from ..config import RunConfig
 from ..models import resolve_model
-from ..render import Datum
+from ..render import Datum, Example
 from ..rundir import RunDir, StageError
 
 
@@ -104,6 +105,9 @@ class StepContext:
     rows: dict[str, dict]  # example id -> its train row (query, answer, teacher row key)
     teacher: PromptedTeacher | RemoteTeacher | None = None
     soft_targets: dict = field(default_factory=dict)  # kl: example id -> (top ids, top log-probabilities)
+    steps: int = 0  # the run's optimiser steps
+    examples_at: Callable[[int], list[Example]] | None = None  # the examples of any step (on_policy's sample_ahead)
+    samples: dict = field(default_factory=dict)  # on_policy: step -> (its (example id, sample), the student's answers)
 
 
 def my_share(items: list) -> list:

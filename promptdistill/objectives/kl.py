@@ -1,7 +1,9 @@
 """kl: soft labels, off-policy. At every answer token the student WITHOUT the prompt is
-trained on the cross-entropy against the teacher's next-token distribution WITH the prompt,
-kept as its top-k tokens renormalised (raw log-probabilities: before temperature and
-penalties). That is forward KL(teacher || student) up to the teacher's own entropy, and it
+trained on the cross-entropy against the teacher's next-token distribution WITH the prompt
+(raw log-probabilities: before temperature and penalties), kept as its top-k tokens. The local
+trainer takes them as they are plus one bin for the mass they leave out (all other tokens
+together: cross_entropy_with_rest); Tinker's cross_entropy takes the top-k renormalised. That
+is forward KL(teacher || student) over those k + 1 bins up to the teacher's own entropy, and it
 carries what the prompt does to every alternative, where a sampled answer carries one token.
 `train.sft_weight` mixes in the sampled token itself.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +33,8 @@ from ..render import Datum, Example, RenderError, render_example, sampled_datum,
 from ..rundir import StageError, read_jsonl, sha256_text
 from . import StepContext, check_shared_vocabulary, micro_batches, my_micro_batches, my_share, targets
 
-LOSS = "cross_entropy"
+LOSS = "cross_entropy"  # top-k renormalised: what Tinker's cross_entropy takes
+REST = "cross_entropy_with_rest"  # top-k as they are, plus one bin for the rest of the vocabulary (local trainer)
 FULL = "forward_kl"  # train.topk null: KL(teacher || student) over the whole vocabulary (local trainer)
 TARGETS_DIR = "teacher_topk"
 
@@ -93,6 +97,7 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     # race on one file); the others wait for it, then read them all from the store.
     todo = [e for e in examples if keys[e.id] not in stored] if distributed.is_main() else []
     size = max(1, cfg.sampling.batch_size // 4)
+    started = time.perf_counter()
     for batch in tqdm(micro_batches(todo, size), desc=f"train: teacher top-{t.topk} targets", unit="batch", leave=False):
         datums, kept = [], []
         for e in batch:
@@ -112,6 +117,9 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
             found[keys[e.id]] = (top_ids, top_lp)
         save_targets(root, found)
         stored.update(found)
+    if todo:
+        print(f"train: the teacher's top-{t.topk} targets of {len(todo)} answers in {time.perf_counter() - started:.1f}s "
+              f"(stored in {TARGETS_DIR}/)", flush=True)
     if distributed.world_size() > 1:
         distributed.barrier()
         stored = load_targets(root)
@@ -155,11 +163,18 @@ def recorded_targets(ctx: StepContext, examples: list[Example]) -> dict[str, tup
     return out
 
 
-def soft_datum(e: Example, ids: torch.Tensor, logprobs: torch.Tensor, weight: float, sft_weight: float) -> Datum:
+def soft_datum(e: Example, ids: torch.Tensor, logprobs: torch.Tensor, weight: float, sft_weight: float,
+               rest: bool = False) -> Datum:
     """Datum with K targets per position: the teacher's top-k tokens, weighted by their
-    renormalised probabilities (x weight), plus the sampled token when sft_weight > 0."""
-    q = torch.softmax(logprobs.float(), -1) * (1 - sft_weight) * weight
-    k = ids.shape[1] + (1 if sft_weight > 0 else 0)
+    renormalised probabilities (x weight), plus the sampled token when sft_weight > 0.
+    rest: the top-k keep their own probabilities and one more target, id -1, carries the mass
+    they leave out, for every other token together (the cross_entropy_with_rest loss): the
+    student then learns how much the teacher puts outside its top k, not only how it splits the
+    top k. (With sft_weight > 0, a sampled token outside the top k is left out of the rest bin.)"""
+    p = logprobs.float().exp() if rest else torch.softmax(logprobs.float(), -1)
+    q = p * (1 - sft_weight) * weight
+    outside = (1 - p.sum(-1)).clamp(min=0) * (1 - sft_weight) * weight
+    k = ids.shape[1] + (1 if rest else 0) + (1 if sft_weight > 0 else 0)
     targets, weights, j = [], [], 0
     for tok, m in zip(e.tokens[1:], e.mask[1:]):
         if not m:
@@ -167,6 +182,8 @@ def soft_datum(e: Example, ids: torch.Tensor, logprobs: torch.Tensor, weight: fl
             weights.append([0.0] * k)
             continue
         row_ids, row_w = ids[j].tolist(), q[j].tolist()
+        if rest:
+            row_ids, row_w = row_ids + [-1], row_w + [float(outside[j])]
         if sft_weight > 0:
             row_ids, row_w = row_ids + [tok], row_w + [sft_weight * weight]
         targets.append(row_ids)
@@ -200,5 +217,6 @@ def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[
     total = sum(e.n_trainable for e in examples)
     if ctx.cfg.train.topk is None:
         return [full_datums(ctx, b, 1.0 / total) for b in my_micro_batches(examples, ctx.cfg.train.batch_size)], FULL, total
-    mine = [soft_datum(e, *ctx.soft_targets[e.id], 1.0 / total, ctx.cfg.train.sft_weight) for e in my_share(examples)]
-    return micro_batches(mine, ctx.cfg.train.batch_size), LOSS, total
+    rest = REST in ctx.trainer.LOSSES
+    mine = [soft_datum(e, *ctx.soft_targets[e.id], 1.0 / total, ctx.cfg.train.sft_weight, rest) for e in my_share(examples)]
+    return micro_batches(mine, ctx.cfg.train.batch_size), REST if rest else LOSS, total

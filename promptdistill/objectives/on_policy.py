@@ -13,6 +13,14 @@ on-policy distillation): the same gradient in expectation, from one sample per p
 
 The samples are a pure function of (train.seed, step, example, sample index) and the
 weights, so a run resumed from a checkpoint draws the same answers it would have drawn.
+
+`train.on_policy.sample_ahead` K > 1 samples the answers of K steps in one decode, with the
+weights at the first of them (groups start at multiples of K). Decoding a 135M model on a CPU
+is bound by reading the weights once per token, not by the batch: 8 steps' answers (64 rows)
+cost about as much as one step's 8, and the later steps of a group learn on answers a few steps
+old, as asynchronous RL does (the exact loss still takes the current student's distribution at
+those positions; the sampled form's importance ratio corrects for the old sampler). A run
+resumed inside a group samples the rest of that group with its resumed weights.
 """
 
 from __future__ import annotations
@@ -46,16 +54,32 @@ def sample_seed(example_id: str, sample: int, seed: int, step: int) -> int:
     return int(sha256_text(f"{example_id}\x00{sample}\x00{seed}\x00{step}")[:12], 16)
 
 
-def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
-    cfg, op, whole = ctx.cfg, ctx.cfg.train.on_policy, exact(ctx)
-    mine = [(e.id, s) for e in my_share(examples) for s in range(op.samples_per_query)]
-    queries = [ctx.rows[i]["query"] for i, _ in mine]
-    params = SamplingParams(temperature=op.temperature, top_p=op.top_p,
-                            max_tokens=op.max_tokens or cfg.sampling.max_tokens, top_logprobs=None if whole else 0)
-    seeds = [sample_seed(i, s, cfg.train.seed, step) for i, s in mine]
-    answers = ctx.trainer.sampler().sample([[{"role": "user", "content": q}] for q in queries], params, seeds)
+def sample_group(ctx: StepContext, examples: list[Example], step: int) -> None:
+    """Sample the student's answers for `step` and the rest of its group of sample_ahead steps
+    (those that are on_policy steps of this run) in one decode; keep them in ctx.samples."""
+    cfg, op = ctx.cfg, ctx.cfg.train.on_policy
+    group = [s for s in range(step, step + op.sample_ahead - step % op.sample_ahead)
+             if s == step or (s < ctx.steps and cfg.train.objective_at(s) == "on_policy")]
+    mine = {s: [(e.id, k) for e in my_share(examples if s == step else ctx.examples_at(s))
+                for k in range(op.samples_per_query)] for s in group}
+    flat = [(s, i, k) for s in group for i, k in mine[s]]
+    params = SamplingParams(temperature=op.temperature, top_p=op.top_p, max_tokens=op.max_tokens or cfg.sampling.max_tokens,
+                            top_logprobs=None if exact(ctx) else 0)
+    answers = ctx.trainer.sampler().sample([[{"role": "user", "content": ctx.rows[i]["query"]}] for _, i, _ in flat],
+                                           params, [sample_seed(i, k, cfg.train.seed, s) for s, i, k in flat])
     if failed := next((a for a in answers if a.finish_reason == "error"), None):
         raise StageError(f"train: step {step + 1}: the student's sampler failed ({failed.error}); re-run to resume")
+    for s in group:
+        ctx.samples[s] = (mine[s], answers[:len(mine[s])])
+        answers = answers[len(mine[s]):]
+
+
+def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
+    cfg, whole = ctx.cfg, exact(ctx)
+    if step not in ctx.samples:
+        sample_group(ctx, examples, step)
+    mine, answers = ctx.samples.pop(step)
+    queries = [ctx.rows[i]["query"] for i, _ in mine]
     total, = distributed.sum_across([sum(a.completion_tokens for a in answers)])
     total = int(total)
     datums = []

@@ -89,7 +89,8 @@ def step_examples(examples: list[Example], step: int, t: TrainConfig) -> list[Ex
 
 def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
     nll = tokens = 0
-    for batch in my_micro_batches(examples, batch_size):
+    by_length = sorted(examples, key=lambda e: len(e.tokens))  # batches of similar lengths: less padding
+    for batch in my_micro_batches(by_length, batch_size):
         result = trainer.forward([to_datum(e) for e in batch])
         nll += result.nll_sum
         tokens += result.tokens
@@ -219,7 +220,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             f"train.max_seq_len={t.max_seq_len}; raise those (a new sampling.max_tokens needs `distill generate --force`)"
         )
     steps = total_steps(cfg, len(train))
-    ctx = StepContext(cfg, run, trainer, rows={r["id"]: r for r in splits["train"]})
+    ctx = StepContext(cfg, run, trainer, rows={r["id"]: r for r in splits["train"]}, steps=steps,
+                      examples_at=lambda s: step_examples(train, s, t))
     if t.objectives() != {"sft"}:
         ctx.teacher = PromptedTeacher.for_run(cfg, trainer)
         for name in sorted(t.objectives()):
