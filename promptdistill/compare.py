@@ -168,8 +168,10 @@ def plot_retained(runs: list[dict], path: Path) -> None:
             m = 100 * mean
             xs.append(x)
             ys.append(m)
-            err[0].append(m - 100 * ci[0] if _ok(ci[0]) else 0)
-            err[1].append(100 * ci[1] - m if _ok(ci[1]) else 0)
+            # a ratio's bootstrap percentiles need not straddle its point estimate (a base near
+            # the ceiling): a bar then reaches its CI's edge, never past its own top
+            err[0].append(max(0.0, m - 100 * ci[0]) if _ok(ci[0]) else 0)
+            err[1].append(max(0.0, 100 * ci[1] - m) if _ok(ci[1]) else 0)
         ax.bar(xs, ys, width * 0.9, yerr=err, capsize=3, label=label, color=f"C{j}", alpha=0.85)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.axhline(100, color="grey", lw=1, ls=":")
