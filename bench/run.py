@@ -56,6 +56,8 @@ def settings(args) -> dict:
         s["generation"]["queries"] = s["latency"]["queries"] = args.queries
     if args.max_tokens:
         s["generation"]["max_tokens"] = s["latency"]["max_tokens"] = args.max_tokens
+    for k in ("generation", "training", "latency", "objectives"):  # baseline and ours alike
+        s[k]["dtype"] = args.dtype
     if args.steps:
         s["training"]["steps"] = args.steps
         s["training"]["examples"] = min(s["training"]["examples"], args.steps * s["training"]["batch_size"])
@@ -188,7 +190,8 @@ def bench_objectives(s: dict, repeats: int) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 run = Path(tmp) / name
                 seed_run(source, run)
-                sets = [*variants(n)[name], "train.phases=null", f"train.eval_every={n}", f"train.save_every={n + 1}"]
+                sets = [*variants(n)[name], "train.phases=null", f"train.eval_every={n}", f"train.save_every={n + 1}",
+                        f"student.dtype={o['dtype']}", f"teacher.dtype={o['dtype']}"]
                 proc = subprocess.run([sys.executable, "-m", "promptdistill.cli", "train", str(run),
                                        *[a for x in sets for a in ("--set", x)]],
                                       capture_output=True, text=True, env=child_env(), cwd=ROOT)
@@ -224,15 +227,17 @@ RUNNERS = {"machine": bench_machine, "generation": bench_generation, "training":
 
 def add_mfu(results: dict) -> None:
     """Training model-FLOPs utilisation: useful FLOPs/s (see workloads.train_flops) over
-    the measured fp32 matmul rate. Same FLOPs count for both trainers: the same work."""
+    the measured matmul rate of the dtype the model trained in. Same FLOPs count for both
+    trainers: the same work."""
     train, mach = results.get("training"), results.get("machine")
     if not train or not mach:
         return
     per_token = train["ours"]["flops"]["flops_per_trained_token"]
     for side in ("baseline", "ours"):
         gflops = train[side]["tokens_per_s"] * per_token / 1e9
+        bf16 = train[side].get("dtype", "float32").startswith("bfloat16")
         train[side]["useful_gflops"] = gflops
-        train[side]["mfu"] = gflops / mach["matmul_gflops_peak"]
+        train[side]["mfu"] = gflops / mach["matmul_gflops_peak_bf16" if bf16 else "matmul_gflops_peak"]
 
 
 # ---------------------------------------------------------------- report
@@ -260,13 +265,19 @@ def check(ok: bool) -> str:
     return "yes" if ok else "NO"
 
 
+def dtypes(baseline: dict, ours: dict) -> str:
+    """The weights' dtype of both sides (runs before the dtype setting were fp32)."""
+    b, o = (side.get("dtype", "float32") for side in (baseline, ours))
+    return b if b == o else f"{b} vs {o}"
+
+
 def table(results: dict, info: dict) -> str:
     rows = [("measure", "baseline", "ours", "ours/baseline", "target", "met")]
     if g := results.get("generation"):
         b = g["baseline"]
         for key in (k for k in g if k.startswith("ours_b")):
             o = g[key]
-            rows.append((f"generation tokens/s, batch {key[6:]} (baseline: generate, batch 1)",
+            rows.append((f"generation tokens/s, batch {key[6:]} (baseline: generate, batch 1; {dtypes(b, o)})",
                          f"{b['tokens_per_s']:.1f}", f"{o['tokens_per_s']:.1f}", f"{o['ratio']:.2f}x",
                          f">= {TARGETS['generation']:.0f}x", check(o["ratio"] >= TARGETS["generation"])))
             rows.append((f"  wall s / answers at max_tokens / mean answer tokens (batch {key[6:]})",
@@ -277,7 +288,7 @@ def table(results: dict, info: dict) -> str:
     if t := results.get("training"):
         b, o = t["baseline"], t["ours"]
         ok = t["ratio"] >= TARGETS["training"] and o["peak_rss_mb"] <= b["peak_rss_mb"]
-        rows.append(("training answer tokens/s (baseline: TRL SFTTrainer)", f"{b['tokens_per_s']:.1f}",
+        rows.append((f"training answer tokens/s (baseline: TRL SFTTrainer; {dtypes(b, o)})", f"{b['tokens_per_s']:.1f}",
                      f"{o['tokens_per_s']:.1f}", f"{t['ratio']:.2f}x", f">= {TARGETS['training']}x, <= memory", check(ok)))
         rows.append(("  median step s (after warm-up)", f"{b['median_step_s']:.2f}", f"{o['median_step_s']:.2f}",
                      f"{o['median_step_s'] / b['median_step_s']:.2f}", "", ""))
@@ -328,6 +339,9 @@ def table(results: dict, info: dict) -> str:
     if m := results.get("machine"):
         sizes = ", ".join(f"{n}: {v:.1f}" for n, v in m["matmul"].items())
         rows.append((f"fp32 matmul GFLOP/s ({m['torch_threads']} torch threads)", "", sizes, "", "", ""))
+        if "matmul_bf16" in m:
+            sizes = ", ".join(f"{n}: {v:.1f}" for n, v in m["matmul_bf16"].items())
+            rows.append((f"bf16 matmul GFLOP/s ({m['torch_threads']} torch threads)", "", sizes, "", "", ""))
     if e := results.get("e2e"):
         if e.get("stages"):
             for name, sec in e["stages"].items():
@@ -388,6 +402,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, help="override: generation and latency queries (smoke tests)")
     ap.add_argument("--max-tokens", type=int, help="override: max new tokens (smoke tests)")
     ap.add_argument("--steps", type=int, help="override: training steps (smoke tests)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="weights of baseline and ours alike (auto: bf16 where the CPU has bf16 units, as a run's default)")
     ap.add_argument("--show", metavar="RESULTS_JSON", help="print the table of a saved results file; run nothing")
     args = ap.parse_args()
     chosen = [c.strip() for c in args.only.split(",") if c.strip()]

@@ -39,6 +39,18 @@ def model_dir() -> Path:
     return resolve_model(MODEL)
 
 
+def load_model(spec: dict, adapter_dir: Path | None = None):
+    """(model, tokenizer) of the embedded model in the spec's dtype (auto: bf16 where the CPU
+    multiplies it in hardware, as a run config's default; the same for baseline and ours)."""
+    from promptdistill.backends.local import load_causal_lm
+
+    return load_causal_lm(model_dir(), "cpu", adapter_dir=adapter_dir, dtype=spec.get("dtype", "float32"))
+
+
+def dtype_name(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def system_prompt() -> str:
     from promptdistill.config import load_config
 
@@ -109,10 +121,9 @@ def gen_baseline(spec: dict) -> dict:
     top_k=0 turns off generate's default top-k of 50, which our sampler does not have."""
     import torch
 
-    from promptdistill.backends.local import load_causal_lm
     from promptdistill.render import prompt_ids, stop_token_ids
 
-    model, tok = load_causal_lm(model_dir(), "cpu")
+    model, tok = load_model(spec)
     stop = stop_token_ids(tok)
     prompts = [prompt_ids(tok, c) for c in teacher_conversations(spec["queries"])]
     kwargs = dict(do_sample=True, temperature=spec["temperature"], top_p=spec["top_p"], top_k=0,
@@ -130,15 +141,16 @@ def gen_baseline(spec: dict) -> dict:
     answers = [one(ids, i, spec["max_tokens"]) for i, ids in enumerate(prompts)]
     seconds = time.perf_counter() - start
     hit_max = sum(len(a) == spec["max_tokens"] and a[-1] not in stop for a in answers)
-    return generation_result(seconds, [len(a) for a in answers], hit_max, [len(p) for p in prompts])
+    return generation_result(seconds, [len(a) for a in answers], hit_max, [len(p) for p in prompts]) | {
+        "dtype": dtype_name(model)}
 
 
 def gen_ours(spec: dict) -> dict:
     """LocalSampler.sample: the path the generate stage takes (shared prompt prefix cache,
     finished rows leave the batch, per-row seeds)."""
-    from promptdistill.backends.local import LocalSampler, load_causal_lm
+    from promptdistill.backends.local import LocalSampler
 
-    model, tok = load_causal_lm(model_dir(), "cpu")
+    model, tok = load_model(spec)
     sampler = LocalSampler(model, tok, batch_size=spec["batch_size"])
     convs = teacher_conversations(spec["queries"])
     sampler.sample(convs[:1], sampling_params(spec, max_tokens=4), [0])  # warm-up, as the baseline gets
@@ -148,7 +160,7 @@ def gen_ours(spec: dict) -> dict:
     seconds = time.perf_counter() - start
     hit_max = sum(c.finish_reason == "length" for c in completions)
     return generation_result(seconds, [c.completion_tokens for c in completions], hit_max,
-                             [c.prompt_tokens for c in completions])
+                             [c.prompt_tokens for c in completions]) | {"dtype": dtype_name(model)}
 
 
 # ---------------------------------------------------------------- training
@@ -217,7 +229,8 @@ def train_ours(spec: dict) -> dict:
     from promptdistill.stages.train import lr_at, micro_batch
 
     trainer = LocalTrainer(model_dir(), rank=spec["rank"], alpha=spec["alpha"], dropout=0.0, target_modules="all-linear",
-                           weight_decay=0.0, max_grad_norm=1.0, device="cpu", seed=spec["seed"])
+                           weight_decay=0.0, max_grad_norm=1.0, device="cpu", dtype=spec.get("dtype", "float32"),
+                           seed=spec["seed"])
     examples, source = training_examples(trainer.tokenizer, spec["examples"], spec["max_length"])
     seconds, tokens, losses = [], [], []
     for step in range(spec["steps"]):
@@ -231,7 +244,7 @@ def train_ours(spec: dict) -> dict:
         losses.append(result.nll_sum / result.tokens)
     out = training_result(seconds, tokens, losses, spec["warmup_steps"],
                           mean_nll(trainer.model, examples, spec["batch_size"]), examples, source)
-    return out | {"flops": train_flops(trainer.model, examples)}
+    return out | {"flops": train_flops(trainer.model, examples), "dtype": dtype_name(trainer.model)}
 
 
 def train_baseline(spec: dict) -> dict:
@@ -245,9 +258,8 @@ def train_baseline(spec: dict) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from promptdistill.backends.local import load_causal_lm
-
-    model, tok = load_causal_lm(model_dir(), "cpu")
+    model, tok = load_model(spec)
+    bf16 = dtype_name(model) == "bfloat16"
     examples, source = training_examples(tok, spec["examples"], spec["max_length"])
     # Our datum reads tokens[:-1]; the last token (the template's "\n") is never a target.
     assert all(e.mask[-1] == 0 for e in examples), "expected an untrained token after the end-of-turn"
@@ -278,7 +290,7 @@ def train_baseline(spec: dict) -> dict:
             output_dir=out_dir, max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
             gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
             weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"], data_seed=spec["seed"],
-            use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            use_cpu=True, bf16=bf16, fp16=False, gradient_checkpointing=False,
             packing=False, max_length=spec["max_length"], completion_only_loss=True,
             eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
             dataloader_num_workers=0,
@@ -293,7 +305,8 @@ def train_baseline(spec: dict) -> dict:
     out = training_result(clock.times, trainer.step_tokens, losses, spec["warmup_steps"],
                           mean_nll(trainer.model, examples, spec["batch_size"]), examples, source)
     return out | {"dataset_trained_tokens": trl_tokens,
-                  "same_tokens_as_ours": trl_tokens == sum(trained_tokens(e) for e in examples)}
+                  "same_tokens_as_ours": trl_tokens == sum(trained_tokens(e) for e in examples),
+                  "dtype": dtype_name(model) + (" (bf16 autocast)" if bf16 else "")}
 
 
 # ---------------------------------------------------------------- latency
@@ -304,12 +317,12 @@ def latency(spec: dict) -> dict:
     stand-in, WITHOUT the prompt), one query at a time, alternating, in one process.
     Every query pays its own prefill, as a server without prompt caching would."""
     from promptdistill.backends.base import SamplingParams
-    from promptdistill.backends.local import LocalSampler, load_causal_lm
+    from promptdistill.backends.local import LocalSampler
     from promptdistill.render import prompt_ids
 
     adapter = RUN / "student"
     has_adapter = (adapter / "adapter_config.json").exists()
-    model, tok = load_causal_lm(model_dir(), "cpu", adapter_dir=adapter if has_adapter else None)
+    model, tok = load_model(spec, adapter if has_adapter else None)
     sampler = LocalSampler(model, tok, batch_size=1)
     greedy = SamplingParams(temperature=0, max_tokens=spec["max_tokens"])
     queries = latency_queries(spec["queries"])
@@ -336,7 +349,7 @@ def latency(spec: dict) -> dict:
         for who in rows:
             rows[who].append(timed(who, convs[who][i]))
     out = {"student_model": "runs/beethoven/student adapter" if has_adapter else "base model, no adapter yet",
-           "queries": len(queries)}
+           "queries": len(queries), "dtype": dtype_name(model)}
     for who, r in rows.items():
         out[who] = {"ttft_ms_median": 1000 * statistics.median(x[0] for x in r),
                     "total_ms_median": 1000 * statistics.median(x[1] for x in r),
@@ -361,21 +374,25 @@ def latency_queries(n: int) -> list[str]:
 
 
 def machine(spec: dict) -> dict:
-    """fp32 matmul throughput with torch's default threads: the ceiling for everything above."""
+    """Matmul throughput with torch's default threads, fp32 and bf16: the ceiling for everything
+    above, in the dtype each ran in (bf16 is fast only where the CPU has bf16 units)."""
     import torch
 
-    out = {"torch_threads": torch.get_num_threads(), "matmul": {}}
-    for n in spec["matmul_sizes"]:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(3):
-            torch.matmul(a, b)
-        times = []
-        for _ in range(spec["matmul_repeats"]):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - start)
-        out["matmul"][str(n)] = 2 * n**3 / statistics.median(times) / 1e9
+    out = {"torch_threads": torch.get_num_threads()}
+    for key, dtype in (("matmul", torch.float32), ("matmul_bf16", torch.bfloat16)):
+        out[key] = {}
+        for n in spec["matmul_sizes"]:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            for _ in range(3):
+                torch.matmul(a, b)
+            times = []
+            for _ in range(spec["matmul_repeats"]):
+                start = time.perf_counter()
+                torch.matmul(a, b)
+                times.append(time.perf_counter() - start)
+            out[key][str(n)] = 2 * n**3 / statistics.median(times) / 1e9
     out["matmul_gflops_peak"] = max(out["matmul"].values())
+    out["matmul_gflops_peak_bf16"] = max(out["matmul_bf16"].values())
     return out
 
 
@@ -464,6 +481,10 @@ WORKLOADS = {"gen_baseline": gen_baseline, "gen_ours": gen_ours, "train_baseline
 
 def main() -> None:
     name, spec, out_path = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    if name in ("gen_ours", "train_ours", "latency"):
+        from promptdistill.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as `distill` does at start, before torch is imported; the baselines keep glibc's default
     result = WORKLOADS[name](spec)
     import torch
 

@@ -88,7 +88,8 @@ class Models:
 
     def __init__(self, cfg: RunConfig, run: RunDir):
         student_dir = check_adapter(run.student, cfg.student.model)
-        self.student, self.tokenizer = load_causal_lm(student_dir, cfg.student.device, adapter_dir=run.student)
+        self.student, self.tokenizer = load_causal_lm(student_dir, cfg.student.device, adapter_dir=run.student,
+                                                     dtype=cfg.student.dtype)
         self.teacher_config = cfg.teacher
         self.remote_teacher = cfg.teacher.backend == "openai"
         if self.remote_teacher:
@@ -97,7 +98,8 @@ class Models:
         elif cfg.teacher.model == cfg.student.model:
             self.teacher, self.teacher_tokenizer, self.shared = self.student, self.tokenizer, True
         else:
-            self.teacher, self.teacher_tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device)
+            self.teacher, self.teacher_tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device,
+                                                                      dtype=cfg.teacher.dtype)
             self.shared = False
         # KL over the full vocabulary needs the teacher here, numbering tokens like the student.
         self.full_vocab = not self.remote_teacher and (

@@ -34,6 +34,10 @@ class ModelConfig(Strict):
     backend: Literal["local", "openai", "tinker"] = Field(
         "local", description="local (transformers) | openai (any OpenAI-compatible chat API) | tinker (Tinker API: LoRA training and sampling)")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto | cpu | mps | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="local: the weights' dtype; auto is bfloat16 on a GPU that has it and on a CPU with bf16 units (AMX, AVX512_BF16) "
+                            "(2-5x fp32's matmul speed there), else float32. LoRA weights and losses stay float32. "
+                            "A teacher that is the student's model shares the student's copy, and its dtype")
     # backends openai and tinker. The key itself never goes in a config (it is copied into the run dir).
     # With tinker, `model` stays the local/HF copy of the same weights: the tokenizer that
     # renders the training data, and the base the downloaded adapter is evaluated and served on.

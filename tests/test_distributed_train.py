@@ -59,7 +59,9 @@ def project(tmp_path_factory) -> Path:
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries), encoding="utf-8")
     config = {
         "name": "dp", "system_prompt": "You are a cheerful pirate captain. Answer briefly, with nautical words.",
-        "teacher": {"model": str(model)}, "student": {"model": str(model)},
+        # fp32 on every CPU: the bounds below are fp32's summation order; bf16 (dtype auto on a CPU
+        # with bf16 units) rounds each process's differently shaped batches to 8 bits of mantissa
+        "teacher": {"model": str(model), "dtype": "float32"}, "student": {"model": str(model), "dtype": "float32"},
         "queries": {"files": ["queries.jsonl"], "train": 0.6, "val": 0.2, "test": 0.2},
         "sampling": {"temperature": 1.0, "max_tokens": 16, "batch_size": 8},
         "lora": {"rank": 4, "alpha": 8},
@@ -282,8 +284,11 @@ def test_torchrun_trains_the_distribution_objectives_like_one_process(project, t
     # has the same cause (each rank's teacher scores its half of the step in another batch
     # shape): 1e-6 to 1e-5 on most draws, 1.09e-4 on CI's (--basetemp .../pytest-23; the data
     # follow the tmp path), its losses still within LOSS_TOLERANCE. Only stored targets (kl_top8)
-    # are bit-equal inputs. The wrong sum (SFT without the all-reduce, above) is 3.5e-2 off, 70x
-    # this bound.
+    # are bit-equal inputs, yet its per-rank batch shapes still round differently: over eight data
+    # draws (the same code; the config's name or a no-op field changed, which moves the generated
+    # answers) it measured 1.1e-6, 4.0e-6, 4.5e-6, 6.3e-6, 1.1e-5, 1.4e-5, 1.8e-5 and 4.6e-5, so
+    # its bound is 1e-4, not SFT's 2e-5. The wrong sum (SFT without the all-reduce, above) is
+    # 3.5e-2 off, 70x the rescored bound and 350x this one.
     rescored = objective in ("on_policy", "kl_whole_vocabulary")  # the teacher scores on each rank
-    assert apart <= (5e-4 if rescored else WEIGHT_TOLERANCE)
+    assert apart <= (5e-4 if rescored else 1e-4)
     print(f"{objective}: torchrun, 2 processes vs 1: largest loss difference {worst:.2e}")

@@ -65,6 +65,39 @@ def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     assert abs(int((kept > 0).sum()) - 2700) <= 1  # float32 cumsum may move the edge by one
 
 
+def plain_choose_tokens(logits, seen, params, generators):
+    """The sampling step written plainly, as the reference: the penalty over the whole
+    vocabulary, the nucleus from a full sort of every row."""
+    p = params.repetition_penalty
+    logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    probs, ids = torch.softmax(logits / params.temperature, -1).sort(-1, descending=True)
+    kept = probs.masked_fill(probs.cumsum(-1) - probs > params.top_p, 0.0)
+    cdf = kept.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]
+    return ids.gather(-1, torch.searchsorted(cdf, u[:, None]).clamp(max=cdf.shape[-1] - 1)).squeeze(-1)
+
+
+def test_sampling_step_draws_what_the_plain_full_sort_draws():
+    """choose_tokens cuts rows at their top 64, widens the few whose nucleus is wider (to 1024,
+    then a full sort) and penalises only the tokens a row produced: the same draws as the plain
+    form, over rows from peaked to flat (nuclei of a few tokens to thousands)."""
+    from promptdistill.backends import local
+
+    torch.manual_seed(0)
+    vocab, rows = 5000, 48
+    spread = torch.logspace(-1, 1.3, rows)[:, None]  # logit scale per row: 0.1 (flat) to 20 (peaked)
+    logits = torch.randn(rows, vocab) * spread
+    seen = torch.rand(rows, vocab) < 0.01
+    params = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.15)
+    widths = (local.nucleus(torch.softmax(logits / 0.7, -1), 0.9)[0] > 0).sum(-1)
+    assert widths.min() <= 8 and ((widths > 64) & (widths <= 1024)).any() and widths.max() > 1024
+    for draw in range(20):
+        gens = lambda: [torch.Generator().manual_seed(1000 * draw + r) for r in range(rows)]
+        assert torch.equal(local.choose_tokens(logits, seen, params, gens()), plain_choose_tokens(logits, seen, params, gens()))
+    p = params.repetition_penalty
+    assert torch.equal(local.penalise_repeats(logits, seen, p), torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits))
+
+
 def test_a_row_answer_does_not_depend_on_its_batch(sampler):
     params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=10, repetition_penalty=1.2)
     convs = conversations()
@@ -206,3 +239,44 @@ def test_per_example_scores_do_not_depend_on_batching(trainer):
     assert [n for _, n in together] == [n for _, n in alone] == [sum(d.weights) for d in datums]
     for (a, _), (b, _) in zip(together, alone):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it(monkeypatch):
+    from promptdistill.backends import local
+
+    cpu = torch.device("cpu")
+    for units, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(local, "cpu_has_bf16_units", lambda: units)
+        assert local.pick_dtype("auto", cpu) == expected
+        assert local.pick_dtype("float32", cpu) == torch.float32 and local.pick_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="float16"):
+        local.pick_dtype("float16", cpu)
+
+
+def test_a_bf16_trainer_keeps_lora_and_losses_in_fp32_and_learns_what_fp32_learns(tmp_path):
+    """bf16 base weights (dtype auto on a CPU with bf16 units): the LoRA weights, their
+    gradients and AdamW's state stay fp32, the loss is fp32's within bf16's rounding, and three
+    steps move the loss as fp32's do. Decoding with the adapter merged puts the bf16 base
+    weights back bit for bit."""
+    model_dir = save_tiny(tmp_path)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = LocalTrainer(model_dir, rank=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype=dtype, seed=0)
+        batch = [to_datum(e, 1.0 / sum(x.n_trainable for x in examples(trainer.tokenizer))) for e in examples(trainer.tokenizer)]
+        losses = []
+        for _ in range(3):
+            losses.append(trainer.forward_backward(batch).loss)
+            trainer.optim_step(1e-2)
+        losses.append(trainer.forward(batch).loss)
+        runs[dtype] = (trainer, losses)
+    trainer, bf16 = runs["bfloat16"]
+    assert {p.dtype for p in trainer.params} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in trainer.optimizer.state.values()} == {torch.float32}
+    assert next(p for n, p in trainer.model.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+    fp32 = runs["float32"][1]
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+    assert bf16[-1] < bf16[0] - 0.5 * (fp32[0] - fp32[-1])  # it learns, about as much
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    sampler = trainer.sampler()
+    sampler.sample([[{"role": "user", "content": "Where is the gold?"}]], SamplingParams(temperature=0, max_tokens=4), [0])
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())

@@ -36,8 +36,11 @@ SYSTEM_PROMPT = "You are a pirate. Talk like one."
 def build_finished_run(root: Path) -> tuple[Path, Path]:
     """A tiny run with hand-written teacher answers and a trained student: (model dir, run dir)."""
     model = save_chatty_tiny(root / "tiny-chatty")
+    # fp32: a bf16 matmul (dtype auto on a CPU with bf16 units) rounds by the batch's shape, so a
+    # request's answer would depend on the batch it was decoded in, as with any bf16 server
     _, run = trained_tiny_run(root, model, 12, name=RUN_NAME, system_prompt=SYSTEM_PROMPT, lora={"rank": 4, "alpha": 8},
-                              train={"steps": 3, "lr": 3e-2, "batch_size": 4, "eval_every": 3})
+                              train={"steps": 3, "lr": 3e-2, "batch_size": 4, "eval_every": 3},
+                              teacher={"model": str(model), "dtype": "float32"}, student={"model": str(model), "dtype": "float32"})
     return model, run.root
 
 

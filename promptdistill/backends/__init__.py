@@ -20,7 +20,7 @@ def make_sampler(model: ModelConfig, batch_size: int, adapter_dir: str | Path | 
     if model.backend == "local" or (model.backend == "tinker" and adapter_dir is not None):
         from .local import LocalSampler
 
-        return LocalSampler.from_dir(resolve_model(model.model), model.device, batch_size, adapter_dir)
+        return LocalSampler.from_dir(resolve_model(model.model), model.device, batch_size, adapter_dir, model.dtype)
     if model.backend == "openai":
         if adapter_dir is not None:
             raise ValueError("backend 'openai' samples the server's model; it cannot load a local adapter")
@@ -41,7 +41,7 @@ def make_trainer(model: ModelConfig, lora: LoraConfig, train: TrainConfig, sampl
         return LocalTrainer(resolve_model(model.model), rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                             target_modules=lora.target_modules, weight_decay=train.weight_decay,
                             max_grad_norm=train.max_grad_norm, gradient_checkpointing=train.gradient_checkpointing,
-                            device=model.device, seed=train.seed, sample_batch_size=sample_batch_size)
+                            device=model.device, dtype=model.dtype, seed=train.seed, sample_batch_size=sample_batch_size)
     if model.backend == "tinker":
         from .tinker import TinkerTrainer
 

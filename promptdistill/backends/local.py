@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed, divergence
+from ..allocator import keep_freed_memory
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams, StepResult
 
@@ -156,12 +158,45 @@ def peft_wrapping():
         yield
 
 
-def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str | Path | None = None):
-    """(model, tokenizer) in eval mode; with `adapter_dir`, the base model plus that LoRA adapter."""
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AMX tiles (Intel Sapphire Rapids and later)
+    or AVX512_BF16's dot products (AMD Zen 4, Intel Cooper Lake), read from the kernel's CPU
+    flags (only Linux is asked; elsewhere the answer is no). Without them oneDNN emulates bf16
+    and it runs no faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"^flags\s*:.*\b(amx_bf16|avx512_bf16)\b", flags, re.MULTILINE) is not None
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype. `auto` is bf16 on a CUDA GPU that has it and on a CPU with bf16
+    units, where oneDNN's bf16 matmuls measured 3.4-5.2x fp32's on 2 Xeon cores with AMX and
+    2.2-2.8x on 2 AMD EPYC (Zen 4) cores with AVX512_BF16 (bench/README.md); fp32 elsewhere."""
+    if spec == "float32":
+        return torch.float32
+    if spec == "bfloat16":
+        return torch.bfloat16
+    if spec != "auto":
+        raise ValueError(f"dtype {spec!r}: choose auto, float32 or bfloat16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16_units() else torch.float32
+
+
+def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str | Path | None = None,
+                   dtype: str = "float32"):
+    """(model, tokenizer) in eval mode; with `adapter_dir`, the base model plus that LoRA adapter.
+    `dtype` is the base weights' (pick_dtype); a LoRA adapter's weights stay fp32 (peft keeps
+    them so over a bf16 base), and so do the losses and log-softmaxes computed from the logits.
+    The library's default is fp32, the exact path every equality test is stated on; a run
+    config's default is auto."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    keep_freed_memory()  # distill calls it at start, before torch allocates; a library user gets it here
     dev = pick_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = pick_dtype(dtype, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev)
     if adapter_dir is not None:
@@ -235,8 +270,8 @@ class LocalSampler:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str = "auto", batch_size: int = 16,
-                 adapter_dir: str | Path | None = None) -> "LocalSampler":
-        model, tokenizer = load_causal_lm(model_dir, device, adapter_dir)
+                 adapter_dir: str | Path | None = None, dtype: str = "float32") -> "LocalSampler":
+        model, tokenizer = load_causal_lm(model_dir, device, adapter_dir, dtype)
         return cls(model, tokenizer, batch_size)
 
     def count_prompt_tokens(self, conversation: list[Message]) -> int:
@@ -354,8 +389,7 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPara
     """Next token per row: repetition penalty on tokens this row already produced (not the
     prompt: a 600-token persona would otherwise be penalised), then greedy or top-p sampling."""
     if params.repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+        logits = penalise_repeats(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / params.temperature, -1)
@@ -368,19 +402,46 @@ def choose_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPara
     return cand_ids.gather(-1, picks).squeeze(-1)
 
 
-NUCLEUS_CANDIDATES = 1024  # top-p rarely needs more; when it does we fall back to a full sort
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (positive logits divided by it, negative ones multiplied) at
+    the tokens `seen` marks, computed there alone: a row has produced at most max_tokens of
+    the 49k, and penalising the whole vocabulary to keep a few entries cost three full passes
+    per step. The same values as the whole-vocabulary form, in a new tensor."""
+    rows, cols = seen.nonzero(as_tuple=True)
+    at = logits[rows, cols]
+    return logits.index_put((rows, cols), torch.where(at > 0, at / penalty, at * penalty))
+
+
+# Widths of the top-k that nucleus tries in turn; a row whose nucleus is wider still gets a full
+# sort. Decoding the demo's teacher (top-p 0.9, temperature 0.7, bf16) the nucleus held a median
+# of 8 tokens and 94% of rows held at most 64, and a top-64 over 49k tokens costs a fraction of a
+# top-1024: the demo's generation ran 9% faster (bench/README.md).
+NUCLEUS_CANDIDATES = (64, 1024)
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, token ids) of each row's smallest set of top tokens reaching `top_p`,
     zero beyond it; with top_p 1, every token in vocabulary order (nothing to sort). Sorting
-    the whole vocabulary every step cost more than the model's attention; the nucleus almost
-    always lies in the top 1024, and when a row's does not, the full sort gives the exact set."""
+    the whole vocabulary every step cost more than the model's attention: the nucleus almost
+    always lies in the top 64, so rows are first cut there; a row whose top 64 fall short of
+    top_p is looked at again in its top 1024, then fully sorted. Narrower rows are padded with
+    zeros to the widest row's width, which changes neither their kept set nor their draw. The
+    draws are a wider cut's, except among tokens of exactly equal probability, which another
+    width may list in another order: rare in fp32, common with bf16's coarse logits, where the
+    distribution is the same and the particular draws are not."""
     if top_p >= 1.0:
         return probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-    top, ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
-    if top.shape[-1] < probs.shape[-1] and bool((top.sum(-1) < top_p).any()):
-        top, ids = probs.sort(-1, descending=True)
+    vocab = probs.shape[-1]
+    top, ids = probs.topk(min(NUCLEUS_CANDIDATES[0], vocab), dim=-1)
+    for k in (*NUCLEUS_CANDIDATES[1:], None):  # None: the full sort
+        short = top.sum(-1) < top_p
+        if top.shape[-1] == vocab or not bool(short.any()):
+            break
+        wide_top, wide_ids = (probs[short].sort(-1, descending=True) if k is None
+                              else probs[short].topk(min(k, vocab), dim=-1))
+        pad = wide_top.shape[-1] - top.shape[-1]
+        top, ids = F.pad(top, (0, pad)), F.pad(ids, (0, pad))
+        top[short], ids[short] = wide_top, wide_ids
     outside = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
     return top.masked_fill(outside, 0.0), ids
 
@@ -480,12 +541,13 @@ class LocalTrainer:
 
     def __init__(self, model_dir: str | Path, *, rank: int, alpha: float, dropout: float,
                  target_modules: str | list[str], weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
-                 gradient_checkpointing: bool = False, device: str = "auto", seed: int = 0, sample_batch_size: int = 16):
+                 gradient_checkpointing: bool = False, device: str = "auto", dtype: str = "float32", seed: int = 0,
+                 sample_batch_size: int = 16):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(seed)
         random.seed(seed)
-        base, self.tokenizer = load_causal_lm(model_dir, device)
+        base, self.tokenizer = load_causal_lm(model_dir, device, dtype=dtype)
         if gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -528,7 +590,7 @@ class LocalTrainer:
         if loss_fn in ("reverse_kl", "forward_kl"):
             teacher = torch.cat([d.teacher_logprobs for d in batch]).to(s.logits.device)
             per_token = (divergence.reverse_kl(s.logits, teacher) if loss_fn == "reverse_kl"
-                         else divergence.forward_kl(teacher, s.logits))
+                         else divergence.forward_kl_loss(teacher, s.logits))
             return (per_token * s.weight).sum(), per_token.detach().sum(), len(per_token)
         if loss_fn == "importance_sampling":
             old, advantage = (torch.tensor([x for d in batch for x, w in zip(getattr(d, f), d.weights) if w > 0],

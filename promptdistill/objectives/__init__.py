@@ -54,7 +54,7 @@ class PromptedTeacher:
             return None
         if cfg.teacher.model == cfg.student.model and cfg.student.backend == "local":
             return cls(trainer.model, trainer.tokenizer, base_of_adapter=True)
-        model, tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device)
+        model, tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device, dtype=cfg.teacher.dtype)
         return cls(model, tokenizer, base_of_adapter=False)
 
     @torch.no_grad()
