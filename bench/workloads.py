@@ -481,10 +481,6 @@ WORKLOADS = {"gen_baseline": gen_baseline, "gen_ours": gen_ours, "train_baseline
 
 def main() -> None:
     name, spec, out_path = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    if name in ("gen_ours", "train_ours", "latency"):
-        from promptdistill.allocator import keep_freed_memory
-
-        keep_freed_memory()  # as `distill` does at start, before torch is imported; the baselines keep glibc's default
     result = WORKLOADS[name](spec)
     import torch
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from . import distributed
-from .allocator import keep_freed_memory
 from .config import ConfigError, load_config
 from .models import ModelError, describe_models, resolve_model
 from .render import RenderError
@@ -174,7 +173,6 @@ def _train_data_parallel(cfg, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()  # before torch is imported: it allocates from then on
     args = build_parser().parse_args(argv)
     if distributed.world_size() > 1 and args.verb != "train":
         print(f"error: `distill {args.verb}` runs as one process; only `distill train` runs data-parallel under "

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import distributed, validate
-from .allocator import release_freed_memory
 from .config import RunConfig
 from .rundir import RunDir, StageError, Timer, atomic_write_text
 from .stages import evaluate, generate, queries, report, train
@@ -72,8 +71,6 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> str:
         if main and _snapshot(stage.outputs(run)) == files:
             run.restore_stage(name, record)  # it changed nothing: a corrected re-run is not a "change"
         raise
-    finally:
-        release_freed_memory()
     if main:
         run.finish_stage(name, [p for p in stage.outputs(run) if p.exists()], t.seconds, summary)
     print(summary, flush=True)

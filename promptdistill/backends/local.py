@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed, divergence
-from ..allocator import keep_freed_memory
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams, StepResult
 
@@ -194,7 +193,6 @@ def load_causal_lm(model_dir: str | Path, device: str = "auto", adapter_dir: str
     config's default is auto."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    keep_freed_memory()  # distill calls it at start, before torch allocates; a library user gets it here
     dev = pick_device(device)
     dtype = pick_dtype(dtype, dev)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
