@@ -262,7 +262,8 @@ def test_a_bf16_trainer_keeps_lora_and_losses_in_fp32_and_learns_what_fp32_learn
     runs = {}
     for dtype in ("float32", "bfloat16"):
         trainer = LocalTrainer(model_dir, rank=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype=dtype, seed=0)
-        batch = [to_datum(e, 1.0 / sum(x.n_trainable for x in examples(trainer.tokenizer))) for e in examples(trainer.tokenizer)]
+        exs = examples(trainer.tokenizer)
+        batch = [to_datum(e, 1.0 / sum(x.n_trainable for x in exs)) for e in exs]
         losses = []
         for _ in range(3):
             losses.append(trainer.forward_backward(batch).loss)

@@ -172,7 +172,7 @@ def cpu_has_bf16_units() -> bool:
 def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
     """The weights' dtype. `auto` is bf16 on a CUDA GPU that has it and on a CPU with bf16
     units, where oneDNN's bf16 matmuls measured 3.4-5.2x fp32's on 2 Xeon cores with AMX and
-    2.2-2.8x on 2 AMD EPYC (Zen 4) cores with AVX512_BF16 (bench/README.md); fp32 elsewhere."""
+    2.2-2.8x on 2 AMD EPYC (Zen 4) cores with AVX512_BF16 (docs/design.md, Precision); fp32 elsewhere."""
     if spec == "float32":
         return torch.float32
     if spec == "bfloat16":
@@ -413,7 +413,7 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
 # Widths of the top-k that nucleus tries in turn; a row whose nucleus is wider still gets a full
 # sort. Decoding the demo's teacher (top-p 0.9, temperature 0.7, bf16) the nucleus held a median
 # of 8 tokens and 94% of rows held at most 64, and a top-64 over 49k tokens costs a fraction of a
-# top-1024: the demo's generation ran 9% faster (bench/README.md).
+# top-1024: generating 64 demo answers at batch 64 ran 9% faster (bench/README.md).
 NUCLEUS_CANDIDATES = (64, 1024)
 
 
