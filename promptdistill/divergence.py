@@ -21,34 +21,6 @@ def forward_kl(teacher_logits: torch.Tensor, model_logits: torch.Tensor) -> torc
     return (p * (t - m)).masked_fill(p == 0, 0.0).sum(-1)  # 0 log 0 = 0: a teacher may rule a token out (-inf)
 
 
-class _ForwardKLLoss(torch.autograd.Function):
-    """forward_kl_loss's forward and its closed-form gradient."""
-
-    @staticmethod
-    def forward(ctx, target_logprobs: torch.Tensor, model_logits: torch.Tensor) -> torch.Tensor:
-        logq = torch.log_softmax(model_logits.float(), -1)
-        p = target_logprobs.exp()
-        kl = torch.where(p > 0, p * target_logprobs, 0.0).sum(-1) - (p * logq).sum(-1)
-        ctx.save_for_backward(p, logq)
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        p, logq = ctx.saved_tensors
-        # d KL / d logits = softmax(logits) * sum(p) - p   (sum(p) is 1 up to rounding)
-        g = logq.exp().mul_(p.sum(-1, keepdim=True)).sub_(p).mul_(grad[:, None])
-        return None, g
-
-
-def forward_kl_loss(target_logprobs: torch.Tensor, model_logits: torch.Tensor) -> torch.Tensor:
-    """forward_kl for training, when the target is already log-probabilities (the kl objective's
-    teacher distribution): the same value per position, differentiable in the model's logits,
-    with the gradient written out (softmax(logits) - p) rather than taken by autograd through
-    each elementwise step. On a 49k vocabulary those steps are full [positions, vocab] passes,
-    each kept for the backward: this keeps two tensors and makes about half the passes."""
-    return _ForwardKLLoss.apply(target_logprobs.float(), model_logits)
-
-
 def reverse_kl(model_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(model || teacher): the forward KL with the roles swapped."""
     return forward_kl(model_logits, teacher_logits)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import distributed, divergence
 from ..render import Datum, Message, prompt_ids, stop_token_ids
+from . import output_loss
 from .base import Completion, SamplingParams, StepResult
 
 MIN_SHARED_PREFIX = 16  # below this, sharing a prefix is not worth a second attention term
@@ -449,10 +450,11 @@ class Scored:
     """The output layer's logits at every position with weight > 0, flattened over the
     batch: `row[i]` is the datum position i belongs to, `target[i]` the token it predicts."""
 
-    logits: torch.Tensor  # [positions, vocab], float32
+    logits: torch.Tensor | None  # [positions, vocab], float32 (None when scored with project=False)
     target: torch.Tensor  # [positions] (1-D targets) or [positions, K] (soft targets)
     weight: torch.Tensor  # same shape as target
     row: torch.Tensor  # [positions]
+    hidden: torch.Tensor | None = None  # [positions, hidden size]: the decoder's output, before the output layer
 
     def per_row(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(logits, target) of each of the batch's n datums."""
@@ -474,10 +476,12 @@ class AnswerScorer:
         self.decoder = getattr(causal_lm, causal_lm.base_model_prefix)
         self.output = causal_lm.get_output_embeddings()
         self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        self.fused = output_loss.fusable(self.output, self.softcap)  # the loss may take the output layer chunk by chunk
         self.device = next(model.parameters()).device
         self._prefix: tuple[tuple[int, ...], list] | None = None
 
-    def scored(self, batch: list[Datum], share_prefix: bool = False) -> Scored:
+    def scored(self, batch: list[Datum], share_prefix: bool = False, project: bool = True) -> Scored:
+        """project=False: the hidden states at those positions, the output layer left to the loss."""
         first_weighted = min(next(i for i, w in enumerate(d.weights) if _weighs(w)) for d in batch)
         shared = min(_common_prefix_len([d.input_tokens for d in batch]), first_weighted) if share_prefix else 0
         extra = {}
@@ -505,14 +509,19 @@ class AnswerScorer:
         positions = (shared + torch.arange(width, device=self.device)).expand(len(batch), -1)
         hidden = self.decoder(input_ids=ids, attention_mask=attention, position_ids=positions, **extra).last_hidden_state
         scored = (weights > 0).any(-1) if soft else weights > 0
+        rows = torch.arange(len(batch), device=self.device)[:, None].expand(-1, width)[scored]
+        if not project:
+            return Scored(None, targets[scored], weights[scored], rows, hidden=hidden[scored])
         logits = self.output(hidden[scored]).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        rows = torch.arange(len(batch), device=self.device)[:, None].expand(-1, width)[scored]
         return Scored(logits, targets[scored], weights[scored], rows)
 
     def token_nll(self, batch: list[Datum]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(nll, weight, row) for every position with weight > 0 (1-D targets)."""
+        if self.fused:
+            s = self.scored(batch, project=False)
+            return output_loss.token_nll(s.hidden, self.output.weight, s.target), s.weight, s.row
         s = self.scored(batch)
         return F.cross_entropy(s.logits, s.target, reduction="none"), s.weight, s.row
 
@@ -572,8 +581,13 @@ class LocalTrainer:
         importance_sampling: Tinker's -sum(exp(log p - sampling log p) x advantage), whose per-token
         value is the sampled reverse-KL estimate the advantages encode (the on_policy objective on Tinker)."""
         if loss_fn == "cross_entropy" and not isinstance(batch[0].target_tokens[0], (list, tuple)):
-            nll, weights, _ = self.scorer.token_nll(batch)  # the fused kernel: the SFT path
+            nll, weights, _ = self.scorer.token_nll(batch)  # the SFT path
             return (nll * weights).sum(), nll.detach().sum(), len(nll)
+        if loss_fn == "forward_kl" and self.scorer.fused:
+            s = self.scorer.scored(batch, project=False)
+            teacher = torch.cat([d.teacher_logprobs for d in batch]).to(s.hidden.device)
+            per_token = output_loss.forward_kl(s.hidden, self.scorer.output.weight, teacher)
+            return (per_token * s.weight).sum(), per_token.detach().sum(), len(per_token)
         s = self.scorer.scored(batch)
         if loss_fn in ("cross_entropy", "cross_entropy_with_rest"):
             rest = s.target < 0
@@ -588,7 +602,7 @@ class LocalTrainer:
         if loss_fn in ("reverse_kl", "forward_kl"):
             teacher = torch.cat([d.teacher_logprobs for d in batch]).to(s.logits.device)
             per_token = (divergence.reverse_kl(s.logits, teacher) if loss_fn == "reverse_kl"
-                         else divergence.forward_kl_loss(teacher, s.logits))
+                         else divergence.forward_kl(teacher, s.logits))
             return (per_token * s.weight).sum(), per_token.detach().sum(), len(per_token)
         if loss_fn == "importance_sampling":
             old, advantage = (torch.tensor([x for d in batch for x, w in zip(getattr(d, f), d.weights) if w > 0],
