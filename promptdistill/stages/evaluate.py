@@ -311,13 +311,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         models = Models(cfg, run)
         params = sampling_params(cfg)
 
-        # The base answers the test queries and the classifier's train queries in one decode
-        # (fuller batches; each row's seed is its own, so its answer is the same either way).
-        base = answer(models, "base", test + train_rows, params, seed_offset=0)
         answers = {"teacher_again": answer(models, "teacher", test, params, seed_offset=1),
                    "student": answer(models, "student", test, params, seed_offset=0),
-                   "base": base[:len(test)]}
-        base_train = base[len(test):]
+                   "base": answer(models, "base", test, params, seed_offset=0)}
+        base_train = answer(models, "base", train_rows, params, seed_offset=0)
         print(f"eval: answers done ({fmt_seconds(t.elapsed)}); scoring", flush=True)
 
         embed = scores.load_embedder()
