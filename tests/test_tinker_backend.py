@@ -56,7 +56,7 @@ def fed_to_model(trainer, datums):
     def grab(module, args, kwargs):
         seen["ids"], seen["attention"] = kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()
 
-    hook = trainer.scorer.decoder.register_forward_pre_hook(grab, with_kwargs=True)
+    hook = trainer.scorer.parts.decoder.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         result = trainer.forward(datums)
     finally:
