@@ -346,9 +346,10 @@ def table(results: dict, info: dict) -> str:
         if e.get("stages"):
             for name, sec in e["stages"].items():
                 rows.append((f"make demo: {name} s", "", "unfinished" if sec is None else f"{sec:.1f}", "", "", ""))
-            rows.append(("make demo: total s" + ("" if e["complete"] else " (run incomplete)"), "",
-                         f"{e['total_s']:.1f}", "", f"<= {TARGETS['demo_s']}",
-                         check(e["complete"] and e["total_s"] <= TARGETS["demo_s"])))
+            # The target is the wall time of `make demo` on a fresh clone, set-up included, which
+            # the manifest does not hold: the stages alone cannot meet or miss it.
+            rows.append(("make demo: stages total s" + ("" if e["complete"] else " (run incomplete)"), "",
+                         f"{e['total_s']:.1f}", "", f"wall with set-up <= {TARGETS['demo_s']}", "see wall"))
         else:
             rows.append(("make demo", "", "no runs/beethoven/manifest.json", "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -281,3 +281,20 @@ def test_a_bf16_trainer_keeps_lora_and_losses_in_fp32_and_learns_what_fp32_learn
     sampler = trainer.sampler()
     sampler.sample([[{"role": "user", "content": "Where is the gold?"}]], SamplingParams(temperature=0, max_tokens=4), [0])
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_the_sampler_gives_the_frozen_output_layer_two_dimensional_states(trainer):
+    """A peft-wrapped model's output weight is frozen, and torch's matmul serves a frozen
+    weight against a strided [rows, 1, hidden] view (transformers' logits_to_keep=1 after a
+    prefill) by copying the weight once per row (5.2 GB for a 96-row prefill of SmolLM2). The
+    sampler hands the output layer each row's last state as a 2-D tensor instead."""
+    output = trainer.model.get_output_embeddings()
+    assert not output.weight.requires_grad
+    shapes = []
+    handle = output.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        out = trainer.sampler().sample(conversations(), SamplingParams(temperature=0, max_tokens=3), seeds=[0] * 4)
+    finally:
+        handle.remove()
+    assert len(shapes) >= 2 and all(len(s) == 2 and s[0] <= 4 for s in shapes)  # the prefill, then each step
+    assert all(c.completion_tokens >= 1 for c in out)
