@@ -497,9 +497,8 @@ class AnswerScorer:
     def __init__(self, model):
         self.model = model
         self.parts = DecoderAndHead(model)
-        self.output = self.parts.output
         # the loss may take the output layer chunk by chunk (backends/output_loss.py)
-        self.fused = output_loss.fusable(self.output, self.parts.softcap)
+        self.fused = output_loss.fusable(self.parts.output, self.parts.softcap)
         self.device = next(model.parameters()).device
         self._prefix: tuple[tuple[int, ...], list] | None = None
 
@@ -541,9 +540,18 @@ class AnswerScorer:
         """(nll, weight, row) for every position with weight > 0 (1-D targets)."""
         if self.fused:
             s = self.scored(batch, project=False)
-            return output_loss.token_nll(s.hidden, self.output.weight, s.target), s.weight, s.row
+            return output_loss.token_nll(s.hidden, self.parts.output.weight, s.target), s.weight, s.row
         s = self.scored(batch)
         return F.cross_entropy(s.logits, s.target, reduction="none"), s.weight, s.row
+
+    def forward_kl(self, batch: list[Datum]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL(teacher || model), weight) for every position with weight > 0, the teacher's
+        log-probabilities carried by the datums (`teacher_logprobs`)."""
+        s = self.scored(batch, project=not self.fused)
+        teacher = torch.cat([d.teacher_logprobs for d in batch]).to(self.device)
+        if self.fused:
+            return output_loss.forward_kl(s.hidden, self.parts.output.weight, teacher), s.weight
+        return divergence.forward_kl(teacher, s.logits), s.weight
 
     @torch.no_grad()
     def per_example(self, batch: list[Datum]) -> list[tuple[float, int]]:
@@ -603,11 +611,9 @@ class LocalTrainer:
         if loss_fn == "cross_entropy" and not isinstance(batch[0].target_tokens[0], (list, tuple)):
             nll, weights, _ = self.scorer.token_nll(batch)  # the SFT path
             return (nll * weights).sum(), nll.detach().sum(), len(nll)
-        if loss_fn == "forward_kl" and self.scorer.fused:
-            s = self.scorer.scored(batch, project=False)
-            teacher = torch.cat([d.teacher_logprobs for d in batch]).to(s.hidden.device)
-            per_token = output_loss.forward_kl(s.hidden, self.scorer.output.weight, teacher)
-            return (per_token * s.weight).sum(), per_token.detach().sum(), len(per_token)
+        if loss_fn == "forward_kl":
+            kl, weights = self.scorer.forward_kl(batch)
+            return (kl * weights).sum(), kl.detach().sum(), len(kl)
         s = self.scorer.scored(batch)
         if loss_fn in ("cross_entropy", "cross_entropy_with_rest"):
             rest = s.target < 0
@@ -619,10 +625,9 @@ class LocalTrainer:
                 picked = torch.where(rest, -log_rest[:, None], picked)
             per_token = (picked * s.weight).sum(-1) / s.weight.sum(-1)
             return (picked * s.weight).sum(), per_token.detach().sum(), len(per_token)
-        if loss_fn in ("reverse_kl", "forward_kl"):
+        if loss_fn == "reverse_kl":
             teacher = torch.cat([d.teacher_logprobs for d in batch]).to(s.logits.device)
-            per_token = (divergence.reverse_kl(s.logits, teacher) if loss_fn == "reverse_kl"
-                         else divergence.forward_kl(teacher, s.logits))
+            per_token = divergence.reverse_kl(s.logits, teacher)
             return (per_token * s.weight).sum(), per_token.detach().sum(), len(per_token)
         if loss_fn == "importance_sampling":
             old, advantage = (torch.tensor([x for d in batch for x, w in zip(getattr(d, f), d.weights) if w > 0],
