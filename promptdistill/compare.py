@@ -15,8 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from .formatting import finite, mean_ci, pct_ci, table
+from .plots import figure, save
 from .rundir import RunDir, StageError, atomic_write_text, read_jsonl, sha256_text
-from .stages.report import _figure, _ok, _save, mean_ci, pct_ci, table
 from .tracking import flatten
 
 PARTS = ("retained", "student", "base", "ceiling", "n")  # the shape every summary["quality"] entry shares
@@ -69,7 +70,7 @@ def show(value) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return format(value, ".4g") if _ok(value) else "n/a"
+        return format(value, ".4g") if finite(value) else "n/a"
     if isinstance(value, list):
         return "[" + ", ".join(show(v) for v in value) + "]"
     text = str(value).replace("\n", " ")
@@ -118,7 +119,7 @@ def numbers(run: dict) -> dict:
     stages = (run["manifest"].get("stages") or {})
     seconds = {name: rec.get("seconds_total", rec.get("seconds")) for name, rec in stages.items() if "finished" in rec}
     out |= {f"seconds.{name}": secs for name, secs in seconds.items()}
-    out["seconds.total"] = round(sum(v for v in seconds.values() if _ok(v)), 2)
+    out["seconds.total"] = round(sum(v for v in seconds.values() if finite(v)), 2)
     return out
 
 
@@ -153,7 +154,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def plot_retained(runs: list[dict], path: Path) -> None:
     """Quality retained per score (x) and run (bars), with 95% CI error bars."""
-    fig, ax = _figure()
+    fig, ax = figure()
     names = list(dict.fromkeys(n for r in runs for n in (r["summary"].get("quality") or {})))
     width = 0.8 / len(runs)
     for j, (label, r) in enumerate(zip(labels(runs), runs)):
@@ -162,7 +163,7 @@ def plot_retained(runs: list[dict], path: Path) -> None:
             ret = ((r["summary"].get("quality") or {}).get(name) or {}).get("retained") or {}
             mean, ci = ret.get("mean"), ret.get("ci95") or [None, None]
             x = i - 0.4 + width * (j + 0.5)
-            if not _ok(mean):
+            if not finite(mean):
                 ax.text(x, 50, "n/a", ha="center", va="center", color="grey", fontsize=8)
                 continue
             m = 100 * mean
@@ -170,8 +171,8 @@ def plot_retained(runs: list[dict], path: Path) -> None:
             ys.append(m)
             # a ratio's bootstrap percentiles need not straddle its point estimate (a base near
             # the ceiling): a bar then reaches its CI's edge, never past its own top
-            err[0].append(max(0.0, m - 100 * ci[0]) if _ok(ci[0]) else 0)
-            err[1].append(max(0.0, 100 * ci[1] - m) if _ok(ci[1]) else 0)
+            err[0].append(max(0.0, m - 100 * ci[0]) if finite(ci[0]) else 0)
+            err[1].append(max(0.0, 100 * ci[1] - m) if finite(ci[1]) else 0)
         ax.bar(xs, ys, width * 0.9, yerr=err, capsize=3, label=label, color=f"C{j}", alpha=0.85)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.axhline(100, color="grey", lw=1, ls=":")
@@ -184,7 +185,7 @@ def plot_retained(runs: list[dict], path: Path) -> None:
     ax.set_title("Quality retained per score, 95% CI" + (" (axis clipped)" if clipped else ""), fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
 
 
 def compare(paths: list[Path], out: Path) -> str:

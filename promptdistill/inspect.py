@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RunConfig, load_config
+from .plots import COLORS, figure, save
 from .render import encode
 from .rundir import RunDir, StageError, atomic_write_json, iter_jsonl, read_jsonl
 from .scores import normalise_text
@@ -184,9 +185,7 @@ def plot_lengths(panels: list[tuple[str, list[str], int | None]], toks: dict, pn
         import matplotlib  # noqa: F401
     except ImportError:
         return False
-    from .stages.report import COLORS, _figure, _save
-
-    fig, axes = _figure(len(panels))
+    fig, axes = figure(len(panels))
     axes = np.atleast_1d(axes)
     role = "teacher" if "teacher" in toks else next(iter(toks), None)  # max_tokens counts teacher tokens
     for ax, (title, texts, cap) in zip(axes, panels):
@@ -201,5 +200,5 @@ def plot_lengths(panels: list[tuple[str, list[str], int | None]], toks: dict, pn
         ax.set_title(f"{title} ({len(texts)})", fontsize=10)
         ax.set_xlabel(unit)
     axes[0].set_ylabel("count")
-    _save(fig, png)
+    save(fig, png)
     return True

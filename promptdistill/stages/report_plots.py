@@ -1,0 +1,151 @@
+"""The report's four PNGs beside report.md: training loss, quality retained with its 95% CIs,
+tokens and cost per query, and median latency; each says "n/a" (or why not) where a number
+is missing rather than failing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..formatting import NA, finite, lookup, money, num, pct_points, tok
+from ..plots import COLORS, figure, save
+
+PLOTS = ("loss.png", "quality.png", "tokens_cost.png", "latency.png")
+
+
+def _na(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_loss(metrics: list[dict], path: Path) -> None:
+    fig, ax = figure()
+    train = [(m["step"], m["train_loss"]) for m in metrics if finite(m.get("train_loss"))]
+    val = [(m["step"], m["val_loss"]) for m in metrics if finite(m.get("val_loss"))]
+    if not train and not val:
+        _na(ax, "no training metrics")
+    if train:
+        ax.plot(*zip(*train), color=COLORS["student"], lw=1.2, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o--", color=COLORS["teacher"], ms=4, lw=1, label="val loss")
+        untrained = [v for s, v in val if s == 0]
+        if untrained:
+            ax.plot([0], untrained, marker="*", ms=12, color="black", ls="none", label="untrained (step 0)")
+            ax.annotate(f"untrained {untrained[0]:.3f}", (0, untrained[0]), textcoords="offset points",
+                        xytext=(10, -4), fontsize=8, va="top")
+    elif train:
+        ax.text(0.98, 0.95, "no val split", ha="right", va="top", transform=ax.transAxes, fontsize=8, color="grey")
+    if train or val:
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("loss (NLL per answer token)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax.set_title("Training loss", fontsize=10)
+    save(fig, path)
+
+
+def plot_quality(summary: dict, path: Path) -> None:
+    fig, ax = figure()
+    quality = summary.get("quality") or {}
+    names = list(quality)
+    lo_lim, hi_lim, clipped = -25.0, 125.0, False
+    for i, name in enumerate(names):
+        r = quality[name].get("retained") or {}
+        mean, ci = r.get("mean"), r.get("ci95") or [None, None]
+        if not finite(mean):
+            ax.text(i, 50, "n/a", ha="center", va="center", color="grey")
+            continue
+        m = 100 * mean
+        lo = 100 * ci[0] if finite(ci[0]) else m
+        hi = 100 * ci[1] if finite(ci[1]) else m
+        ax.bar(i, m, width=0.5, color=COLORS["student"], alpha=0.8)
+        # The interval is drawn as it is, not as error bars around the mean: a ratio's bootstrap
+        # CI need not contain its point estimate when the base's divergence is near zero.
+        ax.vlines(i, lo, hi, color="black", lw=1)
+        ax.hlines([lo, hi], i - 0.06, i + 0.06, color="black", lw=1)
+        ax.annotate(f"{m:.0f}%", (i + 0.26, m), textcoords="offset points", xytext=(2, 0), fontsize=8, va="center")
+        lo_lim, hi_lim = min(lo_lim, lo - 10, m - 10), max(hi_lim, hi + 10, m + 10)
+    if lo_lim < -300 or hi_lim > 400:
+        clipped = True
+        lo_lim, hi_lim = max(lo_lim, -300), min(hi_lim, 400)
+    ax.axhline(0, color=COLORS["base"], lw=1, ls="--")
+    ax.axhline(100, color=COLORS["teacher"], lw=1, ls="--")
+    ax.text(1.0, 0, " base 0%", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["base"])
+    ax.text(1.0, 100, " ceiling\n 100%", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["teacher"])
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_ylim(lo_lim, hi_lim)
+    ax.set_ylabel("quality retained (%)")
+    ax.set_title(f"Quality retained, 95% CI (n={summary.get('n_test', NA)})" + (" (axis clipped)" if clipped else ""),
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    save(fig, path)
+
+
+def _bar_pairs(ax, groups: list[str], teacher: list, student: list, fmt) -> None:
+    width = 0.38
+    for offset, who, values in ((-width / 2, "teacher", teacher), (width / 2, "student", student)):
+        xs = [i + offset for i in range(len(groups))]
+        ys = [v if finite(v) else 0 for v in values]
+        bars = ax.bar(xs, ys, width, color=COLORS[who], label=f"{who} ({'with' if who == 'teacher' else 'no'} prompt)")
+        for b, v in zip(bars, values):
+            ax.annotate(fmt(v), (b.get_x() + b.get_width() / 2, b.get_height()), textcoords="offset points",
+                        xytext=(0, 2), ha="center", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_tokens_cost(summary: dict, path: Path) -> None:
+    fig, (left, right) = figure(2)
+    t = summary.get("tokens") or {}
+    _bar_pairs(left, ["input", "output"], [t.get("teacher_input"), t.get("teacher_output")],
+               [t.get("student_input"), t.get("student_output")], tok)
+    left.set_ylabel("tokens per query (mean)")
+    left.set_title("Tokens per query", fontsize=10)
+    left.legend(fontsize=7)
+    cost = summary.get("cost")
+    if cost:
+        cur = cost.get("currency", "")
+        per = cost.get("per_1m_queries") or {}
+        _bar_pairs(right, ["per 1M queries"], [per.get("teacher")], [per.get("student")], lambda v: money(v, cur))
+        right.set_ylabel(f"cost ({cur})")
+        right.set_title(f"Cost (saving {pct_points(cost.get('saving_pct'))})", fontsize=10)
+    else:
+        _na(right, "no pricing section\nin the config")
+        right.set_title("Cost", fontsize=10)
+    save(fig, path)
+
+
+def plot_latency(summary: dict, path: Path) -> None:
+    fig, ax = figure()
+    lat = summary.get("latency") or {}
+    teacher = [lookup(lat, "teacher", "ttft_ms_median"), lookup(lat, "teacher", "total_ms_median")]
+    student = [lookup(lat, "student", "ttft_ms_median"), lookup(lat, "student", "total_ms_median")]
+    values = [v for v in teacher + student if finite(v)]
+    if not values:
+        _na(ax, "no latency measured")
+    else:
+        scale, unit = (1000, "s") if max(values) >= 1000 else (1, "ms")
+        _bar_pairs(ax, ["time to first token", "total per query"],
+                   [v / scale if finite(v) else None for v in teacher], [v / scale if finite(v) else None for v in student],
+                   lambda v: num(v, ".2f" if unit == "s" else ".0f"))
+        ax.set_ylabel(f"median ({unit})")
+        ax.legend(fontsize=7)
+    q = lookup(lat, "teacher", "queries")
+    ax.set_title(f"Median latency on this machine ({q if q is not None else NA} queries)", fontsize=10)
+    save(fig, path)
+
+
+def write_plots(root: Path, summary: dict, metrics: list[dict]) -> list[str]:
+    """The four PNGs beside report.md; [] if matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    plot_loss(metrics, root / "loss.png")
+    plot_quality(summary, root / "quality.png")
+    plot_tokens_cost(summary, root / "tokens_cost.png")
+    plot_latency(summary, root / "latency.png")
+    return list(PLOTS)
