@@ -10,13 +10,11 @@ import sys
 from pathlib import Path
 
 from . import distributed
-from .config import ConfigError, load_config
+from .config import load_config
 from .models import ModelError, describe_models, resolve_model
-from .render import RenderError
-from .rundir import StageError
+from .serve_args import SERVE_DESCRIPTION, serve_arguments
 from .stages.export import FORMATS, GGUF_DTYPES
-
-USER_ERRORS = (ConfigError, StageError, ModelError, RenderError)
+from .terminal import USER_ERRORS, quiet_libraries
 
 
 def _verb(sub, name: str, help_text: str, *examples: str) -> argparse.ArgumentParser:
@@ -122,39 +120,6 @@ def _models(args) -> None:
         print(f"{m['name']:16} {m['description']}  [{m['license']}, {m['source']}, {state}]")
 
 
-def _quiet_libraries() -> None:
-    """Our stages print their own progress; the libraries' loading bars and deprecation
-    notices about their own internals are noise to a user."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-SERVE_DESCRIPTION = ("Serve the distilled student (and with --teacher the teacher) over an OpenAI-compatible HTTP "
-                     "API: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.")
-
-
-def serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`distill serve`'s arguments, here (not in serve.py) so the CLI starts without importing FastAPI."""
-    p.add_argument("run_dir", help="a run dir with a trained student/")
-    p.add_argument("--teacher", action="store_true", help="also serve the teacher as '<run name>-teacher'")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--token-env", metavar="NAME",
-                   help="require 'Authorization: Bearer <token>', the token being the value of environment variable NAME")
-    p.add_argument("--max-batch", type=int, default=16, metavar="N",
-                   help="decode up to N waiting requests together (default: 16; 1 = one at a time)")
-    p.add_argument("--max-queue", type=int, default=256, metavar="N",
-                   help="at most N requests wait for a batch; more get 503 with Retry-After (default: 256)")
-    return p
-
-
 def _train_data_parallel(cfg, force: bool) -> None:
     """`distill train` in one of the processes `accelerate launch` or torchrun started."""
     from . import pipeline
@@ -186,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "models":
             _models(args)
             return 0
-        _quiet_libraries()
+        quiet_libraries()
         if args.verb == "export":
             from .stages.export import export
 

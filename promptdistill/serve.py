@@ -52,6 +52,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .backends.openai import TOKEN_ID_PREFIX
+from .serve_args import SERVE_DESCRIPTION, serve_arguments
+from .terminal import USER_ERRORS, quiet_libraries
 
 # --- the OpenAI request shape (the parts we honour; unknown fields are ignored) -----------
 
@@ -506,11 +508,9 @@ def serve(run_dir: str, teacher: bool = False, host: str = "127.0.0.1", port: in
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m promptdistill.serve ...`: the same as `distill serve ...`."""
-    from .cli import SERVE_DESCRIPTION, USER_ERRORS, _quiet_libraries, serve_arguments
-
     args = serve_arguments(argparse.ArgumentParser(prog="distill serve", description=SERVE_DESCRIPTION)).parse_args(argv)
     try:
-        _quiet_libraries()
+        quiet_libraries()
         return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env,
                      max_batch=args.max_batch, max_queue=args.max_queue)
     except USER_ERRORS as e:

@@ -1,0 +1,24 @@
+"""`distill serve`'s description and arguments, which `distill serve` and
+`python -m promptdistill.serve` both parse."""
+
+from __future__ import annotations
+
+import argparse
+
+SERVE_DESCRIPTION = ("Serve the distilled student (and with --teacher the teacher) over an OpenAI-compatible HTTP "
+                     "API: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.")
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`distill serve`'s arguments, here (not in serve.py) so the CLI starts without importing FastAPI."""
+    p.add_argument("run_dir", help="a run dir with a trained student/")
+    p.add_argument("--teacher", action="store_true", help="also serve the teacher as '<run name>-teacher'")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--token-env", metavar="NAME",
+                   help="require 'Authorization: Bearer <token>', the token being the value of environment variable NAME")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="decode up to N waiting requests together (default: 16; 1 = one at a time)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="at most N requests wait for a batch; more get 503 with Retry-After (default: 256)")
+    return p
