@@ -42,7 +42,7 @@ def model_dir() -> Path:
 def load_model(spec: dict, adapter_dir: Path | None = None):
     """(model, tokenizer) of the embedded model in the spec's dtype (auto: bf16 where the CPU
     multiplies it in hardware, as a run config's default; the same for baseline and ours)."""
-    from promptdistill.backends.local import load_causal_lm
+    from promptdistill.backends.local_model import load_causal_lm
 
     return load_causal_lm(model_dir(), "cpu", adapter_dir=adapter_dir, dtype=spec.get("dtype", "float32"))
 
@@ -148,7 +148,7 @@ def gen_baseline(spec: dict) -> dict:
 def gen_ours(spec: dict) -> dict:
     """LocalSampler.sample: the path the generate stage takes (shared prompt prefix cache,
     finished rows leave the batch, per-row seeds)."""
-    from promptdistill.backends.local import LocalSampler
+    from promptdistill.backends.local_sampler import LocalSampler
 
     model, tok = load_model(spec)
     sampler = LocalSampler(model, tok, batch_size=spec["batch_size"])
@@ -187,7 +187,7 @@ def training_result(step_seconds: list[float], step_tokens: list[int], losses: l
 def mean_nll(model, examples: list, batch_size: int) -> float:
     """Token-mean NLL of every example's answer after training, measured the same way for
     both trainers: a loss check that does not depend on which batches came last."""
-    from promptdistill.backends.local import AnswerScorer
+    from promptdistill.backends.local_scorer import AnswerScorer
     from promptdistill.render import to_datum
 
     scorer = AnswerScorer(model)
@@ -225,7 +225,7 @@ def train_flops(model, examples: list) -> dict:
 def train_ours(spec: dict) -> dict:
     """LocalTrainer with the train stage's recipe: micro_batch order, token-mean weights, lr_at."""
     from promptdistill.backends.local import LocalTrainer
-    from promptdistill.objectives.sft import weighted
+    from promptdistill.render import to_datum
     from promptdistill.stages.train import lr_at, micro_batch
 
     trainer = LocalTrainer(model_dir(), rank=spec["rank"], alpha=spec["alpha"], dropout=0.0, target_modules="all-linear",
@@ -237,7 +237,7 @@ def train_ours(spec: dict) -> dict:
         start = time.perf_counter()
         batch = micro_batch(examples, step, 0, spec["batch_size"], 1, spec["seed"])
         total = sum(e.n_trainable for e in batch)
-        result = trainer.forward_backward(weighted(batch, total))
+        result = trainer.forward_backward([to_datum(e, 1.0 / total) for e in batch])
         trainer.optim_step(lr_at(step, spec["steps"], spec["lr"], 0, "linear"))
         seconds.append(time.perf_counter() - start)
         tokens.append(result.tokens)
@@ -317,7 +317,7 @@ def latency(spec: dict) -> dict:
     stand-in, WITHOUT the prompt), one query at a time, alternating, in one process.
     Every query pays its own prefill, as a server without prompt caching would."""
     from promptdistill.backends.base import SamplingParams
-    from promptdistill.backends.local import LocalSampler
+    from promptdistill.backends.local_sampler import LocalSampler
     from promptdistill.render import prompt_ids
 
     adapter = RUN / "student"

@@ -20,7 +20,9 @@ import torch
 
 from .backends import make_sampler
 from .backends.base import Sampler, SamplingParams
-from .backends.local import AnswerScorer, LocalSampler, load_causal_lm
+from .backends.local_model import load_causal_lm
+from .backends.local_sampler import LocalSampler
+from .backends.local_scorer import AnswerScorer
 from .config import RunConfig
 from .models import check_adapter, resolve_model
 from .rundir import RunDir, StageError

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
+from . import registry
 from .rules import Rule
 
 
@@ -157,7 +158,6 @@ class LoraConfig(Strict):
     target_modules: str | list[str] = "all-linear"
 
 
-OBJECTIVES = ("sft", "kl", "on_policy")
 
 
 class OnPolicyConfig(Strict):
@@ -173,15 +173,16 @@ class OnPolicyConfig(Strict):
 
 
 class Phase(Strict):
-    objective: Literal[OBJECTIVES]
+    objective: Literal[tuple(registry.OBJECTIVES)]
     steps: int = Field(ge=1)
 
 
 class TrainConfig(Strict):
-    objective: Literal[OBJECTIVES] = Field(
-        "sft", description="sft: cross-entropy on the teacher's sampled answers | kl: cross-entropy against the "
-        "teacher's top-k next-token distribution WITH the prompt | on_policy: reverse KL to the prompted teacher "
-        "on the student's own samples")
+    """Besides these fields, `train.<objective>` holds the options of an objective that declares
+    its own (its module's `Options`), validated by it; `options(name)` reads them."""
+
+    objective: Literal[tuple(registry.OBJECTIVES)] = Field(
+        "sft", description=" | ".join(f"{name}: {what}" for name, what in registry.OBJECTIVES.items()))
     phases: list[Phase] | None = Field(None, min_length=1, description="a schedule, e.g. [{objective: kl, steps: 20}, "
                                        "{objective: on_policy, steps: 10}]; replaces objective and steps/epochs")
     topk: int | None = Field(64, ge=1, description="kl: how many of the teacher's likeliest tokens per position are "
@@ -204,6 +205,36 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
     max_seq_len: int = Field(1024, ge=8)
     seed: int = 0
+    objective_options: dict[str, Any] = Field({}, description="read and written as train.<objective>")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_objective_options(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in registry.OBJECTIVES and k not in cls.model_fields for k in data):
+            data = dict(data)
+            found = {k: data.pop(k) for k in list(data) if k in registry.OBJECTIVES and k not in cls.model_fields}
+            data["objective_options"] = {**data.get("objective_options", {}), **found}
+        return data
+
+    @model_validator(mode="after")
+    def _objective_options(self) -> "TrainConfig":
+        for name, value in self.objective_options.items():
+            options = getattr(registry.load(name), "Options", None)
+            if options is None:
+                raise ValueError(f"train.{name}: the {name} objective has no options")
+            if not isinstance(value, options):
+                self.objective_options[name] = options.model_validate(value)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _flatten_objective_options(self, handler) -> dict:
+        data = handler(self)
+        options = data.pop("objective_options", {})
+        return {**data, **options}
+
+    def options(self, name: str):
+        """Objective `name`'s options: its `train.<name>` section, or its defaults."""
+        return self.objective_options.get(name) or registry.load(name).Options()
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":

@@ -27,6 +27,12 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def my_share(items: list) -> list:
+    """This process's share of a step (every world_size-th item, from its rank); all of it
+    with one process."""
+    return items[rank()::world_size()]
+
+
 def is_main() -> bool:
     """True in the one process that writes files and prints (rank 0; the only one without a launcher)."""
     return rank() == 0

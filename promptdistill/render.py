@@ -9,7 +9,7 @@ result: no trainable token, or a trainable token outside the answer, is an error
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 Message = dict[str, str]
 
@@ -48,6 +48,22 @@ class Datum:
     # one value per position, 0 where the weight is 0: the sampler's log-probability of each target and its advantage.
     sampling_logprobs: list[float] | None = None
     advantages: list[float] | None = None
+
+    def trained_positions(self) -> int:
+        """How many positions the loss reads (a weight above 0)."""
+        return sum(1 for w in self.weights if (max(w) if isinstance(w, (list, tuple)) else w) > 0)
+
+    def scaled(self, factor: float) -> "Datum":
+        """The same datum with every weight times `factor` (and every advantage, which carries its
+        weight). K weights per position are scaled in float32, the precision they were made in."""
+        if self.weights and isinstance(self.weights[0], (list, tuple)):
+            import torch
+
+            weights = (torch.tensor(self.weights, dtype=torch.float32) * factor).tolist()
+        else:
+            weights = [w * factor for w in self.weights]
+        advantages = None if self.advantages is None else [a * factor for a in self.advantages]
+        return replace(self, weights=weights, advantages=advantages)
 
 
 def render_text(tokenizer, messages: list[Message], generation_prompt: bool) -> str:

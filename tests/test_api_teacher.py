@@ -21,8 +21,8 @@ from tiny import QUESTIONS, save_pirate_tiny, save_tiny, tiny_tokenizer, trained
 from promptdistill.cli import main
 from promptdistill.config import load_config
 from promptdistill.models import ModelError, resolve_model
-from promptdistill.objectives import StepContext
-from promptdistill.objectives.kl import answer_targets, recorded_targets
+from promptdistill.objectives.kl import recorded_targets
+from promptdistill.objectives.step import StepContext, answer_tokens
 from promptdistill.render import render_example
 from promptdistill.rundir import RunDir, StageError, append_jsonl
 from promptdistill.stages.train import training_answer
@@ -167,7 +167,7 @@ def test_kl_targets_from_recorded_log_probabilities_end_where_the_tokens_part(tm
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     e = render_example(tiny_tokenizer("chatml"), [{"role": "user", "content": "Ahoy?"}], "Arr, the sea be my home.", "q1")
-    trained = answer_targets(e)
+    trained = answer_tokens(e)
     sampled = trained[:2] + [trained[2] + 1] + trained[3:5]  # the teacher wrote another third token, then stopped early
     top = [[[None, t, -0.1], [None, t + 7, -2.5], [None, t + 9, -3.0]] for t in sampled]
     append_jsonl(run.teacher, [{"key": "k1", "logprobs": [{"token": None, "id": t, "logprob": -0.1, "top": tp}

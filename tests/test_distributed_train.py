@@ -219,13 +219,13 @@ def test_each_step_is_shared_out_whole_and_once(monkeypatch):
     """Every example of a step goes to exactly one process, in micro-batches of at most
     batch_size; with one process the step's own micro-batches come back unchanged."""
     examples = list(range(10))  # stand-ins: the split looks at positions only
-    assert train.my_micro_batches(examples, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert train.micro_batches(distributed.my_share(examples), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     for world in (2, 3):
         monkeypatch.setenv("WORLD_SIZE", str(world))
         shares = []
         for rank in range(world):
             monkeypatch.setenv("RANK", str(rank))
-            batches = train.my_micro_batches(examples, 2)
+            batches = train.micro_batches(distributed.my_share(examples), 2)
             assert batches and all(1 <= len(b) <= 2 for b in batches)
             shares.append([e for b in batches for e in b])
         assert sorted(e for s in shares for e in s) == examples

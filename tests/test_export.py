@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from promptdistill.backends.base import SamplingParams
-from promptdistill.backends.local import LocalSampler, LocalTrainer, load_causal_lm
+from promptdistill.backends.local import LocalTrainer
+from promptdistill.backends.local_model import load_causal_lm
+from promptdistill.backends.local_sampler import LocalSampler
 from promptdistill.config import ModelConfig, QueriesConfig, RunConfig, TrainConfig
 from promptdistill.render import Datum, prompt_ids, render_example, to_datum
 from promptdistill.rundir import StageError, sha256_text

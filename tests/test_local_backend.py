@@ -7,7 +7,9 @@ import torch
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 from promptdistill.backends.base import SamplingParams
-from promptdistill.backends.local import LocalSampler, LocalTrainer, lora_merged
+from promptdistill.backends.local import LocalTrainer
+from promptdistill.backends.local_model import lora_merged
+from promptdistill.backends.local_sampler import LocalSampler
 from promptdistill.render import prompt_ids, render_example, to_datum
 
 SYSTEM = "You are a pirate captain of the seven seas. Answer briefly, with salt and swagger, always."
@@ -54,7 +56,7 @@ def test_shared_prefix_attention_samples_what_per_row_prompts_sample(sampler):
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
-    from promptdistill.backends import local
+    from promptdistill.backends import local_sampler as local
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
     kept, ids = local.nucleus(probs, top_p=0.75)
@@ -81,7 +83,7 @@ def test_sampling_step_draws_what_the_plain_full_sort_draws():
     """choose_tokens cuts rows at their top 64, widens the few whose nucleus is wider (to 1024,
     then a full sort) and penalises only the tokens a row produced: the same draws as the plain
     form, over rows from peaked to flat (nuclei of a few tokens to thousands)."""
-    from promptdistill.backends import local
+    from promptdistill.backends import local_sampler as local
 
     torch.manual_seed(0)
     vocab, rows = 5000, 48
@@ -230,7 +232,7 @@ def test_merged_lora_decodes_what_the_adapter_path_decodes_and_restores_the_weig
 
 
 def test_per_example_scores_do_not_depend_on_batching(trainer):
-    from promptdistill.backends.local import AnswerScorer
+    from promptdistill.backends.local_scorer import AnswerScorer
 
     scorer = AnswerScorer(trainer.model)
     datums = [to_datum(e) for e in examples(trainer.tokenizer)]
@@ -242,7 +244,7 @@ def test_per_example_scores_do_not_depend_on_batching(trainer):
 
 
 def test_dtype_auto_is_bf16_only_where_the_cpu_multiplies_it(monkeypatch):
-    from promptdistill.backends import local
+    from promptdistill.backends import local_model as local
 
     cpu = torch.device("cpu")
     for units, expected in ((True, torch.bfloat16), (False, torch.float32)):

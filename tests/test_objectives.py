@@ -3,23 +3,19 @@ computed by hand, its gradient is that of an explicit KL, on_policy lowers the r
 to a fixed teacher, and runs of both resume exactly after a kill."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
-from tiny import save_tiny, trained_tiny_run
+from tiny import killed_and_resumed, save_tiny, trained_tiny_run
 
 from promptdistill import divergence
 from promptdistill.backends.local import LocalTrainer
 from promptdistill.objectives import kl as kl_objective
 from promptdistill.objectives import on_policy
+from promptdistill.objectives.step import answer_tokens
 from promptdistill.render import render_example
-from promptdistill.stages.train import load_split, render_all, step_examples
+from promptdistill.stages.train import load_split, render_all, step_datums, step_examples
 
 SYSTEM = "You are a pirate captain of the seven seas. Answer briefly, with salt and swagger, always."
 
@@ -109,7 +105,7 @@ def test_sft_weight_mixes_in_the_sampled_token(model_dir):
     d = kl_objective.soft_datum(e, ids, torch.zeros((e.n_trainable, 2)), weight=1.0, sft_weight=0.25)
     answer = [w for w in d.weights if sum(w) > 0]
     assert len(answer) == e.n_trainable and all(w == pytest.approx([0.375, 0.375, 0.25]) for w in answer)
-    assert [t[-1] for t, w in zip(d.target_tokens, d.weights) if sum(w) > 0] == kl_objective.answer_targets(e)
+    assert [t[-1] for t, w in zip(d.target_tokens, d.weights) if sum(w) > 0] == answer_tokens(e)
 
 
 @pytest.mark.parametrize("sft_weight", [0.0, 0.3])
@@ -118,8 +114,9 @@ def test_kl_over_the_whole_vocabulary_is_forward_kl_to_the_prompted_teacher(tmp_
     the prompt, and the loss of a datum is, by plain forward passes, sum_t w KL(target_t || student_t)
     with target = (1 - s) teacher + s one_hot(sampled token)."""
     from promptdistill.config import RunConfig
-    from promptdistill.objectives import PromptedTeacher, StepContext
-    from promptdistill.backends.local import load_causal_lm
+    from promptdistill.backends.local_model import load_causal_lm
+    from promptdistill.objectives.step import StepContext
+    from promptdistill.teacher import LocalTeacher
     from promptdistill.render import prompt_ids
 
     teacher_dir = save_tiny(tmp_path / "teacher", seed=1)
@@ -130,13 +127,14 @@ def test_kl_over_the_whole_vocabulary_is_forward_kl_to_the_prompted_teacher(tmp_
     teacher_model, teacher_tok = load_causal_lm(teacher_dir, "cpu")
     e = example(trainer)
     ctx = StepContext(cfg, None, trainer, rows={"q1": {"query": "Where is the treasure?"}},
-                      teacher=PromptedTeacher(teacher_model, teacher_tok, base_of_adapter=False))
+                      teacher=LocalTeacher(cfg, teacher_model, teacher_tok, base_of_adapter=False))
     kl_objective.prepare(ctx, [e])
-    (batch,), loss_fn, total = kl_objective.step_batches(ctx, [e], 0)
-    assert (loss_fn, total) == ("forward_kl", e.n_trainable)
-    got = trainer.forward(batch, loss_fn).loss
+    (batch,), total = step_datums(ctx, kl_objective, [e], 0)  # as the training loop builds a step
+    loss = kl_objective.loss(ctx)
+    assert loss is kl_objective.FORWARD_KL and total == e.n_trainable
+    got = trainer.forward(batch, loss).loss
 
-    answer = kl_objective.answer_targets(e)
+    answer = answer_tokens(e)
     prompted = prompt_ids(teacher_tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is the treasure?"}])
     with torch.no_grad():
         t = torch.log_softmax(teacher_model(input_ids=torch.tensor([prompted + answer])).logits[0, len(prompted) - 1:-1].double(), -1)
@@ -191,7 +189,7 @@ def test_on_policys_policy_gradient_form_is_the_exact_reverse_kl_gradient_in_exp
     with torch.no_grad():
         student = torch.log_softmax(trainer.model(input_ids=torch.tensor([probe.input_tokens])).logits[0, -1].float(), -1)
 
-    trainer.forward_backward([exact_datum(probe, teacher)], "reverse_kl")
+    trainer.forward_backward([exact_datum(probe, teacher)], on_policy.REVERSE_KL)
     exact = [p.grad.clone() for p in trainer.params]
     trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -202,7 +200,7 @@ def test_on_policys_policy_gradient_form_is_the_exact_reverse_kl_gradient_in_exp
         datums.append(advantage_datum(sampled_datum(trainer.tokenizer, user, [x], float(student[x].exp())), answer,
                                       teacher[0, [x]]))
     assert datums[7].advantages[-1] == pytest.approx(float(student[7].exp() * (teacher[0, 7] - student[7])))
-    result = trainer.forward_backward(datums, "importance_sampling")
+    result = trainer.forward_backward(datums, on_policy.IMPORTANCE_SAMPLING)
     for a, p in zip(exact, trainer.params):
         assert torch.allclose(a, p.grad, atol=1e-6, rtol=1e-3)
     # And the advantages, so weighted, sum to the exact KL itself.
@@ -268,42 +266,7 @@ def test_a_schedule_runs_its_phases_in_order(tmp_path, model_dir):
     assert len(stored) == 8 and all(ids.shape[1] == 8 for ids, _ in stored.values())  # the 8 train answers, top-8 each
 
 
-KILL_SCRIPT = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-from tiny import trained_tiny_run
-from pathlib import Path
-trained_tiny_run(Path(sys.argv[2]), Path(sys.argv[3]), 16, system_prompt=sys.argv[4], train=__import__("json").loads(sys.argv[5]))
-"""
-
-
 @pytest.mark.parametrize("objective", ["on_policy", "kl"])
 def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, model_dir, objective):
-    from safetensors.torch import load_file
-
-    train = {"objective": objective, "steps": 6, "batch_size": 4, "lr": 1e-2, "save_every": 2, "eval_every": 3,
-             "topk": 8, "on_policy": {"max_tokens": 6}}
-    tests_dir = str(Path(__file__).parent)
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    subprocess.run([sys.executable, "-c", KILL_SCRIPT, tests_dir, str(whole), str(model_dir), SYSTEM, json.dumps(train)],
-                   check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, tests_dir, str(killed), str(model_dir), SYSTEM,
-                             json.dumps(train)], env=os.environ | {"OMP_NUM_THREADS": "1"})
-    log = killed / "run" / "checkpoints.jsonl"
-    while proc.poll() is None and not (log.exists() and '"step": 4' in log.read_text()):
-        pass  # the step-4 checkpoint is written: kill during step 5
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert not (killed / "run" / "student" / "adapter_model.safetensors").exists()
-    from promptdistill.config import load_config
-    from promptdistill.pipeline import run_stage
-
-    run_stage(load_config(killed / "config.yaml"), "train")
-    a = load_file(str(whole / "run" / "student" / "adapter_model.safetensors"))
-    b = load_file(str(killed / "run" / "student" / "adapter_model.safetensors"))
+    a, b = killed_and_resumed(tmp_path, model_dir, SYSTEM, {"objective": objective, "topk": 8})
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

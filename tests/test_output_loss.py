@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from promptdistill import divergence
 from promptdistill.backends import output_loss
 from promptdistill.backends.local import LocalTrainer
+from promptdistill.loss import CROSS_ENTROPY
+from promptdistill.objectives.kl import FORWARD_KL
 from promptdistill.render import Datum, render_example, to_datum
 
 from tiny import save_tiny
@@ -71,11 +73,11 @@ def test_the_trainer_takes_the_same_step_chunked_or_plain(tmp_path, small_chunks
                     teacher_logprobs=torch.log_softmax(torch.randn(sum(w > 0 for w in d.weights), len(t.tokenizer), generator=g), -1))
               for d in sft]
         out = []
-        for batch, loss_fn in ((sft, "cross_entropy"), (kl, "forward_kl")):
-            r = t.forward_backward(batch, loss_fn)
+        for batch, loss in ((sft, CROSS_ENTROPY), (kl, FORWARD_KL)):
+            r = t.forward_backward(batch, loss)
             out.append((r.loss, r.nll_sum, r.tokens, torch.cat([p.grad.flatten() for p in t.params])))
             t.optimizer.zero_grad(set_to_none=True)
-            out.append(t.forward(batch, loss_fn).loss)
+            out.append(t.forward(batch, loss).loss)
         results.append(out)
     for ours, plain in zip(*results):
         if isinstance(ours, float):

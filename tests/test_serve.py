@@ -137,7 +137,8 @@ def local_completion(srv: Served, messages: list[dict], adapter: bool, seed: int
                      top_logprobs: int | None = None):
     """The same weights' Completion, computed in this process."""
     from promptdistill.backends.base import SamplingParams
-    from promptdistill.backends.local import LocalSampler, load_causal_lm
+    from promptdistill.backends.local_model import load_causal_lm
+    from promptdistill.backends.local_sampler import LocalSampler
     from promptdistill.render import prompt_ids
 
     model, tokenizer = load_causal_lm(srv.model, "cpu", adapter_dir=srv.run / "student" if adapter else None)

@@ -21,9 +21,10 @@ from promptdistill.backends.local import LocalTrainer
 from promptdistill.cli import main
 from promptdistill.backends.tinker import TinkerSampler, api_key, lora_layers, step_result, to_tinker_datum
 from promptdistill.config import ConfigError, LoraConfig, ModelConfig, load_config
+from promptdistill.loss import CROSS_ENTROPY
 from promptdistill.models import ModelError, resolve_model
-from promptdistill.render import render_example
-from promptdistill.objectives.sft import weighted
+from promptdistill.objectives import on_policy
+from promptdistill.render import render_example, to_datum
 
 PAIRS = [("Where is the gold?", "Under the old oak, matey."),
          ("Who are you?", "Captain Redbeard, scourge of the seven seas! Fear me."),
@@ -46,7 +47,8 @@ def trainer(request, tmp_path_factory):
 
 def batch(tokenizer):
     examples = [render_example(tokenizer, [{"role": "user", "content": q}], a, f"e{i}") for i, (q, a) in enumerate(PAIRS)]
-    return examples, weighted(examples, sum(e.n_trainable for e in examples))  # as the train stage builds a step
+    total = sum(e.n_trainable for e in examples)
+    return examples, [to_datum(e).scaled(1.0 / total) for e in examples]  # as the train stage builds a step
 
 
 def fed_to_model(trainer, datums):
@@ -160,7 +162,7 @@ def test_on_policy_datums_are_tinkers_importance_sampling_and_give_the_local_los
     outputs, loss = [], 0.0
     with torch.no_grad():
         for d in datums:
-            td = to_tinker_datum(d, "importance_sampling")
+            td = to_tinker_datum(d, on_policy.IMPORTANCE_SAMPLING)
             inputs = td.loss_fn_inputs
             assert set(inputs) == {"target_tokens", "logprobs", "advantages"}
             assert td.model_input.to_ints() == d.input_tokens and inputs["target_tokens"].tolist() == d.target_tokens
@@ -172,10 +174,10 @@ def test_on_policy_datums_are_tinkers_importance_sampling_and_give_the_local_los
             ratio = torch.exp(logprobs - inputs["logprobs"].to_torch())
             loss += float(-(ratio * inputs["advantages"].to_torch()).sum())
             outputs.append({"logprobs": types.TensorData.from_torch(logprobs)})
-    local = trainer.forward(datums, "importance_sampling")
+    local = trainer.forward(datums, on_policy.IMPORTANCE_SAMPLING)
     assert loss == pytest.approx(local.loss, rel=1e-4)
     ours = step_result(datums, types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs),
-                       "importance_sampling")
+                       on_policy.IMPORTANCE_SAMPLING)
     assert ours.tokens == local.tokens == 8
     assert ours.loss == pytest.approx(local.loss, rel=1e-4) and ours.nll_sum == pytest.approx(local.nll_sum, rel=1e-4)
 
@@ -213,8 +215,8 @@ class OrderRecorder(LocalTrainer):
 
     calls: list[str] = []
 
-    def forward_backward(self, batch, loss_fn="cross_entropy"):
-        done = super().forward_backward(batch, loss_fn)
+    def forward_backward(self, batch, loss=CROSS_ENTROPY):
+        done = super().forward_backward(batch, loss)
         self.calls.append("submit forward_backward")
         return RecordedRead(done, self.calls)
 

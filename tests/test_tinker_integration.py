@@ -89,13 +89,15 @@ def test_on_policy_on_tinker_is_importance_sampling_with_the_local_loss(tmp_path
     untrained LoRA is the base model on both sides); one step then moves the weights."""
     import torch
 
-    from promptdistill.backends.local import LocalTrainer, load_causal_lm
+    from promptdistill.backends.local import LocalTrainer
+    from promptdistill.backends.local_model import load_causal_lm
     from promptdistill.backends.tinker import TinkerTrainer
     from promptdistill.models import resolve_model
     from promptdistill.backends.tinker import TinkerSampler
-    from promptdistill.objectives import PromptedTeacher, RemoteTeacher
-    from promptdistill.objectives.on_policy import advantage_datum
+    from promptdistill.config import RunConfig
+    from promptdistill.objectives.on_policy import IMPORTANCE_SAMPLING, advantage_datum
     from promptdistill.render import sampled_datum
+    from promptdistill.teacher import LocalTeacher, RemoteTeacher
 
     trainer = TinkerTrainer(student(), LoraConfig(rank=8), TrainConfig(steps=1, lr=1e-3))
     queries = ["Who are you?", "What is your favourite food?"]
@@ -103,15 +105,15 @@ def test_on_policy_on_tinker_is_importance_sampling_with_the_local_loss(tmp_path
     answers = trainer.sampler().sample([[{"role": "user", "content": q}] for q in queries], params, [1, 2])
     assert all(a.finish_reason != "error" and len(a.logprobs) == len(a.token_ids) > 0 for a in answers), answers
     model, tokenizer = load_causal_lm(resolve_model(LOCAL_MODEL), "cpu")
-    teacher = PromptedTeacher(model, tokenizer, base_of_adapter=False)
+    cfg = RunConfig.model_validate({"name": "t", "system_prompt": "You are a pirate. Say arr.", "queries": {"files": ["q.jsonl"]},
+                                    "teacher": {"model": LOCAL_MODEL}, "student": {"model": LOCAL_MODEL}, "train": {"steps": 1}})
+    teacher = LocalTeacher(cfg, model, tokenizer, base_of_adapter=False)
     total = sum(len(a.token_ids) for a in answers)
     students = [sampled_datum(tokenizer, [{"role": "user", "content": q}], a.token_ids, 1.0 / total) for q, a in zip(queries, answers)]
-    prompted = [sampled_datum(tokenizer, [{"role": "system", "content": "You are a pirate. Say arr."}, {"role": "user", "content": q}],
-                              a.token_ids) for q, a in zip(queries, answers)]
-    judged = teacher.token_logprobs(prompted)
+    judged = teacher.token_logprobs(queries, [a.token_ids for a in answers])
     datums = [advantage_datum(s, a, lp) for s, lp, a in zip(students, judged, answers)]
     # The same teacher on Tinker (compute_logprobs) judges those tokens as the local one does.
-    remote = RemoteTeacher(TinkerSampler.from_config(student())).token_logprobs(prompted)
+    remote = RemoteTeacher(cfg, TinkerSampler.from_config(student())).token_logprobs(queries, [a.token_ids for a in answers])
     for here_lp, there_lp in zip(judged, remote):
         assert there_lp.tolist() == pytest.approx(here_lp.tolist(), abs=2e-2)
     local = LocalTrainer(resolve_model(LOCAL_MODEL), rank=8, alpha=16, dropout=0.0, target_modules="all-linear", device="cpu")
@@ -119,13 +121,13 @@ def test_on_policy_on_tinker_is_importance_sampling_with_the_local_loss(tmp_path
         own = local.scorer.scored(datums)
         mine = torch.log_softmax(own.logits, -1).gather(-1, own.target[:, None]).squeeze(-1)
     assert mine.tolist() == pytest.approx([lp for d in datums for lp, w in zip(d.sampling_logprobs, d.weights) if w > 0], abs=2e-2)
-    here, there = local.forward(datums, "importance_sampling"), trainer.forward(datums, "importance_sampling")
+    here, there = local.forward(datums, IMPORTANCE_SAMPLING), trainer.forward(datums, IMPORTANCE_SAMPLING)
     assert there.tokens == here.tokens == total
     assert there.loss == pytest.approx(here.loss, rel=1e-2, abs=1e-4) and there.nll_sum == pytest.approx(here.nll_sum, rel=1e-2)
-    pending = trainer.forward_backward(datums, "importance_sampling")
+    pending = trainer.forward_backward(datums, IMPORTANCE_SAMPLING)
     trainer.optim_step(1e-2)
     assert pending.result().tokens == total
-    assert trainer.forward(datums, "importance_sampling").loss != pytest.approx(there.loss, rel=1e-4)  # the step moved the weights
+    assert trainer.forward(datums, IMPORTANCE_SAMPLING).loss != pytest.approx(there.loss, rel=1e-4)  # the step moved the weights
 
 
 # The teacher on Tinker too, as in the seed project (a big teacher there, the student beside it):

@@ -316,6 +316,49 @@ def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
     return cfg, run
 
 
+KILL_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from tiny import trained_tiny_run
+from pathlib import Path
+trained_tiny_run(Path(sys.argv[2]), Path(sys.argv[3]), 16, system_prompt=sys.argv[4], train=__import__("json").loads(sys.argv[5]))
+"""
+
+
+def killed_and_resumed(root, model: Path, system_prompt: str, train: dict) -> tuple[dict, dict]:
+    """The adapter of a 6-step trained_tiny_run of `train` (checkpoints every 2 steps) run whole, and
+    that of the same run SIGKILLed once its step-4 checkpoint is written, then resumed in-process."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from promptdistill.config import load_config
+    from promptdistill.pipeline import run_stage
+
+    train = {"steps": 6, "batch_size": 4, "lr": 1e-2, "save_every": 2, "eval_every": 3,
+             "on_policy": {"max_tokens": 6}} | train
+    args = [str(Path(__file__).parent), str(model), system_prompt, json.dumps(train)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    whole, killed = Path(root) / "whole", Path(root) / "killed"
+    whole.mkdir()
+    killed.mkdir()
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, args[0], str(whole), *args[1:]], check=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, args[0], str(killed), *args[1:]], env=env)
+    log = killed / "run" / "checkpoints.jsonl"
+    while proc.poll() is None and not (log.exists() and '"step": 4' in log.read_text()):
+        pass  # the step-4 checkpoint is written: kill during step 5
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (killed / "run" / "student" / "adapter_model.safetensors").exists()
+    run_stage(load_config(killed / "config.yaml"), "train")
+    return tuple(load_file(str(d / "run" / "student" / "adapter_model.safetensors")) for d in (whole, killed))
+
+
 def evaluated_tiny_run(root, **sections):
     """trained_tiny_run of a fresh tiny model on 24 queries, then its eval stage."""
     from promptdistill.pipeline import run_stage

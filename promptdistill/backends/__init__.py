@@ -18,7 +18,7 @@ from .base import Sampler, Trainer
 def make_sampler(model: ModelConfig, batch_size: int, adapter_dir: str | Path | None = None) -> Sampler:
     # An adapter trained on Tinker was downloaded into the run dir: it runs on the local copy.
     if model.backend == "local" or (model.backend == "tinker" and adapter_dir is not None):
-        from .local import LocalSampler
+        from .local_sampler import LocalSampler
 
         return LocalSampler.from_dir(resolve_model(model.model), model.device, batch_size, adapter_dir, model.dtype)
     if model.backend == "openai":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from ..loss import CROSS_ENTROPY, Loss
 from ..render import Datum, Message
 
 
@@ -72,13 +73,17 @@ class StepResult:
 
 
 class Trainer(Protocol):
-    def forward_backward(self, batch: list[Datum], loss_fn: str = "cross_entropy") -> Pending[StepResult]:
-        """Accumulate gradients of sum(weights * loss) for the named loss (cross_entropy, with one
-        or K target tokens per position; a backend may offer more). Call `.result()` only
-        after the step's optim_step is submitted: a remote backend then pipelines them."""
+    def takes(self, loss: Loss) -> bool:
+        """Whether this trainer can compute `loss` (every trainer takes cross_entropy)."""
         ...
 
-    def forward(self, batch: list[Datum], loss_fn: str = "cross_entropy") -> StepResult:
+    def forward_backward(self, batch: list[Datum], loss: Loss = CROSS_ENTROPY) -> Pending[StepResult]:
+        """Accumulate gradients of sum(weights * loss) (loss.py; cross_entropy: one or K target
+        tokens per position). Call `.result()` only after the step's optim_step is submitted:
+        a remote backend then pipelines them."""
+        ...
+
+    def forward(self, batch: list[Datum], loss: Loss = CROSS_ENTROPY) -> StepResult:
         """The same loss, no gradients (validation)."""
         ...
 
@@ -92,6 +97,10 @@ class Trainer(Protocol):
 
     def save_state(self, path: str) -> None:
         """Adapter + optimiser + RNG state: everything needed to resume."""
+        ...
+
+    def is_checkpoint(self, path: str) -> bool:
+        """Whether save_state finished writing `path` (a killed save leaves an incomplete one)."""
         ...
 
     def load_state(self, path: str) -> None: ...

@@ -27,7 +27,6 @@ $TINKER_API_KEY); `base_url` defaults to $TINKER_BASE_URL, then to Tinker's API.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tarfile
@@ -41,17 +40,15 @@ from pathlib import Path
 import tinker
 from tinker import types
 
-from .. import divergence
 from ..config import LoraConfig, ModelConfig, TrainConfig
+from ..loss import CROSS_ENTROPY, Loss
 from ..models import ADAPTER_FILES, ModelError, check_adapter, resolve_model
 from ..render import Datum, Message, prompt_ids, stop_token_ids
 from ..rundir import StageError, atomic_write_json
 from .base import Completion, SamplingParams, StepResult
 from .openai import failed, scrub  # a failed row and the key scrubbed from its text, as there
 
-LOSS_FN = "cross_entropy"
-LOSSES = (LOSS_FN, "importance_sampling")  # sft and kl; on_policy (its policy-gradient form)
-STATE_FILE = "tinker_state.json"  # written last by save_state: train.STATE_FILES lists it
+STATE_FILE = "tinker_state.json"  # written last by save_state: a checkpoint without it is incomplete
 DOWNLOAD_TIMEOUT = 120  # seconds per adapter file
 NO_EXPORT_STATUS = (404, 405, 501)  # save_weights_external answered so: the server has no external weights
 FATAL_STATUS = (401, 403, 404)  # a sample refused so would fail every row: the key or the model name
@@ -62,69 +59,37 @@ MAX_REDIRECTS = 5
 SEED_RANGE = 2**31
 
 
-def tinker_batch(batch: list[Datum], loss_fn: str) -> list[types.Datum]:
-    if loss_fn not in LOSSES:
-        raise StageError(f"train: loss {loss_fn!r} has no Tinker form; train this objective with student.backend local")
-    return [to_tinker_datum(d, loss_fn) for d in batch]
+def tinker_batch(batch: list[Datum], loss: Loss) -> list[types.Datum]:
+    if loss.tinker is None:
+        raise StageError(f"train: loss {type(loss).__name__} has no Tinker form; train this objective with "
+                         f"student.backend local")
+    return [to_tinker_datum(d, loss) for d in batch]
 
 
-def to_tinker_datum(d: Datum, loss_fn: str = LOSS_FN) -> types.Datum:
-    """Our Datum as Tinker's: the same tokens, targets and weights, position for position. Soft
-    labels (K targets per position) become Tinker's 2-D cross_entropy inputs of shape (N, K);
-    an on-policy datum becomes importance_sampling's target_tokens, logprobs and advantages."""
-    n = len(d.target_tokens)
-    if loss_fn == "importance_sampling":
-        return types.Datum(model_input=types.ModelInput.from_ints(list(d.input_tokens)), loss_fn_inputs={
-            "target_tokens": types.TensorData(data=list(d.target_tokens), dtype="int64", shape=[n]),
-            "logprobs": types.TensorData(data=list(d.sampling_logprobs), dtype="float32", shape=[n]),
-            "advantages": types.TensorData(data=list(d.advantages), dtype="float32", shape=[n])})
-    if isinstance(d.target_tokens[0], (list, tuple)):
-        k = len(d.target_tokens[0])
-        targets = [t for row in d.target_tokens for t in row]
-        weights = [w for row in d.weights for w in row]
-        shape = [n, k]
-    else:
-        targets, weights, shape = list(d.target_tokens), list(d.weights), [n]
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(list(d.input_tokens)),
-        loss_fn_inputs={"target_tokens": types.TensorData(data=targets, dtype="int64", shape=shape),
-                        "weights": types.TensorData(data=weights, dtype="float32", shape=shape)},
-    )
+def to_tinker_datum(d: Datum, loss: Loss = CROSS_ENTROPY) -> types.Datum:
+    """Our Datum as Tinker's: the same tokens, and the loss's inputs (targets, weights, or an
+    on-policy datum's sampling log-probabilities and advantages), position for position."""
+    return types.Datum(model_input=types.ModelInput.from_ints(list(d.input_tokens)),
+                       loss_fn_inputs={name: types.TensorData(data=data, dtype=dtype, shape=shape)
+                                       for name, (data, dtype, shape) in loss.tinker_inputs(d).items()})
 
 
-def step_result(batch: list[Datum], output: types.ForwardBackwardOutput, loss_fn: str = LOSS_FN) -> StepResult:
-    """Our StepResult from Tinker's per-datum target logprobs (the `logprobs` output;
-    (N, K) of them for soft labels, whose per-token loss is sum_k w_k (-logprob_k) / sum_k w_k).
-    importance_sampling: loss -sum(exp(logprob - sampling logprob) x advantage), per-token value
-    the sampled reverse KL, as the local trainer reports it."""
-    loss = nll_sum = 0.0
-    tokens = 0
-    if loss_fn == "importance_sampling":
-        for d, out in zip(batch, output.loss_fn_outputs, strict=True):
-            for w, lp, old, adv in zip(d.weights, out["logprobs"].tolist(), d.sampling_logprobs, d.advantages, strict=True):
-                if w > 0:
-                    loss -= math.exp(lp - old) * adv
-                    nll_sum += divergence.sampled_reverse_kl(adv, w)
-                    tokens += 1
-        return StepResult(loss=loss, nll_sum=nll_sum, tokens=tokens)
-    for d, out in zip(batch, output.loss_fn_outputs, strict=True):
-        for w, lp in zip(d.weights, out["logprobs"].tolist(), strict=True):
-            ws, lps = (w, lp) if isinstance(w, (list, tuple)) else ([w], [lp])
-            if sum(ws) > 0:
-                loss += sum(x * -y for x, y in zip(ws, lps))
-                nll_sum += sum(x * -y for x, y in zip(ws, lps)) / sum(ws)
-                tokens += 1
-    return StepResult(loss=loss, nll_sum=nll_sum, tokens=tokens)
+def step_result(batch: list[Datum], output: types.ForwardBackwardOutput, loss: Loss = CROSS_ENTROPY) -> StepResult:
+    """Our StepResult from Tinker's per-datum target log-probabilities (the `logprobs` output),
+    read by the loss as the local trainer computes it."""
+    figures = [loss.from_tinker(d, out["logprobs"].tolist()) for d, out in zip(batch, output.loss_fn_outputs, strict=True)]
+    return StepResult(loss=sum(f[0] for f in figures), nll_sum=sum(f[1] for f in figures),
+                      tokens=sum(f[2] for f in figures))
 
 
 class PendingStep:
     """A submitted forward_backward: its StepResult once Tinker has answered."""
 
-    def __init__(self, batch: list[Datum], future, loss_fn: str):
-        self.batch, self.future, self.loss_fn = batch, future, loss_fn
+    def __init__(self, batch: list[Datum], future, loss: Loss):
+        self.batch, self.future, self.loss = batch, future, loss
 
     def result(self) -> StepResult:
-        return step_result(self.batch, self.future.result(), self.loss_fn)
+        return step_result(self.batch, self.future.result(), self.loss)
 
 
 def api_key(model: ModelConfig) -> str | None:
@@ -237,8 +202,6 @@ class TinkerSampler:
 class TinkerTrainer:
     """The Trainer interface on a Tinker LoRA TrainingClient."""
 
-    LOSSES = LOSSES
-
     def __init__(self, model: ModelConfig, lora: LoraConfig, train: TrainConfig):
         self.spec = model  # the student ModelConfig
         self.tokenizer = local_tokenizer(model)
@@ -250,17 +213,25 @@ class TinkerTrainer:
         self.adam = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": train.weight_decay,
                      "grad_clip_norm": train.max_grad_norm or 0.0}
 
-    def forward_backward(self, batch: list[Datum], loss_fn: str = LOSS_FN) -> PendingStep:
-        return PendingStep(batch, self.client.forward_backward(tinker_batch(batch, loss_fn), loss_fn), loss_fn)
+    def takes(self, loss: Loss) -> bool:
+        """The losses Tinker computes: those with a Tinker name."""
+        return loss.tinker is not None
 
-    def forward(self, batch: list[Datum], loss_fn: str = LOSS_FN) -> StepResult:
-        return step_result(batch, self.client.forward(tinker_batch(batch, loss_fn), loss_fn).result(), loss_fn)
+    def forward_backward(self, batch: list[Datum], loss: Loss = CROSS_ENTROPY) -> PendingStep:
+        return PendingStep(batch, self.client.forward_backward(tinker_batch(batch, loss), loss.tinker), loss)
+
+    def forward(self, batch: list[Datum], loss: Loss = CROSS_ENTROPY) -> StepResult:
+        return step_result(batch, self.client.forward(tinker_batch(batch, loss), loss.tinker).result(), loss)
 
     def optim_step(self, lr: float) -> dict:
         metrics = self.client.optim_step(types.AdamParams(learning_rate=lr, **self.adam)).result().metrics or {}
         # The response's metric names are the server's; a grad norm is reported when there is one.
         norm = next((v for k, v in metrics.items() if "grad_norm" in k), None)
         return {"grad_norm": norm}
+
+    def is_checkpoint(self, path: str | Path) -> bool:
+        """Whether save_state finished writing `path`."""
+        return (Path(path) / STATE_FILE).exists()
 
     def save_state(self, path: str | Path) -> None:
         """Weights and optimiser state saved on Tinker; the run dir keeps where."""

@@ -29,23 +29,52 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..answerers import recorded_positions, recorded_topk
-from ..render import Datum, Example, RenderError, render_example, sampled_datum, to_datum
+from ..loss import CROSS_ENTROPY, Loss
+from ..render import Datum, Example
 from ..rundir import StageError, read_jsonl, sha256_text
-from . import StepContext, check_shared_vocabulary, micro_batches, my_micro_batches, my_share, targets
+from .step import StepContext, answer_tokens, check_shared_vocabulary
 
-LOSS = "cross_entropy"  # top-k renormalised: what Tinker's cross_entropy takes
-REST = "cross_entropy_with_rest"  # top-k as they are, plus one bin for the rest of the vocabulary (local trainer)
-FULL = "forward_kl"  # train.topk null: KL(teacher || student) over the whole vocabulary (local trainer)
+TEACHER = True
+JUDGES_SAMPLES = False
 TARGETS_DIR = "teacher_topk"
+
+
+class CrossEntropyWithRest(Loss):
+    """The soft cross-entropy where a target id of -1 stands for all the tokens the position's
+    other targets do not name, as one bin (log p of it = logsumexp of their logits - logsumexp
+    of all): stored top-k soft labels with the mass they leave out. (Local trainer only; on
+    Tinker the top-k are renormalised and take its cross_entropy.)"""
+
+    def local(self, out, batch):
+        rest = out.target < 0
+        named = torch.where(rest, out.target[:, :1], out.target)  # the rest bin's column repeats a named id
+        picked = -torch.log_softmax(out.logits, -1).gather(-1, named)  # [positions, K]
+        log_rest = torch.logsumexp(out.logits.scatter(-1, named, float("-inf")), -1) - torch.logsumexp(out.logits, -1)
+        picked = torch.where(rest, -log_rest[:, None], picked)
+        return (picked * out.weight).sum(), ((picked * out.weight).sum(-1) / out.weight.sum(-1)).detach()
+
+
+class ForwardKL(Loss):
+    """KL(teacher || student) over the whole vocabulary, the teacher's log-probabilities carried by
+    the datums (train.topk null; local trainer only)."""
+
+    def local(self, out, batch):
+        kl = out.forward_kl(torch.cat([d.teacher_logprobs for d in batch]))
+        return (kl * out.weight).sum(), kl.detach()
+
+
+REST = CrossEntropyWithRest()
+FORWARD_KL = ForwardKL()
+
+
+def loss(ctx: StepContext) -> Loss:
+    if ctx.cfg.train.topk is None:
+        return FORWARD_KL
+    return REST if ctx.trainer.takes(REST) else CROSS_ENTROPY
 
 
 def target_key(row: dict, k: int, teacher: str) -> str:
     return sha256_text(repr((row["key"], row["answer"], k, teacher)))[:24]
-
-
-def answer_targets(e: Example) -> list[int]:
-    """The tokens an example is trained to predict, in order (its weighted targets)."""
-    return [t for t, m in zip(e.tokens[1:], e.mask[1:]) if m]
 
 
 def load_targets(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -82,7 +111,7 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     t, cfg = ctx.cfg.train, ctx.cfg
     local = ctx.teacher is not None and ctx.teacher.whole_distribution  # a teacher that gives its distribution here
     if t.topk is None:
-        if not local or FULL not in ctx.trainer.LOSSES:
+        if not local or not ctx.trainer.takes(FORWARD_KL):
             raise StageError("train.topk null (the teacher's whole distribution, scored each step) needs a local "
                              "teacher and student.backend local; set train.topk to a number")
         check_shared_vocabulary(ctx, "kl: soft labels are the teacher's distribution over the student's tokens")
@@ -98,19 +127,12 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     todo = [e for e in examples if keys[e.id] not in stored] if distributed.is_main() else []
     size = max(1, cfg.sampling.batch_size // 4)
     started = time.perf_counter()
-    for batch in tqdm(micro_batches(todo, size), desc=f"train: teacher top-{t.topk} targets", unit="batch", leave=False):
-        datums, kept = [], []
-        for e in batch:
-            row = ctx.rows[e.id]
-            messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": row["query"]}]
-            try:
-                datums.append(to_datum(render_example(ctx.teacher.tokenizer, messages, row["answer"], e.id)))
-            except RenderError as err:
-                raise StageError(str(err)) from None
-            kept.append(e)
+    for batch in tqdm([todo[i:i + size] for i in range(0, len(todo), size)], desc=f"train: teacher top-{t.topk} targets",
+                      unit="batch", leave=False):
+        datums = [ctx.teacher.rendered(ctx.rows[e.id]["query"], ctx.rows[e.id]["answer"], e.id) for e in batch]
         found = {}
-        for e, d, logits in zip(kept, datums, ctx.teacher.logits(datums)):
-            if targets(d) != answer_targets(e):
+        for e, d, logits in zip(batch, datums, ctx.teacher.logits(datums)):
+            if [t for t, w in zip(d.target_tokens, d.weights) if w > 0] != answer_tokens(e):
                 raise StageError(f"train.objective kl: example {e.id}: the teacher tokenizes the answer differently "
                                  f"from the student; soft labels need teacher and student to share a tokenizer")
             top_lp, top_ids = torch.log_softmax(logits, -1).topk(t.topk, -1)
@@ -147,7 +169,7 @@ def recorded_targets(ctx: StepContext, examples: list[Example]) -> dict[str, tup
     out, hard, positions = {}, 0, 0
     for e in examples:
         ids, logprobs, sampled = recorded[e.id]
-        trained = torch.tensor(answer_targets(e))
+        trained = torch.tensor(answer_tokens(e))
         n = recorded_positions(sampled, trained)
         rest = trained[n:]
         one_hot = torch.full((len(rest), k), float("-inf"))
@@ -192,31 +214,23 @@ def soft_datum(e: Example, ids: torch.Tensor, logprobs: torch.Tensor, weight: fl
     return Datum(input_tokens=e.tokens[:-1], target_tokens=targets, weights=weights)
 
 
-def full_datums(ctx: StepContext, batch: list[Example], weight: float) -> list[Datum]:
+def full_datums(ctx: StepContext, batch: list[Example], sft_weight: float) -> list[Datum]:
     """train.topk null: the teacher scores the batch's answers WITH the prompt now (the prompt's
     keys and values shared), and each datum carries its whole next-token distribution, mixed
     with the sampled token by sft_weight: the loss is then forward KL(target || student)."""
-    cfg, s = ctx.cfg, ctx.cfg.train.sft_weight
-    prompted = []
-    for e in batch:
-        messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": ctx.rows[e.id]["query"]}]
-        prompted.append(sampled_datum(ctx.teacher.tokenizer, messages, answer_targets(e)))
-    out = []
-    for e, logits in zip(batch, ctx.teacher.logits(prompted)):
-        target = torch.log_softmax(logits, -1)
+    s, out = sft_weight, []
+    answers = [answer_tokens(e) for e in batch]
+    for e, answer, target in zip(batch, answers, ctx.teacher.distributions([ctx.rows[e.id]["query"] for e in batch], answers)):
         if s > 0:  # log((1 - s) p + s one_hot), in log space: a token the teacher rules out stays at -inf, not nan
             sampled = torch.full_like(target, float("-inf"))
-            sampled.scatter_(-1, torch.tensor(answer_targets(e))[:, None], 0.0)
+            sampled.scatter_(-1, torch.tensor(answer)[:, None], 0.0)
             target = torch.logaddexp(target + math.log(1 - s), sampled + math.log(s)) if s < 1 else sampled
-        weights = [weight if m else 0.0 for m in e.mask[1:]]
-        out.append(Datum(e.tokens[:-1], e.tokens[1:], weights, teacher_logprobs=target))
+        out.append(Datum(e.tokens[:-1], e.tokens[1:], [float(m) for m in e.mask[1:]], teacher_logprobs=target))
     return out
 
 
-def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
-    total = sum(e.n_trainable for e in examples)
-    if ctx.cfg.train.topk is None:
-        return [full_datums(ctx, b, 1.0 / total) for b in my_micro_batches(examples, ctx.cfg.train.batch_size)], FULL, total
-    rest = REST in ctx.trainer.LOSSES
-    mine = [soft_datum(e, *ctx.soft_targets[e.id], 1.0 / total, ctx.cfg.train.sft_weight, rest) for e in my_share(examples)]
-    return micro_batches(mine, ctx.cfg.train.batch_size), REST if rest else LOSS, total
+def datums(ctx: StepContext, examples: list[Example], step: int) -> list[Datum]:
+    t = ctx.cfg.train
+    if t.topk is None:
+        return full_datums(ctx, examples, t.sft_weight)
+    return [soft_datum(e, *ctx.soft_targets[e.id], 1.0, t.sft_weight, ctx.trainer.takes(REST)) for e in examples]

@@ -25,16 +25,62 @@ resumed inside a group samples the rest of that group with its resumed weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .. import distributed
+from .. import divergence
+from ..answerers import student_messages
 from ..backends.base import SamplingParams
+from ..loss import Loss
 from ..render import Datum, Example, sampled_datum
 from ..rundir import StageError, sha256_text
-from . import StepContext, check_shared_vocabulary, micro_batches, my_share
+from .step import StepContext, check_shared_vocabulary
 
-EXACT = "reverse_kl"  # the local trainer: exact over the vocabulary, gradients through the student's distribution
-SAMPLED = "importance_sampling"  # the same objective as a policy gradient on the sampled tokens
+TEACHER = True
+JUDGES_SAMPLES = True
+
+
+class ReverseKL(Loss):
+    """KL(student || teacher) over the whole vocabulary, the teacher's log-probabilities carried by
+    the datums: exact, gradients through the student's distribution (local trainer only)."""
+
+    def local(self, out, batch):
+        per_token = divergence.reverse_kl(out.logits, torch.cat([d.teacher_logprobs for d in batch]).to(out.logits.device))
+        return (per_token * out.weight).sum(), per_token.detach()
+
+
+class ImportanceSampling(Loss):
+    """Tinker's policy-gradient loss, -sum(exp(log p - sampling log p) x advantage) over the sampled
+    tokens; with advantage = weight x (teacher - sampler log-probability), its per-token value is the
+    sampled reverse-KL estimate the advantages encode."""
+
+    tinker = "importance_sampling"
+
+    def local(self, out, batch):
+        old, advantage = (torch.tensor([x for d in batch for x, w in zip(getattr(d, f), d.weights) if w > 0],
+                                       device=out.logits.device) for f in ("sampling_logprobs", "advantages"))
+        logp = torch.log_softmax(out.logits, -1).gather(-1, out.target[:, None]).squeeze(-1)
+        return -(torch.exp(logp - old) * advantage).sum(), divergence.sampled_reverse_kl(advantage, out.weight)
+
+    def tinker_inputs(self, d):
+        n = [len(d.target_tokens)]
+        return {"target_tokens": (list(d.target_tokens), "int64", n), "logprobs": (list(d.sampling_logprobs), "float32", n),
+                "advantages": (list(d.advantages), "float32", n)}
+
+    def from_tinker(self, d, logprobs):
+        loss = per_token = 0.0
+        tokens = 0
+        for w, lp, old, adv in zip(d.weights, logprobs, d.sampling_logprobs, d.advantages, strict=True):
+            if w > 0:
+                loss -= math.exp(lp - old) * adv
+                per_token += divergence.sampled_reverse_kl(adv, w)
+                tokens += 1
+        return loss, per_token, tokens
+
+
+REVERSE_KL = ReverseKL()
+IMPORTANCE_SAMPLING = ImportanceSampling()
 
 
 def prepare(ctx: StepContext, examples: list[Example]) -> None:
@@ -47,55 +93,62 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
 
 def exact(ctx: StepContext) -> bool:
     """The exact form needs the teacher's whole distribution and a trainer that takes it."""
-    return EXACT in ctx.trainer.LOSSES and ctx.teacher.whole_distribution
+    return ctx.trainer.takes(REVERSE_KL) and ctx.teacher.whole_distribution
+
+
+def loss(ctx: StepContext) -> Loss:
+    return REVERSE_KL if exact(ctx) else IMPORTANCE_SAMPLING
 
 
 def sample_seed(example_id: str, sample: int, seed: int, step: int) -> int:
     return int(sha256_text(f"{example_id}\x00{sample}\x00{seed}\x00{step}")[:12], 16)
 
 
-def sample_group(ctx: StepContext, examples: list[Example], step: int) -> None:
-    """Sample the student's answers for `step` and the rest of its group of sample_ahead steps
-    (those that are on_policy steps of this run) in one decode; keep them in ctx.samples."""
+def sample_group(ctx: StepContext, step: int, top_logprobs: int | None) -> None:
+    """Sample the student's answers for this process's share of `step` and of the rest of its group
+    of sample_ahead steps (those that sample the student too) in one decode; keep them in ctx.samples,
+    in order: each example's samples_per_query answers."""
     cfg, op = ctx.cfg, ctx.cfg.train.on_policy
     group = [s for s in range(step, step + op.sample_ahead - step % op.sample_ahead)
-             if s == step or (s < ctx.steps and cfg.train.objective_at(s) == "on_policy")]
-    mine = {s: [(e.id, k) for e in my_share(examples if s == step else ctx.examples_at(s))
-                for k in range(op.samples_per_query)] for s in group}
+             if s == step or (s < ctx.steps and cfg.train.objective_at(s) == cfg.train.objective_at(step))]
+    mine = {s: [(e.id, k) for e in ctx.my_examples_at(s) for k in range(op.samples_per_query)] for s in group}
     flat = [(s, i, k) for s in group for i, k in mine[s]]
     params = SamplingParams(temperature=op.temperature, top_p=op.top_p, max_tokens=op.max_tokens or cfg.sampling.max_tokens,
-                            top_logprobs=None if exact(ctx) else 0)
-    answers = ctx.trainer.sampler().sample([[{"role": "user", "content": ctx.rows[i]["query"]}] for _, i, _ in flat],
+                            top_logprobs=top_logprobs)
+    answers = ctx.trainer.sampler().sample([student_messages(ctx.rows[i]["query"]) for _, i, _ in flat],
                                            params, [sample_seed(i, k, cfg.train.seed, s) for s, i, k in flat])
     if failed := next((a for a in answers if a.finish_reason == "error"), None):
         raise StageError(f"train: step {step + 1}: the student's sampler failed ({failed.error}); re-run to resume")
     for s in group:
-        ctx.samples[s] = (mine[s], answers[:len(mine[s])])
+        ctx.samples[s] = answers[:len(mine[s])]
         answers = answers[len(mine[s]):]
 
 
-def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
-    cfg, whole = ctx.cfg, exact(ctx)
+def samples(ctx: StepContext, examples: list[Example], step: int, top_logprobs: int | None) -> list[tuple[str, object]]:
+    """(query, the student's answer) for each of `examples` (the next of this process's share of
+    `step`) and each of its samples_per_query: sampled with the step's group on first use."""
     if step not in ctx.samples:
-        sample_group(ctx, examples, step)
-    mine, answers = ctx.samples.pop(step)
-    queries = [ctx.rows[i]["query"] for i, _ in mine]
-    total, = distributed.sum_across([sum(a.completion_tokens for a in answers)])
-    total = int(total)
-    datums = []
-    for q, a in zip(queries, answers):
-        student = sampled_datum(ctx.trainer.tokenizer, [{"role": "user", "content": q}], a.token_ids, 1.0 / total)
-        teacher = sampled_datum(ctx.teacher.tokenizer, [{"role": "system", "content": cfg.system_prompt},
-                                                       {"role": "user", "content": q}], a.token_ids, 1.0)
-        datums.append((student, teacher, a))
-    out = []
-    for chunk in micro_batches(datums, cfg.train.batch_size):
-        judged = [t for _, t, _ in chunk]
-        if whole:
-            out.append([exact_datum(s, torch.log_softmax(lp, -1)) for (s, _, _), lp in zip(chunk, ctx.teacher.logits(judged))])
-        else:
-            out.append([advantage_datum(s, a, lp) for (s, _, a), lp in zip(chunk, ctx.teacher.token_logprobs(judged))])
-    return out, EXACT if whole else SAMPLED, total
+        sample_group(ctx, step, top_logprobs)
+    k = ctx.cfg.train.on_policy.samples_per_query
+    answers, ctx.samples[step] = ctx.samples[step][:len(examples) * k], ctx.samples[step][len(examples) * k:]
+    if not ctx.samples[step]:
+        del ctx.samples[step]
+    return [(ctx.rows[e.id]["query"], answers[j * k + i]) for j, e in enumerate(examples) for i in range(k)]
+
+
+def judged_samples(ctx: StepContext, examples: list[Example], step: int, whole: bool) -> list[Datum]:
+    """The student's answers to `examples` as its datums, each with the teacher's judgement WITH the
+    prompt: its whole distribution at every answer token (`whole`), or the advantage of each token."""
+    pairs = samples(ctx, examples, step, None if whole else 0)
+    queries, answers = [q for q, _ in pairs], [a.token_ids for _, a in pairs]
+    students = [sampled_datum(ctx.trainer.tokenizer, student_messages(q), a) for q, a in zip(queries, answers)]
+    if whole:
+        return [exact_datum(s, lp) for s, lp in zip(students, ctx.teacher.distributions(queries, answers))]
+    return [advantage_datum(s, a, lp) for s, (_, a), lp in zip(students, pairs, ctx.teacher.token_logprobs(queries, answers))]
+
+
+def datums(ctx: StepContext, examples: list[Example], step: int) -> list[Datum]:
+    return judged_samples(ctx, examples, step, exact(ctx))
 
 
 def exact_datum(student: Datum, teacher_logprobs: torch.Tensor) -> Datum:

@@ -1,19 +1,18 @@
-"""sft: cross-entropy on the teacher's sampled answer tokens, a token mean over the step."""
+"""sft: cross-entropy on the teacher's sampled answer tokens (hard labels), a token mean over the step."""
 
 from __future__ import annotations
 
+from ..loss import CROSS_ENTROPY
 from ..render import Datum, Example, to_datum
-from . import StepContext, micro_batches, my_share
+from .step import StepContext
 
-LOSS = "cross_entropy"
-
-
-def weighted(examples: list[Example], total_tokens: int) -> list[Datum]:
-    # Each trainable token weighs 1/total over the whole optimiser step: a token mean,
-    # however the step is split into micro-batches or processes.
-    return [to_datum(e, 1.0 / total_tokens) for e in examples]
+TEACHER = False
+JUDGES_SAMPLES = False
 
 
-def step_batches(ctx: StepContext, examples: list[Example], step: int) -> tuple[list[list[Datum]], str, int]:
-    total = sum(e.n_trainable for e in examples)  # the whole step's, in every process
-    return micro_batches(weighted(my_share(examples), total), ctx.cfg.train.batch_size), LOSS, total
+def loss(ctx: StepContext):
+    return CROSS_ENTROPY
+
+
+def datums(ctx: StepContext, examples: list[Example], step: int) -> list[Datum]:
+    return [to_datum(e) for e in examples]

@@ -269,7 +269,7 @@ def _how_to_load(fmt: str, base: Path) -> list[str]:
 
 def merged_model(base: Path, adapter_dir: Path):
     """(model, tokenizer): the base model with the adapter folded into its weights, fp32 on CPU."""
-    from ..backends.local import load_causal_lm
+    from ..backends.local_model import load_causal_lm
 
     model, tokenizer = load_causal_lm(base, "cpu", adapter_dir)
     model = model.merge_and_unload()

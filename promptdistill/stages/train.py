@@ -1,9 +1,10 @@
 """Stage 3, train: a LoRA student learns to give the teacher's answers WITHOUT the prompt.
 
 One readable loop over Tinker-style primitives (forward_backward, optim_step, save).
-Examples are rendered with the student's chat template and no system prompt; the loss
-is the mean negative log-likelihood of the answer tokens (and their end-of-turn token)
-over each optimiser step. Validation loss is measured before the first step, so the
+Examples are rendered with the student's chat template and no system prompt. Each step's
+objective (objectives/) turns the step's examples into datums and names its loss; the loop
+weighs every trained token (the answer's tokens and its end-of-turn token) 1/(the step's
+trained tokens), so the loss is a token mean over the optimiser step. Validation loss is measured before the first step, so the
 untrained model's figure sits in metrics.jsonl beside the trained ones. The data order
 is a pure function of (seed, step), so a resumed run sees the same batches.
 
@@ -29,17 +30,17 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from .. import distributed, tracking
+from .. import distributed, registry, teacher, tracking
 from ..backends import make_trainer
 from ..config import RunConfig, TrainConfig
-from ..objectives import PromptedTeacher, StepContext, kl, my_micro_batches, on_policy, sft
-from ..render import Example, RenderError, render_example, student_view, to_datum
+from ..loss import CROSS_ENTROPY
+from ..objectives.step import StepContext
+from ..render import Datum, Example, RenderError, render_example, student_view, to_datum
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
                       read_jsonl, sha256_text)
 from .generate import row_key
 
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
-OBJECTIVES = {"sft": sft, "kl": kl, "on_policy": on_policy}
 
 
 def training_answer(row: dict) -> str | None:
@@ -87,11 +88,26 @@ def step_examples(examples: list[Example], step: int, t: TrainConfig) -> list[Ex
     return [e for m in range(t.grad_accum) for e in micro_batch(examples, step, m, t.batch_size, t.grad_accum, t.seed)]
 
 
+def micro_batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def step_datums(ctx: StepContext, objective, examples: list[Example], step: int) -> tuple[list[list[Datum]], int]:
+    """This process's micro-batches of optimiser step `step` and the step's trained tokens (in
+    every process). The objective turns each micro-batch of examples into datums at unit weight;
+    each trained token then weighs 1/total over the whole step: a token mean, however the step
+    is split into micro-batches or processes."""
+    size = ctx.cfg.train.batch_size
+    datums = [d for chunk in micro_batches(distributed.my_share(examples), size) for d in objective.datums(ctx, chunk, step)]
+    total, = distributed.sum_across([sum(d.trained_positions() for d in datums)])
+    return micro_batches([d.scaled(1.0 / total) for d in datums], size), int(total)
+
+
 def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
     nll = tokens = 0
     by_length = sorted(examples, key=lambda e: len(e.tokens))  # batches of similar lengths: less padding
-    for batch in my_micro_batches(by_length, batch_size):
-        result = trainer.forward([to_datum(e) for e in batch])
+    for batch in micro_batches(distributed.my_share(by_length), batch_size):
+        result = trainer.forward([to_datum(e) for e in batch], CROSS_ENTROPY)
         nll += result.nll_sum
         tokens += result.tokens
     nll, tokens = distributed.sum_across([nll, tokens])
@@ -130,20 +146,24 @@ def render_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example]
     return examples, too_long
 
 
-# Fields that only shape a distribution-level objective: a plain SFT run leaves them out of
-# its fingerprint, so runs trained before objectives existed keep theirs.
+# Fields that only shape a distribution-level objective: a run whose objectives never ask the
+# teacher leaves them out of its fingerprint, so runs trained before objectives existed keep theirs.
 OBJECTIVE_FIELDS = {"objective", "phases", "topk", "sft_weight", "on_policy"}
+
+
+def asks_teacher(t: TrainConfig) -> bool:
+    return any(registry.load(name).TEACHER for name in t.objectives())
 
 
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     data = [(r["key"], r["completion"]) for r in read_jsonl(run.teacher) if r.get("split") in ("train", "val")]
     not_trained_by = {"eval_every", "save_every", "keep_checkpoints"}
-    if cfg.train.objectives() == {"sft"} and cfg.train.phases is None:
+    if not asks_teacher(cfg.train) and cfg.train.phases is None:
         not_trained_by |= OBJECTIVE_FIELDS
     inputs = {"data": sha256_text(repr(sorted(data)))[:16], "student_model": cfg.student.model,
               "lora": fingerprint(cfg.lora.model_dump()),
               "train": fingerprint(cfg.train.model_dump(exclude=not_trained_by))}
-    if cfg.train.objectives() != {"sft"}:  # what the teacher's distributions depend on
+    if asks_teacher(cfg.train):  # what the teacher's distributions depend on
         inputs["teacher"] = {"system_prompt": sha256_text(cfg.system_prompt)[:16], "model": cfg.teacher.model}
     if cfg.student.backend != "local":  # only then, so the runs trained locally keep their fingerprint
         inputs["student_backend"] = f"{cfg.student.backend}:{cfg.student.served_name}"
@@ -159,13 +179,8 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, math.ceil(t.epochs * n_train / (t.batch_size * t.grad_accum)))
 
 
-# The file each backend's save_state writes last: a checkpoint without it is incomplete.
-STATE_FILES = ("trainer_state.pt", "tinker_state.json")
-
-
-def last_checkpoint(run: RunDir) -> dict | None:
-    rows = [r for r in read_jsonl(run.checkpoints_log, repair=True)
-            if any((run.root / r["path"] / name).exists() for name in STATE_FILES)]
+def last_checkpoint(run: RunDir, trainer) -> dict | None:
+    rows = [r for r in read_jsonl(run.checkpoints_log, repair=True) if trainer.is_checkpoint(run.root / r["path"])]
     return rows[-1] if rows else None
 
 
@@ -221,15 +236,15 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         )
     steps = total_steps(cfg, len(train))
     ctx = StepContext(cfg, run, trainer, rows={r["id"]: r for r in splits["train"]}, steps=steps,
-                      examples_at=lambda s: step_examples(train, s, t))
-    if t.objectives() != {"sft"}:
-        ctx.teacher = PromptedTeacher.for_run(cfg, trainer)
-        for name in sorted(t.objectives()):
-            prepare = getattr(OBJECTIVES[name], "prepare", None)
-            if prepare is not None:
-                prepare(ctx, train)
+                      my_examples_at=lambda s: distributed.my_share(step_examples(train, s, t)))
+    used = {name: registry.load(name) for name in sorted(t.objectives())}
+    if asks_teacher(t):
+        ctx.teacher = teacher.for_run(cfg, trainer, judges_samples=any(o.JUDGES_SAMPLES for o in used.values()))
+    for objective in used.values():
+        if hasattr(objective, "prepare"):
+            objective.prepare(ctx, train)
     start = 0
-    resume = last_checkpoint(run)
+    resume = last_checkpoint(run, trainer)
     if resume is not None:
         trainer.load_state(run.root / resume["path"])
         start = resume["step"]
@@ -253,17 +268,18 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                    disable=not main)
         with ctrl_c_at_step_end() as interrupted:
             for step in bar:
-                objective = t.objective_at(step)
-                batches, loss_fn, total = OBJECTIVES[objective].step_batches(ctx, step_examples(train, step, t), step)
+                objective = used[t.objective_at(step)]
+                loss = objective.loss(ctx)
+                batches, total = step_datums(ctx, objective, step_examples(train, step, t), step)
                 # Every forward_backward and the optim_step are submitted before any result is
                 # read: a remote trainer (Tinker) runs them back to back, with no round trip between.
-                pending = [trainer.forward_backward(batch, loss_fn) for batch in batches]
+                pending = [trainer.forward_backward(batch, loss) for batch in batches]
                 lr = lr_at(step, steps, t.lr, t.warmup_steps, t.schedule)
                 info = trainer.optim_step(lr)
-                loss, = distributed.sum_across([sum(p.result().nll_sum for p in pending)])
-                row = {"step": step + 1, "lr": lr, "train_loss": loss / total, "grad_norm": info["grad_norm"],
+                summed, = distributed.sum_across([sum(p.result().nll_sum for p in pending)])
+                row = {"step": step + 1, "lr": lr, "train_loss": summed / total, "grad_norm": info["grad_norm"],
                        "tokens": total, "seconds": round(timer.elapsed, 2),
-                       **({"objective": objective} if t.objectives() != {"sft"} else {})}
+                       **({"objective": t.objective_at(step)} if asks_teacher(t) else {})}
                 if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
                     row["val_loss"] = validation_loss(trainer, val, t.batch_size)
                 if main:
