@@ -12,6 +12,8 @@ OBJECTIVES = {  # name -> what it minimises (the config's description)
     "kl": "cross-entropy against the teacher's top-k next-token distribution WITH the prompt (topk null: forward "
           "KL over the whole vocabulary)",
     "on_policy": "reverse KL to the prompted teacher on the student's own samples",
+    "jsd": "GKD's generalised Jensen-Shannon divergence to the prompted teacher (train.jsd.beta 0: forward KL, 1: "
+           "reverse KL), on the teacher's answers or, with train.jsd.on_policy, the student's own",
 }
 
 
