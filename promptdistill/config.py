@@ -8,7 +8,6 @@ self-contained and can be re-run from anywhere.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,14 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from . import registry
+from .config_errors import ConfigError, explain
 from .rules import Rule
 
 
 HUB_PREFIX = "hf:"  # a queries entry naming a Hugging Face hub dataset, not a file
-
-
-class ConfigError(ValueError):
-    """A config problem, already phrased for the user (file, field, hint)."""
 
 
 class Strict(BaseModel):
@@ -60,7 +56,7 @@ class ModelConfig(Strict):
     def _no_secret_in_config(cls, data: Any) -> Any:
         import re
 
-        # Raised from here the error's input is this whole section, which _explain never
+        # Raised from here the error's input is this whole section, which explain never
         # echoes, so a pasted key does not end up on the screen or in a log.
         if isinstance(data, dict):
             inline = [k for k in data if isinstance(k, str) and k.lower().replace("-", "_") in
@@ -158,8 +154,6 @@ class LoraConfig(Strict):
     target_modules: str | list[str] = "all-linear"
 
 
-
-
 class OnPolicyConfig(Strict):
     """How the student samples its own answers in an on_policy step."""
     temperature: float = Field(1.0, gt=0, description="the student's sampling temperature (1: its own distribution)")
@@ -223,7 +217,11 @@ class TrainConfig(Strict):
             if options is None:
                 raise ValueError(f"train.{name}: the {name} objective has no options")
             if not isinstance(value, options):
-                self.objective_options[name] = options.model_validate(value)
+                try:
+                    self.objective_options[name] = options.model_validate(value)
+                except ValidationError as err:  # raised from here its fields would be named from train only
+                    raise ValueError("; ".join(f"train.{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                               for e in err.errors())) from None
         return self
 
     @model_serializer(mode="wrap")
@@ -234,7 +232,8 @@ class TrainConfig(Strict):
 
     def options(self, name: str):
         """Objective `name`'s options: its `train.<name>` section, or its defaults."""
-        return self.objective_options.get(name) or registry.load(name).Options()
+        options = self.objective_options.get(name)
+        return options if options is not None else registry.load(name).Options()
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":
@@ -355,36 +354,6 @@ class RunConfig(Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def _closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _fields_at(loc: tuple, model: type[BaseModel] = RunConfig) -> list[str]:
-    """The field names allowed at the parent of `loc`, for 'did you mean' hints."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _explain(err: ValidationError, source: str) -> ConfigError:
-    lines = [f"{source}: invalid config"]
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            hint = _closest(str(loc[-1]), _fields_at(loc))
-            lines.append(f"  {field}: unknown field{hint}")
-        else:
-            got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
-            lines.append(f"  {field}: {e['msg']}{got}")
-    return ConfigError("\n".join(lines))
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is parsed as YAML."""
     if "=" not in text:
@@ -431,7 +400,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise _explain(e, str(path)) from None
+        raise explain(e, str(path), RunConfig) from None
     return resolve_config(cfg, path.parent)
 
 

@@ -100,3 +100,20 @@ def test_logprob_token_ids_is_for_an_openai_teacher_and_changes_the_rows_key(tmp
     with_ids = load_config(write(tmp_path, minimal(teacher=remote | {"logprob_token_ids": True})))
     assert "logprob_token_ids" not in answer_settings(plain)  # older runs keep their row keys
     assert answer_settings(with_ids) == answer_settings(plain) | {"logprob_token_ids": True}  # rows without ids are not reused
+
+
+def test_an_objectives_own_options_are_its_train_section(tmp_path):
+    # jsd declares Options: train.jsd is validated by them, kept through the run dir's copy, and
+    # a run that does not set them dumps no such section (the fingerprints of older runs hold).
+    cfg = load_config(write(tmp_path, minimal(train={"steps": 3, "objective": "jsd", "jsd": {"beta": 0.25}})))
+    assert cfg.train.options("jsd").beta == 0.25 and cfg.train.options("jsd").on_policy is False
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    assert load_config(tmp_path / "run").train.options("jsd").beta == 0.25
+    assert "jsd" not in load_config(write(tmp_path, minimal())).train.model_dump()
+    assert load_config(write(tmp_path, minimal())).train.options("jsd").beta == 0.5  # its default
+    for section, fragment in (({"bta": 0.3}, r"train\.jsd\.bta"), ({"beta": 3}, r"train\.jsd\.beta"),):
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(write(tmp_path, minimal(train={"steps": 3, "jsd": section})))
+    with pytest.raises(ConfigError, match="the kl objective has no options"):
+        load_config(write(tmp_path, minimal(train={"steps": 3, "kl": {"x": 1}})))
