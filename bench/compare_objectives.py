@@ -1,4 +1,4 @@
-"""The objectives compared on one budget: sft, kl, on_policy and kl then on_policy, trained
+"""The objectives compared on one budget: sft, kl, on_policy, jsd and kl then on_policy, trained
 on the same teacher answers of a finished run, each evaluated, then one `distill compare` table.
 
     python bench/compare_objectives.py [--from runs/beethoven] [--budget steps,wall] [--only sft,kl,...]
@@ -42,6 +42,9 @@ def variants(steps: int) -> dict[str, list[str]]:
         # vocabulary as one bin), and the student's answers of 8 steps sampled in one decode
         "kl_top256": ["train.objective=kl", "train.topk=256", *budget],
         "on_policy_ahead8": ["train.objective=on_policy", "train.on_policy.sample_ahead=8", *budget],
+        # GKD's generalised JSD between the two KLs (beta 0.5), on the teacher's answers and on the student's own
+        "jsd": ["train.objective=jsd", "train.jsd.beta=0.5", *budget],
+        "jsd_on_policy": ["train.objective=jsd", "train.jsd.beta=0.5", "train.jsd.on_policy=true", *budget],
         "kl_then_on_policy": ["train.epochs=null", "train.steps=null",
                               f"train.phases=[{{objective: kl, steps: {first}}}, "
                               f"{{objective: on_policy, steps: {max(1, steps - first)}}}]"],
