@@ -13,7 +13,8 @@ from . import distributed
 from .config import load_config
 from .models import ModelError, describe_models, resolve_model
 from .serve_args import SERVE_DESCRIPTION, serve_arguments
-from .stages.export import FORMATS, GGUF_DTYPES
+from .stages.export import FORMATS
+from .stages.export_gguf import GGUF_DTYPES
 from .terminal import USER_ERRORS, quiet_libraries
 
 

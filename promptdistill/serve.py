@@ -35,141 +35,22 @@ import argparse
 import asyncio
 import concurrent.futures
 import hmac
-import math
 import json
 import os
 import random
 import sys
-import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from .backends.openai import TOKEN_ID_PREFIX
 from .serve_args import SERVE_DESCRIPTION, serve_arguments
+from .serve_batcher import Batcher, Cancelled, Job
+from .serve_openai import ApiError, ChatRequest, check_supported, openai_logprobs, text_of
 from .terminal import USER_ERRORS, quiet_libraries
-
-# --- the OpenAI request shape (the parts we honour; unknown fields are ignored) -----------
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict] | None = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int | None = 1
-    stop: str | list[str] | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    tools: list | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    return_tokens_as_token_ids: bool = False
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-class _Cancelled(Exception):
-    """Raised from the token callback when the client went away: stops the decoding loop."""
-
-
-def _text_of(message: ChatMessage) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(400, f"content part of type {part.get('type')!r} is not supported (text only)", param="messages")
-        parts.append(part["text"])
-    return "".join(parts)
-
-
-def _openai_logprobs(scored: list[dict] | None, as_token_ids: bool = False) -> dict | None:
-    """Our per-token log-probabilities in OpenAI's `choices[0].logprobs` shape; with
-    `as_token_ids` each token is written "token_id:<id>", as vLLM does."""
-    if scored is None:
-        return None
-
-    def entry(token: str, token_id: int, logprob: float) -> dict:
-        text = f"{TOKEN_ID_PREFIX}{token_id}" if as_token_ids else token
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return {"content": [entry(s["token"], s["id"], s["logprob"]) | {"top_logprobs": [entry(*t) for t in s["top"]]}
-                        for s in scored]}
-
-
-def _check_supported(req: ChatRequest) -> None:
-    if req.n not in (None, 1):
-        raise ApiError(400, "n > 1 is not supported; send one request per answer", param="n")
-    if req.stop:
-        raise ApiError(400, "stop sequences are not supported; the model stops at its end-of-turn token", param="stop")
-    if req.tools:
-        raise ApiError(400, "tools are not supported", param="tools")
-    if req.logprobs and req.stream:
-        raise ApiError(400, "logprobs are returned without streaming only; set stream to false", param="logprobs")
-    if req.top_logprobs and not req.logprobs:
-        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name):
-            raise ApiError(400, f"{name} is not supported; use repetition_penalty", param=name)
-
-
-class _Deltas:
-    """Turns tokens into text deltas whose concatenation is exactly the final (stripped)
-    answer: waits for the rest of a multi-byte character, holds back leading and trailing
-    whitespace until text follows it."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._advance(text.strip())
-
-    def finish(self, final_text: str) -> str:
-        return self._advance(final_text)
-
-    def _advance(self, visible: str) -> str:
-        if not visible.startswith(self.sent):
-            return ""
-        delta, self.sent = visible[len(self.sent):], visible
-        return delta
 
 
 class Server:
@@ -187,7 +68,7 @@ class Server:
         self.samplers = {who: self.models.sampler(who) for who in self.names.values()}
         self.defaults = sampling_params(cfg)
         self.started = int(time.time())
-        self.batcher = Batcher(self, max_batch, max_queue)
+        self.batcher = Batcher(self.samplers, self.models, max_batch, max_queue)
 
     def context_length(self, who: str) -> int | None:
         model = self.samplers[who].model
@@ -202,8 +83,8 @@ class Server:
         if who is None:
             raise ApiError(404, f"The model {req.model!r} does not exist; this server has {sorted(self.names)}",
                            code="model_not_found", param="model")
-        _check_supported(req)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m)} for m in req.messages]
+        check_supported(req)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m)} for m in req.messages]
         tokenizer = self.samplers[who].tokenizer
         try:
             ids = prompt_ids(tokenizer, messages)
@@ -226,130 +107,6 @@ class Server:
         )
         seed = random.getrandbits(63) if req.seed is None else req.seed % 2**63
         return who, ids, params, seed
-
-
-def _settle(future: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
-    """Resolve a job's future, unless its client went away and asyncio cancelled it."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
-GATHER_SECONDS = 0.05  # the longest a new batch waits for more requests
-QUIET_SECONDS = 0.01  # ...and it stops waiting once none has arrived for this long
-
-
-@dataclass(eq=False)
-class Job:
-    """One request waiting for (or in) a batch. `on_text` is called from the worker thread."""
-
-    who: str
-    ids: list[int]
-    params: Any
-    seed: int
-    on_text: Callable[[str], None] | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-class Batcher:
-    """A bounded queue of jobs and the one thread that decodes them, a batch at a time.
-
-    A batch is the oldest waiting job plus the next waiting jobs with the same model and
-    sampling settings (LocalSampler.generate takes one SamplingParams per batch; seeds are
-    per row), up to `max_batch`. Jobs arriving meanwhile wait for the next batch, which
-    gathers while jobs keep arriving (QUIET_SECONDS apart, GATHER_SECONDS at most). A client
-    that goes away cancels its job: skipped if still waiting, left to finish with its batch
-    otherwise (the batch stops early only when every row's client has gone)."""
-
-    def __init__(self, server: Server, max_batch: int, max_queue: int):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
-        self.server, self.max_batch, self.max_queue = server, max_batch, max_queue
-        self.waiting: deque[Job] = deque()
-        self.ready = threading.Condition()
-        self.batch_seconds = 1.0  # the last batch's wall time: the Retry-After estimate
-        self.batch_sizes: list[int] = []  # every batch's size, in order (/health reports them)
-        threading.Thread(target=self._work, name="promptdistill-batcher", daemon=True).start()
-
-    def submit(self, job: Job) -> Job:
-        with self.ready:
-            if len(self.waiting) >= self.max_queue:
-                wait = max(1, math.ceil(self.batch_seconds * (1 + len(self.waiting) // self.max_batch)))
-                raise ApiError(503, f"the server is busy ({len(self.waiting)} requests waiting); retry in {wait} s",
-                               kind="server_error", code="server_busy", headers={"Retry-After": str(wait)})
-            self.waiting.append(job)
-            self.ready.notify()
-        return job
-
-    def _next_batch(self) -> list[Job]:
-        with self.ready:
-            while not self.waiting:
-                self.ready.wait()
-            # A batch's clients get their answers together and send their next requests within
-            # milliseconds. Starting at the first arrival would decode it alone and keep the rest
-            # waiting a whole batch (batches then alternate small and large), so gather while
-            # requests keep arriving: until none came for QUIET_SECONDS, at most GATHER_SECONDS.
-            deadline = time.monotonic() + GATHER_SECONDS
-            while len(self.waiting) < self.max_batch:
-                seen, left = len(self.waiting), min(QUIET_SECONDS, deadline - time.monotonic())
-                if left <= 0:
-                    break
-                self.ready.wait(left)
-                if len(self.waiting) == seen:
-                    break
-            while True:
-                while self.waiting and self.waiting[0].cancel.is_set():
-                    _settle(self.waiting.popleft().future, error=_Cancelled())
-                if self.waiting:
-                    break
-                self.ready.wait()
-            first = self.waiting[0]
-            batch = [j for j in self.waiting if (j.who, j.params) == (first.who, first.params)
-                     and not j.cancel.is_set()][:self.max_batch]
-            for j in batch:
-                self.waiting.remove(j)
-            return batch
-
-    def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            started = time.monotonic()
-            try:
-                done = self._decode(batch)
-            except Exception as e:  # noqa: BLE001  (each client gets the error; the worker lives on)
-                for job in batch:
-                    _settle(job.future, error=e)
-            else:
-                for job, completion in zip(batch, done):
-                    _settle(job.future, completion)
-            self.batch_seconds = time.monotonic() - started
-            self.batch_sizes.append(len(batch))
-
-    def _decode(self, batch: list[Job]) -> list:
-        sampler = self.server.samplers[batch[0].who]
-        deltas = [_Deltas(sampler.tokenizer) for _ in batch]
-
-        def on_token(row: int, token: int) -> None:
-            if all(j.cancel.is_set() for j in batch):
-                raise _Cancelled  # nobody is listening: stop decoding
-            job = batch[row]
-            if job.on_text is not None and not job.cancel.is_set():
-                delta = deltas[row].push(token)
-                if delta:
-                    job.on_text(delta)
-
-        with self.server.models.context(batch[0].who):
-            done = sampler.generate([j.ids for j in batch], batch[0].params, [j.seed for j in batch], on_token=on_token)
-        for job, d, completion in zip(batch, deltas, done):
-            rest = d.finish(completion.text) if job.on_text is not None else ""
-            if rest:
-                job.on_text(rest)
-        return done
 
 
 def build_app(server: Server, token: str | None = None) -> FastAPI:
@@ -419,7 +176,7 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "logprobs": _openai_logprobs(done.logprobs, req.return_tokens_as_token_ids),
+                                 "logprobs": openai_logprobs(done.logprobs, req.return_tokens_as_token_ids),
                                  "finish_reason": done.finish_reason}],
                     "usage": usage(done)}
 
@@ -431,7 +188,7 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
 
         def finished(future: concurrent.futures.Future) -> None:
             e = future.exception()
-            if not isinstance(e, _Cancelled):
+            if not isinstance(e, Cancelled):
                 put(("done", future.result()) if e is None else ("error", e))
 
         job = server.batcher.submit(Job(who, ids, params, seed, on_text=lambda d: put(("text", d))))

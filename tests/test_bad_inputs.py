@@ -266,7 +266,7 @@ def test_bad_teacher_model(tiny, tmp_path, capsys, model, fragment):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
-    from promptdistill.stages.export import write_gguf
+    from promptdistill.stages.export_gguf import write_gguf
 
     tokenizer = tiny_tokenizer("chatml")
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"

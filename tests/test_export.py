@@ -21,7 +21,8 @@ from promptdistill.backends.local_sampler import LocalSampler
 from promptdistill.config import ModelConfig, QueriesConfig, RunConfig, TrainConfig
 from promptdistill.render import Datum, prompt_ids, render_example, to_datum
 from promptdistill.rundir import StageError, sha256_text
-from promptdistill.stages.export import ExportError, _permute, export, llama3_rope_factors, write_gguf
+from promptdistill.stages.export import export
+from promptdistill.stages.export_gguf import ExportError, _permute, llama3_rope_factors, write_gguf
 from tiny import save_tiny, tiny_tokenizer
 
 SYSTEM = "You are Ludwig van Beethoven, in Vienna in 1824. Answer in one proud sentence."
@@ -370,7 +371,7 @@ def test_gguf_tokenizer_metadata_of_the_embedded_model_is_its_own_gguf():
     from transformers import AutoTokenizer
 
     from promptdistill.models import home, resolve_model
-    from promptdistill.stages.export import base_gguf_fields, llama_cpp_hash, tokenizer_metadata
+    from promptdistill.stages.export_gguf import base_gguf_fields, llama_cpp_hash, tokenizer_metadata
 
     if not (home() / "models" / "smollm2-135m" / "config.json").is_file():
         pytest.skip("smollm2-135m is not cached (set PROMPTDISTILL_HOME to a cache holding it)")
@@ -396,7 +397,7 @@ def test_gguf_tokenizer_metadata_of_the_embedded_model_is_its_own_gguf():
 def test_gguf_refuses_a_pre_tokenizer_llama_cpp_does_not_know():
     from tokenizers import Tokenizer, pre_tokenizers
 
-    from promptdistill.stages.export import tokenizer_metadata
+    from promptdistill.stages.export_gguf import tokenizer_metadata
 
     from transformers import PreTrainedTokenizerFast
 
