@@ -30,17 +30,24 @@ from .render import Datum, RenderError, render_example, sampled_datum, to_datum
 from .rundir import StageError
 
 
-class LocalTeacher:
-    whole_distribution = True  # its logits over the vocabulary, not only the given tokens' log-probabilities
+class Teacher:
+    whole_distribution: bool  # its logits over the vocabulary, not only the given tokens' log-probabilities
 
-    def __init__(self, cfg: RunConfig, model, tokenizer, base_of_adapter: bool):
-        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
-        self.base_of_adapter = base_of_adapter
-        self.scorer = AnswerScorer(model)
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
 
     def datum(self, query: str, answer: list[int]) -> Datum:
         """The answer's tokens after the teacher's conversation, token for token."""
         return sampled_datum(self.tokenizer, teacher_messages(self.cfg, query), answer)
+
+
+class LocalTeacher(Teacher):
+    whole_distribution = True
+
+    def __init__(self, cfg: RunConfig, model, tokenizer, base_of_adapter: bool):
+        super().__init__(cfg, tokenizer)
+        self.model, self.base_of_adapter = model, base_of_adapter
+        self.scorer = AnswerScorer(model)
 
     def rendered(self, query: str, answer: str, example_id: str) -> Datum:
         """The answer's text rendered after the teacher's conversation (as the student's examples are)."""
@@ -70,20 +77,21 @@ class LocalTeacher:
         return [d.gather(-1, torch.tensor(a)[:, None]).squeeze(-1) for d, a in zip(self.distributions(queries, answers), answers)]
 
 
-class RemoteTeacher:
+class RemoteTeacher(Teacher):
     """A teacher on a server that scores given tokens WITH its prompt (Tinker's compute_logprobs)."""
 
     whole_distribution = False
 
     def __init__(self, cfg: RunConfig, sampler):
-        self.cfg, self.sampler, self.tokenizer = cfg, sampler, sampler.tokenizer
+        super().__init__(cfg, sampler.tokenizer)
+        self.sampler = sampler
 
     def token_logprobs(self, queries: list[str], answers: list[list[int]]) -> list[torch.Tensor]:
-        datums = [sampled_datum(self.tokenizer, teacher_messages(self.cfg, q), a) for q, a in zip(queries, answers)]
+        datums = [self.datum(q, a) for q, a in zip(queries, answers)]
         return [torch.tensor(lps) for lps in self.sampler.target_logprobs(datums)]
 
 
-def for_run(cfg: RunConfig, trainer, judges_samples: bool) -> LocalTeacher | RemoteTeacher | None:
+def for_run(cfg: RunConfig, trainer, judges_samples: bool) -> Teacher | None:
     """The local teacher; a teacher on Tinker when an objective needs its judgement of the student's
     own samples (`judges_samples`: it can score given tokens there); else None (its judgement then
     comes only from what generate recorded)."""

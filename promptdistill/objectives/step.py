@@ -10,7 +10,7 @@ from ..rundir import RunDir, StageError
 
 if TYPE_CHECKING:
     from ..config import RunConfig
-    from ..teacher import LocalTeacher, RemoteTeacher
+    from ..teacher import Teacher
 
 
 @dataclass
@@ -19,7 +19,7 @@ class StepContext:
     run: RunDir
     trainer: object
     rows: dict[str, dict]  # example id -> its train row (query, answer, teacher row key)
-    teacher: LocalTeacher | RemoteTeacher | None = None
+    teacher: Teacher | None = None
     soft_targets: dict = field(default_factory=dict)  # kl: example id -> (top ids, top log-probabilities)
     steps: int = 0  # the run's optimiser steps
     my_examples_at: Callable[[int], list[Example]] | None = None  # this process's share of any step (sample_ahead)
