@@ -9,6 +9,7 @@ the second load reads safetensors and takes well under a second instead of ~20 s
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.metadata as md
 import json
 import os
@@ -20,9 +21,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rundir import StageError, sha256_text
+from .rundir import StageError, sha256_file, sha256_text
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # a Hugging Face model dir's weights files
 
 
 class ModelError(ValueError):
@@ -92,6 +94,35 @@ def resolve_model(spec: str) -> Path:
     close = difflib.get_close_matches(spec, list(EMBEDDED), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ModelError(f"model {spec!r}: not a known embedded model ({known}), a model dir, a .gguf file or a hub id (org/name){hint}")
+
+
+def model_identity(spec: str) -> str:
+    """What a model's seeds derive from: the spec itself when it names a model (an embedded
+    name, a hub id, a served name), and for a local model dir or .gguf file a hash of what
+    it holds (config.json and the weights, or the GGUF's bytes), so the same model draws the
+    same answers wherever its files lie (a copy, another tmp dir). The hash is computed once
+    per process (the embedded model's 538 MB of weights take ~0.6 s) and again only when a
+    file's size or mtime changes."""
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED or not (path.is_dir() or (spec.endswith(".gguf") and path.is_file())):
+        return spec
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir()
+                                                 if f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES)
+    return "sha256:" + _contents_hash(tuple((f.resolve(), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.cache
+def _contents_hash(files: tuple[tuple[Path, int, int], ...]) -> str:
+    return sha256_text("\n".join(_config_identity(f) if f.name == "config.json" else sha256_file(f)
+                                 for f, _, _ in files))
+
+
+def _config_identity(path: Path) -> str:
+    # transformers stamps its own version into every config it saves: a copy of the model
+    # re-saved by another version is still the same model
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop("transformers_version", None)
+    return json.dumps(config, sort_keys=True)
 
 
 def _hub_dir(repo_id: str) -> Path:

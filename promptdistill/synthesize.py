@@ -14,11 +14,13 @@ server can write them), each sample seeded from its own index:
 Every raw sample is cached in <run>/synthesized.jsonl under a key of everything that
 shapes it (prompt, model, sampling, seed, categories), not n nor the filters: a re-run,
 a larger n or a changed filter reuses what was paid for. Attempt i always gets the same
-seed, so the kept set does not depend on batching or on where a resume began.
+seed (from that key with the writer's identity for its spec, models.model_identity), so the
+kept set does not depend on batching, on where a resume began or on where a model dir lies.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from .backends import make_sampler
 from .backends.base import SamplingParams
 from .config import ModelConfig, RunConfig
+from .models import model_identity
 from .rundir import RunDir, StageError, append_jsonl, fingerprint, read_jsonl, sha256_text
 from .scores import Embedder, near_duplicate_pairs, normalise_text, word_ngrams
 from .answerers import row_seed
@@ -143,10 +146,13 @@ def writer_model(cfg: RunConfig) -> ModelConfig:
     return cfg.queries.synthesize.model or cfg.teacher
 
 
-def synthesis_key(cfg: RunConfig) -> str:
-    """Everything that shapes a raw sample; not n, max_attempts or the filters."""
+def synthesis_key(cfg: RunConfig, model: str | None = None) -> str:
+    """Everything that shapes a raw sample; not n, max_attempts or the filters. With `model`,
+    the same over that in place of the writer's spec, there and as its served name (the
+    samples' seeds: over its identity)."""
     s, m = cfg.queries.synthesize, writer_model(cfg)
-    return fingerprint([TEMPLATE_VERSION, cfg.system_prompt, m.model, m.backend, m.served_name, m.base_url,
+    model = model or m.model
+    return fingerprint([TEMPLATE_VERSION, cfg.system_prompt, model, m.backend, m.api_model or model, m.base_url,
                         s.seed, s.categories, s.topic_samples, s.temperature, s.top_p, s.max_tokens,
                         s.repetition_penalty])
 
@@ -164,6 +170,12 @@ class _Cached:
         self.params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                                      repetition_penalty=s.repetition_penalty, seed=s.seed)
 
+    @functools.cached_property
+    def seed_key(self) -> str:
+        """What the samples' seeds derive from: the key over the writer's identity, not its
+        spec, so a model dir draws the same samples wherever it lies (hashed only if sampling)."""
+        return synthesis_key(self.cfg, model_identity(writer_model(self.cfg).model))
+
     def get(self, step: str, requests: list[tuple[int, list[dict], dict]]) -> list[dict]:
         """requests: (index, conversation, extra fields kept in the row). Rows in request order."""
         todo = [r for r in requests if (step, r[0]) not in self.rows]
@@ -173,7 +185,7 @@ class _Cached:
         with tqdm(total=len(todo), desc=f"synthesize {step}", unit="sample", dynamic_ncols=True, disable=not todo) as bar:
             for start in range(0, len(todo), size):  # appended batch by batch: an interrupted run resumes
                 batch = todo[start:start + size]
-                seeds = [row_seed(sha256_text(f"{self.key}:{step}:{i}"), self.params.seed) for i, _, _ in batch]
+                seeds = [row_seed(sha256_text(f"{self.seed_key}:{step}:{i}"), self.params.seed) for i, _, _ in batch]
                 outs = self._sampler.sample([conv for _, conv, _ in batch], self.params, seeds)
                 new = [{"key": self.key, "step": step, "index": i, **extra, "text": out.text,
                         "finish_reason": out.finish_reason} for (i, _, extra), out in zip(batch, outs)

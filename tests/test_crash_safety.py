@@ -188,12 +188,12 @@ def test_reference_run_is_a_real_run(reference):
     """The data the kills are checked against: most answers trainable, val loss moving."""
     teacher = complete_rows(reference / "teacher.jsonl")
     assert len(teacher) == 40 and sum(r["finish_reason"] == "stop" for r in teacher) >= 20
-    # The adapter trains, so "equals the reference's adapter" below says something. Not a
-    # val-loss margin: the teacher's samples are seeded by a key holding the model's tmp path,
-    # so the data differ per pytest run, and on one draw in CI 12 steps moved val loss 0.005
-    # (0.1-0.3 on 16 other draws measured). LoRA's B starts at zero: trained means non-zero.
+    # The adapter trains, so "equals the reference's adapter" below says something: 12 steps
+    # move val loss 5.7997 -> 5.5715 on this data, the same on every run (the teacher's seeds
+    # follow the tiny model's contents, not its tmp path); other data moved it 0.005 to 0.3.
+    # LoRA's B starts at zero: trained means non-zero.
     metrics = complete_rows(reference / "metrics.jsonl")
-    assert metrics[0]["val_loss"] != metrics[-1]["val_loss"]
+    assert metrics[0]["val_loss"] - metrics[-1]["val_loss"] > 0.01
     adapter = load_file(reference / "student" / "adapter_model.safetensors")
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(t.abs().max() > 1e-4 for t in lora_b)

@@ -32,22 +32,23 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import best_of, judge, rules, scores, tracking
-from ..answerers import Models, answer_settings, row_seed, sampling_params, student_messages
+from ..answerers import Models, answer_settings, sampling_params, student_messages
 from ..backends.base import Completion, SamplingParams
 from ..config import RunConfig
 from ..render import prompt_ids
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
                       json_safe, read_jsonl, sha256_file)
 from .evaluate_fidelity import divergent_tokens, fidelity_skipped, on_policy_kl, teacher_forced, teacher_topk, topk_k
+from .generate import row_seeds
 from .train import load_split
 
 
-def answer(models: Models, who: str, rows: list[dict], params: SamplingParams, seed_offset: int) -> list[Completion]:
-    """Sample answers for `rows` as `who` (teacher: with the prompt; student/base: without);
-    a teacher behind an endpoint answers there."""
-    sampler = models.answerer(who)
+def answer(cfg: RunConfig, models: Models, who: str, rows: list[dict], seed_offset: int) -> list[Completion]:
+    """Sample answers for `rows` as `who` (teacher: with the prompt; student/base: without),
+    each from its teacher row's seed + `seed_offset`; a teacher behind an endpoint answers there."""
+    sampler, params = models.answerer(who), sampling_params(cfg)
     convs = [r["messages"] if who == "teacher" else student_messages(r["query"]) for r in rows]
-    seeds = [row_seed(r["key"], params.seed + seed_offset) for r in rows]
+    seeds = row_seeds(cfg, [r["query"] for r in rows], params.seed + seed_offset)
     out: list[Completion] = []
     with models.context(who):
         for start in tqdm(range(0, len(rows), models.batch_size), desc=f"eval: {who} answers", unit="batch", leave=False):
@@ -173,10 +174,10 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         models = Models(cfg, run)
         params = sampling_params(cfg)
 
-        answers = {"teacher_again": answer(models, "teacher", test, params, seed_offset=1),
-                   "student": answer(models, "student", test, params, seed_offset=0),
-                   "base": answer(models, "base", test, params, seed_offset=0)}
-        base_train = answer(models, "base", train_rows, params, seed_offset=0)
+        answers = {"teacher_again": answer(cfg, models, "teacher", test, seed_offset=1),
+                   "student": answer(cfg, models, "student", test, seed_offset=0),
+                   "base": answer(cfg, models, "base", test, seed_offset=0)}
+        base_train = answer(cfg, models, "base", train_rows, seed_offset=0)
         print(f"eval: answers done ({fmt_seconds(t.elapsed)}); scoring", flush=True)
 
         embed = scores.load_embedder()

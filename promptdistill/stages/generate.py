@@ -2,8 +2,9 @@
 
 Rows are appended to teacher.jsonl batch by batch and keyed by a hash of (system
 prompt, query, model, sampling params), so an interrupted run resumes where it stopped
-and a re-run never duplicates a row. Each row is sampled from its own seed (derived from
-its key), so its answer does not depend on batching or on where a resume began.
+and a re-run never duplicates a row. Each row is sampled from its own seed (the same hash
+over the teacher's identity in place of its spec: a local model dir draws the same answers
+wherever it lies), so its answer does not depend on batching or on where a resume began.
 
 A remote teacher can fail a row even after its retries; such rows are not written to
 teacher.jsonl (their keys stay undone, so the next run retries them) but appended to
@@ -23,12 +24,24 @@ from .. import best_of
 from ..answerers import answer_settings, row_seed, sampling_params, teacher_messages
 from ..backends import make_sampler
 from ..config import RunConfig
+from ..models import model_identity
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_json, fingerprint, fmt_seconds, read_jsonl,
                       sha256_text)
 
 
-def row_key(cfg: RunConfig, query: str) -> str:
-    return sha256_text(json.dumps([cfg.system_prompt, query, cfg.teacher.model, answer_settings(cfg)], sort_keys=True))[:20]
+def row_key(cfg: RunConfig, query: str, model: str | None = None) -> str:
+    """A teacher row's identity in teacher.jsonl, what a resumed run finds done; with `model`,
+    the same hash over that in place of the teacher's spec (row_seeds)."""
+    return sha256_text(json.dumps([cfg.system_prompt, query, model or cfg.teacher.model, answer_settings(cfg)],
+                                  sort_keys=True))[:20]
+
+
+def row_seeds(cfg: RunConfig, queries: list[str], base_seed: int) -> list[int]:
+    """The teacher's seed for each query's row (eval's answers take base_seed + an offset):
+    from its key over the teacher's identity (models.model_identity), so a model dir seeds the
+    same draws wherever it lies; a named model, whose identity is its spec, its row keys' seeds."""
+    identity = model_identity(cfg.teacher.model)
+    return [row_seed(row_key(cfg, q, identity), base_seed) for q in queries]
 
 
 ERRORS_FILE = "teacher_errors.jsonl"
@@ -108,7 +121,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
                 convs = [teacher_messages(cfg, q["query"]) for q in batch]
-                seeds = [row_seed(q["key"], params.seed) for q in batch]
+                seeds = row_seeds(cfg, [q["query"] for q in batch], params.seed)
                 if picker:  # best-of-N: the kept try, and what the row records about the choice
                     outs, chosen = picker.sample(sampler, batch, convs, params, seeds)
                 else:
