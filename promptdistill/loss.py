@@ -38,9 +38,10 @@ class Loss:
         raise NotImplementedError(f"{type(self).__name__} has no Tinker form")
 
 
-def soft(d: Datum) -> bool:
-    """K targets per position (soft labels), not one."""
-    return isinstance(d.target_tokens[0], (list, tuple))
+def teacher_logprobs(batch: list[Datum]) -> torch.Tensor:
+    """The teacher's log-probabilities over the vocabulary at every weighted position of the batch,
+    [positions, vocab], in the order the scorer flattens them."""
+    return torch.cat([d.teacher_logprobs for d in batch])
 
 
 class CrossEntropy(Loss):
@@ -58,7 +59,7 @@ class CrossEntropy(Loss):
 
     def tinker_inputs(self, d):
         n = len(d.target_tokens)
-        if soft(d):
+        if d.soft:
             targets, weights = [t for row in d.target_tokens for t in row], [w for row in d.weights for w in row]
             shape = [n, len(d.target_tokens[0])]
         else:
@@ -71,8 +72,9 @@ class CrossEntropy(Loss):
         for w, lp in zip(d.weights, logprobs, strict=True):
             ws, lps = (w, lp) if isinstance(w, (list, tuple)) else ([w], [lp])
             if sum(ws) > 0:
-                loss += sum(x * -y for x, y in zip(ws, lps))
-                per_position += sum(x * -y for x, y in zip(ws, lps)) / sum(ws)
+                weighted = sum(x * -y for x, y in zip(ws, lps))
+                loss += weighted
+                per_position += weighted / sum(ws)
                 tokens += 1
         return loss, per_position, tokens
 

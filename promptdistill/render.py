@@ -49,14 +49,19 @@ class Datum:
     sampling_logprobs: list[float] | None = None
     advantages: list[float] | None = None
 
+    @property
+    def soft(self) -> bool:
+        """K targets per position (soft labels), not one."""
+        return isinstance(self.target_tokens[0], (list, tuple))
+
     def trained_positions(self) -> int:
         """How many positions the loss reads (a weight above 0)."""
-        return sum(1 for w in self.weights if (max(w) if isinstance(w, (list, tuple)) else w) > 0)
+        return sum(1 for w in self.weights if (max(w) if self.soft else w) > 0)
 
     def scaled(self, factor: float) -> "Datum":
         """The same datum with every weight times `factor` (and every advantage, which carries its
         weight). K weights per position are scaled in float32, the precision they were made in."""
-        if self.weights and isinstance(self.weights[0], (list, tuple)):
+        if self.soft:
             import torch
 
             weights = (torch.tensor(self.weights, dtype=torch.float32) * factor).tolist()

@@ -83,7 +83,7 @@ class AnswerScorer:
         else:
             shared = 0
         width = max(len(d.input_tokens) for d in batch) - shared
-        soft = isinstance(batch[0].target_tokens[0], (list, tuple))
+        soft = batch[0].soft
         k = len(batch[0].target_tokens[0]) if soft else None
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         attention = torch.zeros_like(ids)

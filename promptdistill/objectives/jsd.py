@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import divergence
-from ..loss import Loss
+from ..loss import Loss, teacher_logprobs
 from ..render import Datum, Example
 from ..rundir import StageError
 from . import kl, on_policy
@@ -55,8 +55,7 @@ class GeneralizedJSD(Loss):
         self.beta = beta
 
     def local(self, out, batch):
-        teacher = torch.cat([d.teacher_logprobs for d in batch]).to(out.logits.device)
-        per_token = generalized_jsd(out.logits, teacher, self.beta)
+        per_token = generalized_jsd(out.logits, teacher_logprobs(batch).to(out.logits.device), self.beta)
         return (per_token * out.weight).sum(), per_token.detach()
 
 

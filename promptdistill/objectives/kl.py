@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..answerers import recorded_positions, recorded_topk
-from ..loss import CROSS_ENTROPY, Loss
+from ..loss import CROSS_ENTROPY, Loss, teacher_logprobs
 from ..render import Datum, Example
 from ..rundir import StageError, read_jsonl, sha256_text
 from .step import StepContext, answer_tokens, check_shared_vocabulary
@@ -59,7 +59,7 @@ class ForwardKL(Loss):
     the datums (train.topk null; local trainer only)."""
 
     def local(self, out, batch):
-        kl = out.forward_kl(torch.cat([d.teacher_logprobs for d in batch]))
+        kl = out.forward_kl(teacher_logprobs(batch))
         return (kl * out.weight).sum(), kl.detach()
 
 

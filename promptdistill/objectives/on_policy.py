@@ -32,7 +32,7 @@ import torch
 from .. import divergence
 from ..answerers import student_messages
 from ..backends.base import SamplingParams
-from ..loss import Loss
+from ..loss import Loss, teacher_logprobs
 from ..render import Datum, Example, sampled_datum
 from ..rundir import StageError, sha256_text
 from .step import StepContext, check_shared_vocabulary
@@ -46,7 +46,7 @@ class ReverseKL(Loss):
     the datums: exact, gradients through the student's distribution (local trainer only)."""
 
     def local(self, out, batch):
-        per_token = divergence.reverse_kl(out.logits, torch.cat([d.teacher_logprobs for d in batch]).to(out.logits.device))
+        per_token = divergence.reverse_kl(out.logits, teacher_logprobs(batch).to(out.logits.device))
         return (per_token * out.weight).sum(), per_token.detach()
 
 

@@ -238,7 +238,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     ctx = StepContext(cfg, run, trainer, rows={r["id"]: r for r in splits["train"]}, steps=steps,
                       my_examples_at=lambda s: distributed.my_share(step_examples(train, s, t)))
     used = {name: registry.load(name) for name in sorted(t.objectives())}
-    if asks_teacher(t):
+    named = asks_teacher(t)  # then each metrics row names its objective
+    if named:
         ctx.teacher = teacher.for_run(cfg, trainer, judges_samples=any(o.JUDGES_SAMPLES for o in used.values()))
     for objective in used.values():
         if hasattr(objective, "prepare"):
@@ -279,7 +280,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 summed, = distributed.sum_across([sum(p.result().nll_sum for p in pending)])
                 row = {"step": step + 1, "lr": lr, "train_loss": summed / total, "grad_norm": info["grad_norm"],
                        "tokens": total, "seconds": round(timer.elapsed, 2),
-                       **({"objective": t.objective_at(step)} if asks_teacher(t) else {})}
+                       **({"objective": t.objective_at(step)} if named else {})}
                 if val and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
                     row["val_loss"] = validation_loss(trainer, val, t.batch_size)
                 if main:
