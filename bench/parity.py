@@ -104,7 +104,10 @@ def answers(cfg, run, append_jsonl) -> None:
     """The tiny run's teacher answers: the pirate lines, by hand (no generation)."""
     from tiny import PIRATE
 
-    from promptdistill.answerers import teacher_messages
+    try:
+        from promptdistill.teacher import teacher_messages
+    except ImportError:  # a tree from before teacher.py
+        from promptdistill.answerers import teacher_messages
     from promptdistill.stages.generate import row_key
 
     rows = []

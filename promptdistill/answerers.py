@@ -1,7 +1,7 @@
 """What every stage that answers a run's queries shares (generate, eval, chat, serve): the
-conversation each answerer sees, the run's sampling settings and seeds, and the finished
-run's models loaded once. The four answerers:
-  teacher   the teacher model WITH the system prompt
+conversation the student sees, the run's sampling settings and seeds, and the finished
+run's models loaded once. The three answerers:
+  teacher   the run's Teacher (teacher.py), WITH the system prompt
   student   the student model + adapter, NO prompt
   base      the student model, NO adapter, NO prompt
 (`teacher_again` in eval is the teacher with another seed.)
@@ -14,22 +14,17 @@ here: what it said with its answers (teacher.jsonl's top-k log-probabilities) is
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 
-from .backends import make_sampler
+from . import teacher
 from .backends.base import Sampler, SamplingParams
 from .backends.local_model import load_causal_lm
 from .backends.local_sampler import LocalSampler
 from .backends.local_scorer import AnswerScorer
 from .config import RunConfig
-from .models import check_adapter, resolve_model
+from .models import check_adapter
 from .rundir import RunDir, StageError
-
-
-def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
-    return [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": query}]
 
 
 def student_messages(query: str) -> list[dict]:
@@ -82,66 +77,49 @@ def recorded_positions(sampled: torch.Tensor, scored: torch.Tensor) -> int:
 
 
 class Models:
-    """The student base model with its adapter (switchable off for `base`) and the
+    """The student base model with its adapter (switchable off for `base`) and the run's
     teacher, loaded once; when teacher and student are the same model, one copy serves both.
     A teacher behind an endpoint (backend openai) is never loaded, even when `model` names a
     local copy: its figures are then the served model's (the one that wrote teacher.jsonl),
-    and a hub id is never downloaded; `endpoint` samples it."""
+    and a hub id is never downloaded."""
 
     def __init__(self, cfg: RunConfig, run: RunDir):
         student_dir = check_adapter(run.student, cfg.student.model)
         self.student, self.tokenizer = load_causal_lm(student_dir, cfg.student.device, adapter_dir=run.student,
                                                      dtype=cfg.student.dtype)
-        self.teacher_config = cfg.teacher
-        self.remote_teacher = cfg.teacher.backend == "openai"
-        if self.remote_teacher:
-            self.teacher = self.teacher_tokenizer = None
-            self.shared = False
-        elif cfg.teacher.model == cfg.student.model:
-            self.teacher, self.teacher_tokenizer, self.shared = self.student, self.tokenizer, True
-        else:
-            self.teacher, self.teacher_tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device,
-                                                                      dtype=cfg.teacher.dtype)
-            self.shared = False
+        self.cfg = cfg
+        self.teacher = teacher.load(cfg, (self.student, self.tokenizer), tinker_on_local_copy=True)
         # KL over the full vocabulary needs the teacher here, numbering tokens like the student.
-        self.full_vocab = not self.remote_teacher and (
-            self.shared or self.teacher_tokenizer.get_vocab() == self.tokenizer.get_vocab())
+        self.full_vocab = self.teacher.local and (
+            self.teacher.base_of_adapter or self.teacher.tokenizer.get_vocab() == self.tokenizer.get_vocab())
         self.batch_size = cfg.sampling.batch_size
         self._scorers: dict[str, AnswerScorer] = {}
 
-    @functools.cached_property
-    def endpoint(self):
-        """The remote teacher's sampler (OpenAISampler), made on first use: a chat that never
-        asks the teacher needs neither its server nor its key."""
-        return make_sampler(self.teacher_config, self.batch_size)
-
-    def adapter(self, on: bool):
-        return contextlib.nullcontext() if on else self.student.disable_adapter()
-
-    def teacher_context(self):
-        return self.student.disable_adapter() if self.shared else contextlib.nullcontext()
-
     def sampler(self, who: str) -> LocalSampler:
         """`who`'s local sampler (token-level decoding, streaming callbacks)."""
-        if who == "teacher" and self.remote_teacher:
-            raise StageError(f"the teacher {self.teacher_config.served_name!r} is served at {self.teacher_config.base_url} "
+        if who == "teacher" and not self.teacher.local:
+            raise StageError(f"the teacher {self.cfg.teacher.served_name!r} is served at {self.cfg.teacher.base_url} "
                              f"(teacher.backend openai): it has no local copy here to decode with")
         if who == "teacher":
-            return LocalSampler(self.teacher, self.teacher_tokenizer, self.batch_size)
+            return self.teacher.sampler()
         # The student decodes as it is deployed (export merged, gguf): its adapter in the weights.
         return LocalSampler(self.student, self.tokenizer, self.batch_size, merge_lora=who == "student")
 
     def answerer(self, who: str) -> Sampler:
         """What answers as `who`: its local sampler, or the remote teacher's endpoint."""
-        return self.endpoint if who == "teacher" and self.remote_teacher else self.sampler(who)
+        return self.teacher.sampler() if who == "teacher" else self.sampler(who)
 
     def context(self, who: str):
-        return self.teacher_context() if who == "teacher" else self.adapter(on=(who == "student"))
+        if who == "teacher":
+            return self.teacher.context()
+        return contextlib.nullcontext() if who == "student" else self.student.disable_adapter()
 
     def scorer(self, who: str) -> AnswerScorer:
         """`who`'s teacher-forced scorer, one per answerer for the whole evaluation: it keeps the
         system prompt's keys and values between batches, and those depend on the adapter being
         on or off, so student, base and teacher never share one."""
+        if who == "teacher":
+            return self.teacher.scorer
         if who not in self._scorers:
-            self._scorers[who] = AnswerScorer(self.teacher if who == "teacher" else self.student)
+            self._scorers[who] = AnswerScorer(self.student)
         return self._scorers[who]

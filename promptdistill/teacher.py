@@ -1,28 +1,31 @@
-"""The teacher WITH its system prompt, judging answers it is given: what the distribution-level
-objectives (kl, on_policy, jsd) ask of it while the student trains.
+"""The teacher WITH its system prompt, one object for every stage that asks it: generate has it
+answer the queries, train has it judge tokens (the distribution-level objectives: kl, on_policy,
+jsd), eval, chat and serve have it answer and score beside the student.
 
-It scores given tokens after its own conversation (`answerers.teacher_messages`: the system
-prompt, then the query), in one of two ways:
+Its conversation is built here only (`teacher_messages`: the system prompt, then the query).
+Two kinds:
 
-  LocalTeacher   a model on this machine: its whole next-token distribution at each answer
-                 token (`distributions`). When teacher and student are the same model, the
-                 trainer's own model with its adapter switched off is the teacher: no second copy.
-  RemoteTeacher  a teacher on Tinker (compute_logprobs): the log-probability of each given
-                 token, not its whole distribution.
-
-A teacher behind an OpenAI-compatible endpoint cannot score given tokens; what it recorded with
-its answers (teacher.jsonl's top-k) is all the objectives have of it (`for_run` gives None).
+  LocalTeacher   a model on this machine: it samples, and gives its whole next-token
+                 distribution at each given token. When teacher and student are the same
+                 model, the student's model with its adapter switched off is the teacher:
+                 no second copy.
+  RemoteTeacher  a teacher on a server: behind an OpenAI-compatible endpoint it only samples
+                 (what it recorded with its answers, teacher.jsonl's top-k, is all the
+                 scorers have of it); on Tinker it also gives the log-probability of each
+                 given token (compute_logprobs), not its whole distribution.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
-from .answerers import teacher_messages
 from .backends import make_sampler
+from .backends.base import Sampler
 from .backends.local_model import load_causal_lm
+from .backends.local_sampler import LocalSampler
 from .backends.local_scorer import AnswerScorer
 from .config import RunConfig
 from .models import resolve_model
@@ -30,29 +33,49 @@ from .render import Datum, RenderError, render_example, sampled_datum, to_datum
 from .rundir import StageError
 
 
-class Teacher:
-    whole_distribution: bool  # its logits over the vocabulary, not only the given tokens' log-probabilities
+def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
+    return [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": query}]
 
-    def __init__(self, cfg: RunConfig, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
+
+class Teacher:
+    local: bool  # its weights are on this machine
+    whole_distribution: bool  # its logits over the vocabulary, not only the given tokens' log-probabilities
+    base_of_adapter = False  # the student's own model with its adapter off
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def messages(self, query: str) -> list[dict]:
+        return teacher_messages(self.cfg, query)
 
     def datum(self, query: str, answer: list[int]) -> Datum:
         """The answer's tokens after the teacher's conversation, token for token."""
-        return sampled_datum(self.tokenizer, teacher_messages(self.cfg, query), answer)
+        return sampled_datum(self.tokenizer, self.messages(query), answer)
+
+    def context(self):
+        """What must hold while it samples or scores (the adapter off, for the student's own model)."""
+        return contextlib.nullcontext()
 
 
 class LocalTeacher(Teacher):
-    whole_distribution = True
+    local = whole_distribution = True
 
     def __init__(self, cfg: RunConfig, model, tokenizer, base_of_adapter: bool):
-        super().__init__(cfg, tokenizer)
-        self.model, self.base_of_adapter = model, base_of_adapter
+        super().__init__(cfg)
+        self.model, self.tokenizer, self.base_of_adapter = model, tokenizer, base_of_adapter
         self.scorer = AnswerScorer(model)
+
+    def sampler(self) -> LocalSampler:
+        """A sampler of its answers (token-level decoding, streaming callbacks); use it inside `context()`."""
+        return LocalSampler(self.model, self.tokenizer, self.cfg.sampling.batch_size)
+
+    def context(self):
+        return self.model.disable_adapter() if self.base_of_adapter else contextlib.nullcontext()
 
     def rendered(self, query: str, answer: str, example_id: str) -> Datum:
         """The answer's text rendered after the teacher's conversation (as the student's examples are)."""
         try:
-            return to_datum(render_example(self.tokenizer, teacher_messages(self.cfg, query), answer, example_id))
+            return to_datum(render_example(self.tokenizer, self.messages(query), answer, example_id))
         except RenderError as err:
             raise StageError(str(err)) from None
 
@@ -62,8 +85,7 @@ class LocalTeacher(Teacher):
         once and shared by the batch)."""
         was_training = self.model.training
         self.model.eval()
-        off = self.model.disable_adapter() if self.base_of_adapter else contextlib.nullcontext()
-        with off:
+        with self.context():
             s = self.scorer.scored(datums, share_prefix=True)
         self.model.train(was_training)
         return [logits for logits, _ in s.per_row(len(datums))]
@@ -78,28 +100,50 @@ class LocalTeacher(Teacher):
 
 
 class RemoteTeacher(Teacher):
-    """A teacher on a server that scores given tokens WITH its prompt (Tinker's compute_logprobs)."""
+    """A teacher on a server (teacher.backend openai or tinker), reached on first use: a chat that
+    never asks the teacher needs neither its server nor its key."""
 
-    whole_distribution = False
+    local = whole_distribution = False
 
-    def __init__(self, cfg: RunConfig, sampler):
-        super().__init__(cfg, sampler.tokenizer)
-        self.sampler = sampler
+    @functools.cached_property
+    def endpoint(self) -> Sampler:
+        return make_sampler(self.cfg.teacher, self.cfg.sampling.batch_size)
+
+    def sampler(self) -> Sampler:
+        return self.endpoint
+
+    @property
+    def tokenizer(self):
+        return self.endpoint.tokenizer
 
     def token_logprobs(self, queries: list[str], answers: list[list[int]]) -> list[torch.Tensor]:
+        """Its log-probability of each answer token, WITH the prompt (a server that scores given tokens: Tinker)."""
+        if not hasattr(self.endpoint, "target_logprobs"):
+            raise StageError(f"the teacher {self.cfg.teacher.served_name!r} (teacher.backend {self.cfg.teacher.backend}) "
+                             f"cannot score given tokens")
         datums = [self.datum(q, a) for q, a in zip(queries, answers)]
-        return [torch.tensor(lps) for lps in self.sampler.target_logprobs(datums)]
+        return [torch.tensor(lps) for lps in self.endpoint.target_logprobs(datums)]
 
 
-def for_run(cfg: RunConfig, trainer, judges_samples: bool) -> Teacher | None:
-    """The local teacher; a teacher on Tinker when an objective needs its judgement of the student's
-    own samples (`judges_samples`: it can score given tokens there); else None (its judgement then
-    comes only from what generate recorded)."""
-    if cfg.teacher.backend == "tinker" and judges_samples:
-        return RemoteTeacher(cfg, make_sampler(cfg.teacher, cfg.sampling.batch_size))
-    if cfg.teacher.backend != "local":
-        return None
-    if cfg.teacher.model == cfg.student.model and cfg.student.backend == "local":
-        return LocalTeacher(cfg, trainer.model, trainer.tokenizer, base_of_adapter=True)
+def load(cfg: RunConfig, student: tuple | None = None, tinker_on_local_copy: bool = False) -> Teacher:
+    """The run's teacher. `student`: the student's (model, tokenizer) when already loaded here: a
+    teacher that is the same model is then that model with its adapter off. A teacher on Tinker
+    runs on its local copy (`teacher.model`) with `tinker_on_local_copy` (eval, chat, serve)."""
+    backend = cfg.teacher.backend
+    if backend == "openai" or (backend == "tinker" and not tinker_on_local_copy):
+        return RemoteTeacher(cfg)
+    if student is not None and cfg.teacher.model == cfg.student.model:
+        return LocalTeacher(cfg, *student, base_of_adapter=True)
     model, tokenizer = load_causal_lm(resolve_model(cfg.teacher.model), cfg.teacher.device, dtype=cfg.teacher.dtype)
     return LocalTeacher(cfg, model, tokenizer, base_of_adapter=False)
+
+
+def for_training(cfg: RunConfig, trainer, judges_samples: bool) -> Teacher | None:
+    """The teacher the objectives ask while the student trains: the local one; one on Tinker when
+    an objective needs its judgement of the student's own samples (`judges_samples`: it can score
+    given tokens there); else None (its judgement then comes only from what generate recorded)."""
+    if cfg.teacher.backend == "tinker" and judges_samples:
+        return load(cfg)
+    if cfg.teacher.backend != "local":
+        return None
+    return load(cfg, (trainer.model, trainer.tokenizer) if cfg.student.backend == "local" else None)

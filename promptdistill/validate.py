@@ -26,7 +26,7 @@ from .models import resolve_model
 from .render import prompt_ids, render_example, render_text, student_view
 from .rundir import RunDir, StageError, iter_jsonl, read_jsonl
 from .scores import load_embedder, near_duplicate_pairs, normalise_text, word_ngrams
-from .answerers import teacher_messages
+from .teacher import teacher_messages
 from .stages.generate import context_overflows, query_place, window_of
 from .stages.queries import load_queries
 from .stages.train import training_answer

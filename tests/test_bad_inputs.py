@@ -17,7 +17,7 @@ from promptdistill.cli import main
 from promptdistill.config import load_config
 from promptdistill.models import ModelError, resolve_model
 from promptdistill.render import prompt_ids
-from promptdistill.answerers import teacher_messages
+from promptdistill.teacher import teacher_messages
 from promptdistill.stages.generate import row_key
 from tiny import QUESTIONS, save_tiny, tiny_model, tiny_tokenizer
 

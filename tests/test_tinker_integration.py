@@ -93,7 +93,6 @@ def test_on_policy_on_tinker_is_importance_sampling_with_the_local_loss(tmp_path
     from promptdistill.backends.local_model import load_causal_lm
     from promptdistill.backends.tinker import TinkerTrainer
     from promptdistill.models import resolve_model
-    from promptdistill.backends.tinker import TinkerSampler
     from promptdistill.config import RunConfig
     from promptdistill.objectives.on_policy import IMPORTANCE_SAMPLING, advantage_datum
     from promptdistill.render import sampled_datum
@@ -113,7 +112,8 @@ def test_on_policy_on_tinker_is_importance_sampling_with_the_local_loss(tmp_path
     judged = teacher.token_logprobs(queries, [a.token_ids for a in answers])
     datums = [advantage_datum(s, a, lp) for s, lp, a in zip(students, judged, answers)]
     # The same teacher on Tinker (compute_logprobs) judges those tokens as the local one does.
-    remote = RemoteTeacher(cfg, TinkerSampler.from_config(student())).token_logprobs(queries, [a.token_ids for a in answers])
+    on_tinker = cfg.model_copy(update={"teacher": student()})
+    remote = RemoteTeacher(on_tinker).token_logprobs(queries, [a.token_ids for a in answers])
     for here_lp, there_lp in zip(judged, remote):
         assert there_lp.tolist() == pytest.approx(here_lp.tolist(), abs=2e-2)
     local = LocalTrainer(resolve_model(LOCAL_MODEL), rank=8, alpha=16, dropout=0.0, target_modules="all-linear", device="cpu")

@@ -13,7 +13,7 @@ import yaml
 from promptdistill.cli import main
 from promptdistill.config import load_config
 from promptdistill.render import prompt_ids
-from promptdistill.answerers import teacher_messages
+from promptdistill.teacher import teacher_messages
 from promptdistill.stages.generate import row_key
 from promptdistill.validate import validate
 from tiny import SMOL_DEFAULT_SYSTEM, save_tiny, tiny_model, tiny_tokenizer, tiny_tokenizer_with_template

@@ -291,7 +291,7 @@ def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
     from promptdistill.config import load_config
     from promptdistill.pipeline import run_stage
     from promptdistill.rundir import RunDir, append_jsonl
-    from promptdistill.answerers import teacher_messages
+    from promptdistill.teacher import teacher_messages
     from promptdistill.stages.generate import row_key
 
     root = Path(root)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from ..answerers import Models, sampling_params, student_messages, teacher_messages
+from ..answerers import Models, sampling_params, student_messages
 from ..backends.base import SamplingParams
 from ..config import RunConfig
 from ..render import prompt_ids
@@ -63,7 +63,7 @@ def chat(cfg: RunConfig, run: RunDir, compare: bool = False, greedy: bool = Fals
             out.write(f"you> {query}\n")
         askers = [("student", student_messages(query))]
         if compare:
-            askers += [("teacher", teacher_messages(cfg, query)), ("base", student_messages(query))]
+            askers += [("teacher", models.teacher.messages(query)), ("base", student_messages(query))]
         for who, messages in askers:
             out.write(f"{who}> ")
             stream_answer(models, who, messages, params, seed=params.seed + answered, out=out)

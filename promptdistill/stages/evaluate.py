@@ -64,11 +64,11 @@ def latency(models: Models, who: str, rows: list[dict], params: SamplingParams) 
     """Median time to first token and total time per query, one query at a time: in this
     process for a local model, over streaming for a teacher behind an endpoint (the time to
     its first text chunk and to its end, as its client sees them)."""
-    if who == "teacher" and models.remote_teacher:
-        done = models.endpoint.timed([r["messages"] for r in rows], params)
+    if who == "teacher" and not models.teacher.local:
+        done = models.teacher.sampler().timed([r["messages"] for r in rows], params)
         failed = [c.error for c in done if c.finish_reason == "error"]
         if failed:
-            raise StageError(f"eval: timing the teacher at {models.teacher_config.base_url} failed: {failed[0]}")
+            raise StageError(f"eval: timing the teacher at {models.cfg.teacher.base_url} failed: {failed[0]}")
         ttft, total = [c.first_token_s for c in done], [c.total_s for c in done]
     else:
         ttft, total = local_timings(models, who, rows, params)
@@ -101,24 +101,24 @@ def sources(cfg: RunConfig, models: Models, quality: dict) -> dict[str, str]:
     """Where each teacher figure came from, the teacher's weights here or its endpoint (the report
     shows them); the student's and the base's figures are always this process's."""
     t = cfg.teacher
-    where = (f"the endpoint {t.base_url} (model {t.served_name})" if models.remote_teacher
-             else "the student's base weights, adapter off" if models.shared else f"the local teacher {t.model}")
+    where = (f"the endpoint {t.base_url} (model {t.served_name})" if not models.teacher.local
+             else "the student's base weights, adapter off" if models.teacher.base_of_adapter else f"the local teacher {t.model}")
     fidelity = quality.get("fidelity", {}).get("source")
     return {
-        "teacher": where + ("; no teacher weights loaded here" if models.remote_teacher else ""),
+        "teacher": where + ("; no teacher weights loaded here" if not models.teacher.local else ""),
         "teacher_answers": "teacher.jsonl, as generate recorded them",
         "teacher_again": f"the ceiling of similarity and persona: sampled again from {where}",
         "fidelity": ("skipped (see notes)" if not fidelity else
-                     f"{fidelity}, returned by the endpoint with its answers (teacher.jsonl)" if models.remote_teacher else
+                     f"{fidelity}, returned by the endpoint with its answers (teacher.jsonl)" if not models.teacher.local else
                      f"{fidelity}: {where}, teacher-forced here" if models.full_vocab else
                      f"{fidelity}, recorded with its answers (teacher.jsonl)"),
         "on_policy_fidelity": (f"{where}, scoring the models' own answers" if "on_policy_fidelity" in quality
                                else "skipped (see notes)"),
         "likelihood": "the student's base model WITH the prompt as the ceiling, here",
-        "teacher_tokens": ("the server's usage, as generate recorded it in teacher.jsonl" if models.remote_teacher
+        "teacher_tokens": ("the server's usage, as generate recorded it in teacher.jsonl" if not models.teacher.local
                            else "the teacher's tokenizer, as generate recorded it in teacher.jsonl"),
         "teacher_latency": (f"over streaming from {t.base_url}: to its first text chunk and its end, as this client "
-                            f"sees them" if models.remote_teacher else "decoded in this process"),
+                            f"sees them" if not models.teacher.local else "decoded in this process"),
         "student": "the student's base model and adapter, in this process",
     }
 
@@ -210,14 +210,14 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         if kl is not None:
             quality["fidelity"] = scores.summarise(kl["student"], kl["base"], zero, cfg.eval.bootstrap)
             quality["fidelity"]["source"] = ("full vocabulary" if models.full_vocab else
-                                             f"{'endpoint' if models.remote_teacher else 'teacher'}'s top-{topk_k(topk)} "
+                                             f"{'endpoint' if not models.teacher.local else 'teacher'}'s top-{topk_k(topk)} "
                                              f"log-probabilities, renormalised")
             quality["fidelity"]["tokens"] = forced["kl_tokens"]
         else:
             notes.append(fidelity_skipped(models, test, topk))
         if on_policy is not None:
             quality["on_policy_fidelity"] = scores.summarise(on_policy["student"], on_policy["base"], zero, cfg.eval.bootstrap)
-        elif models.remote_teacher:
+        elif not models.teacher.local:
             notes.append("on-policy fidelity skipped: the teacher is behind its endpoint, and scoring the models' own "
                          "answers would need its log-probabilities of given tokens (prompt log-probabilities), which "
                          "eval does not ask an endpoint for")
@@ -274,7 +274,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         summary = {
             "run": cfg.name, "n_test": len(test),
             "models": {"teacher": cfg.teacher.model, "student": cfg.student.model,
-                       **({"teacher_endpoint": cfg.teacher.base_url} if models.remote_teacher else {})},
+                       **({"teacher_endpoint": cfg.teacher.base_url} if not models.teacher.local else {})},
             "sources": sources(cfg, models, quality),
             "quality": quality, "tokens": tokens, "latency": lat,
             "cost": cost_section(cfg, run, tokens),

@@ -55,7 +55,8 @@ def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher
     kl_tokens = {"scored": 0, "of": 0}
     plain, prompted = rows_datums(models.tokenizer, rows, None), rows_datums(models.tokenizer, rows, system_prompt)
     # The teacher's own rendering, where its own forward pass gives the KL (a local teacher that is not the student).
-    teacher = rows_datums(models.teacher_tokenizer, rows, system_prompt) if models.full_vocab and not models.shared else prompted
+    own_pass = models.full_vocab and not models.teacher.base_of_adapter
+    teacher = rows_datums(models.teacher.tokenizer, rows, system_prompt) if own_pass else prompted
     index = sorted(set(plain) & set(prompted) & set(teacher), key=lambda i: len(plain[i].input_tokens))  # less padding
     size = max(1, models.batch_size // 4)
     for start in tqdm(range(0, len(index), size), desc="eval: teacher-forced scores", unit="batch", leave=False):
@@ -69,7 +70,7 @@ def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher
             out["base_with_prompt"][i] = float(F.cross_entropy(ceiling[j], targets[j]))
         if kl is None:
             continue
-        if models.full_vocab and not models.shared:
+        if own_pass:
             t_logits, t_targets = logits_by_row(models, "teacher", [teacher[i] for i in chunk], share_prefix=True)
         elif models.full_vocab:
             t_logits, t_targets = ceiling, targets
@@ -107,7 +108,7 @@ def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Compl
             chunk = range(start, min(start + size, len(rows)))
             own = [sampled_datum(models.tokenizer, student_messages(rows[i]["query"]), answers[who][i].token_ids)
                    for i in chunk]
-            judged = [sampled_datum(models.teacher_tokenizer, rows[i]["messages"], answers[who][i].token_ids)
+            judged = [sampled_datum(models.teacher.tokenizer, rows[i]["messages"], answers[who][i].token_ids)
                       for i in chunk]
             model_logits, _ = logits_by_row(models, who, own)
             teacher_logits, _ = logits_by_row(models, "teacher", judged, share_prefix=True)
@@ -129,9 +130,9 @@ def topk_k(topk: dict) -> int:
 def fidelity_skipped(models: Models, rows: list[dict], topk: dict) -> str:
     """Why fidelity could not be computed without the teacher here, and what would let it."""
     why = ("the teacher is behind its endpoint (teacher.backend openai), so only the log-probabilities it returned "
-           "could serve" if models.remote_teacher else
+           "could serve" if not models.teacher.local else
            "the teacher does not share the student's tokenizer, so only its recorded top-k log-probabilities could serve")
-    ids = "teacher.logprob_token_ids: true (vLLM, distill serve)" if models.remote_teacher else "a teacher that gives token ids"
+    ids = "teacher.logprob_token_ids: true (vLLM, distill serve)" if not models.teacher.local else "a teacher that gives token ids"
     if not any(r.get("logprobs") for r in rows):
         return f"fidelity skipped: {why}, and teacher.jsonl has none; set sampling.top_logprobs and {ids}, and re-generate"
     if not topk:

@@ -20,9 +20,8 @@ from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from .. import best_of
-from ..answerers import answer_settings, row_seed, sampling_params, teacher_messages
-from ..backends import make_sampler
+from .. import best_of, teacher
+from ..answerers import answer_settings, row_seed, sampling_params
 from ..config import RunConfig
 from ..models import model_identity
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_json, fingerprint, fmt_seconds, read_jsonl,
@@ -69,7 +68,7 @@ def context_overflows(cfg: RunConfig, queries: list[dict], count_prompt_tokens, 
     does not fit in `limit` tokens; `count_prompt_tokens(messages)` counts a rendered prompt."""
     budget, out = cfg.sampling.max_tokens, []
     for q in queries:
-        n = count_prompt_tokens(teacher_messages(cfg, q["query"]))
+        n = count_prompt_tokens(teacher.teacher_messages(cfg, q["query"]))
         if n is not None and n + budget > limit:
             out.append((q, (f"its teacher prompt (system prompt + query) is {n} tokens, "
                             f"+ sampling.max_tokens {budget} = {n + budget} > the teacher's context of {limit} tokens; "
@@ -108,7 +107,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     if not todo:
         return f"generate: all {len(queries)} teacher answers already in {run.teacher.name}" + compliance_note(cfg, run)
     with Timer() as t:
-        sampler = make_sampler(cfg.teacher, cfg.sampling.batch_size)
+        prompted = teacher.load(cfg)
+        sampler = prompted.sampler()
         check_context(cfg, sampler, todo)
         params = replace(sampling_params(cfg), top_logprobs=cfg.sampling.top_logprobs)
         picker = best_of.Picker(cfg.checks.rules, cfg.sampling.best_of, run) if cfg.sampling.best_of else None
@@ -120,7 +120,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             size = cfg.sampling.batch_size
             for start in range(0, len(todo), size):
                 batch = todo[start:start + size]
-                convs = [teacher_messages(cfg, q["query"]) for q in batch]
+                convs = [prompted.messages(q["query"]) for q in batch]
                 seeds = row_seeds(cfg, [q["query"] for q in batch], params.seed)
                 if picker:  # best-of-N: the kept try, and what the row records about the choice
                     outs, chosen = picker.sample(sampler, batch, convs, params, seeds)

@@ -240,7 +240,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     used = {name: registry.load(name) for name in sorted(t.objectives())}
     named = asks_teacher(t)  # then each metrics row names its objective
     if named:
-        ctx.teacher = teacher.for_run(cfg, trainer, judges_samples=any(o.JUDGES_SAMPLES for o in used.values()))
+        ctx.teacher = teacher.for_training(cfg, trainer, judges_samples=any(o.JUDGES_SAMPLES for o in used.values()))
     for objective in used.values():
         if hasattr(objective, "prepare"):
             objective.prepare(ctx, train)
