@@ -112,6 +112,14 @@ class QueriesConfig(Strict):
     field: str = Field("query", min_length=1, description="JSONL / CSV / datasets: the column holding the query")
     id_field: str = Field("id", min_length=1, description="JSONL / CSV / datasets: the column holding its id, if any")
     dataset_split: str = Field("train", min_length=1, description="datasets: which split to read")
+    bad_conversations: Literal["error", "drop"] = Field(
+        "error", description="a conversation row (OpenAI 'messages' or ShareGPT 'conversations') with its own system "
+                             "message, an unknown role, two turns of one side in a row or an empty turn: stop with "
+                             "an error naming file, line and field, or drop it with a warning")
+    logged_answers: Literal["regenerate", "context"] = Field(
+        "regenerate", description="a conversation's logged assistant turns: the teacher answers every user turn anew "
+                                  "(regenerate), or they are kept as its history and the teacher answers the last "
+                                  "user turn only (context)")
     dedup_threshold: float = Field(0.9, gt=0, le=1, description="MiniLM cosine at or above which two queries are near-duplicates")
     synthesize: SynthesizeConfig = SynthesizeConfig()
     train: float = Field(0.8, gt=0, lt=1)

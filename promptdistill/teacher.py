@@ -2,7 +2,8 @@
 answer the queries, train has it judge tokens (the distribution-level objectives: kl, on_policy,
 jsd), eval, chat and serve have it answer and score beside the student.
 
-Its conversation is built here only (`teacher_messages`: the system prompt, then the query).
+Its conversation is built here only (`with_prompt`: the system prompt, then the conversation the
+student would see; `teacher_messages` for a single query).
 Two kinds:
 
   LocalTeacher   a model on this machine: it samples, and gives its whole next-token
@@ -33,8 +34,12 @@ from .render import Datum, RenderError, render_example, sampled_datum, to_datum
 from .rundir import StageError
 
 
+def with_prompt(cfg: RunConfig, conversation: list[dict]) -> list[dict]:
+    return [{"role": "system", "content": cfg.system_prompt}, *conversation]
+
+
 def teacher_messages(cfg: RunConfig, query: str) -> list[dict]:
-    return [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": query}]
+    return with_prompt(cfg, [{"role": "user", "content": query}])
 
 
 class Teacher:
@@ -48,9 +53,12 @@ class Teacher:
     def messages(self, query: str) -> list[dict]:
         return teacher_messages(self.cfg, query)
 
-    def datum(self, query: str, answer: list[int]) -> Datum:
-        """The answer's tokens after the teacher's conversation, token for token."""
-        return sampled_datum(self.tokenizer, self.messages(query), answer)
+    def with_prompt(self, conversation: list[dict]) -> list[dict]:
+        return with_prompt(self.cfg, conversation)
+
+    def datum(self, conversation: list[dict], answer: list[int]) -> Datum:
+        """The answer's tokens after the conversation (as the student sees it) WITH the prompt, token for token."""
+        return sampled_datum(self.tokenizer, self.with_prompt(conversation), answer)
 
     def context(self):
         """What must hold while it samples or scores (the adapter off, for the student's own model)."""
@@ -72,10 +80,10 @@ class LocalTeacher(Teacher):
     def context(self):
         return self.model.disable_adapter() if self.base_of_adapter else contextlib.nullcontext()
 
-    def rendered(self, query: str, answer: str, example_id: str) -> Datum:
-        """The answer's text rendered after the teacher's conversation (as the student's examples are)."""
+    def rendered(self, conversation: list[dict], answer: str, example_id: str) -> Datum:
+        """The answer's text rendered after the conversation WITH the prompt (as the student's examples are)."""
         try:
-            return to_datum(render_example(self.tokenizer, self.messages(query), answer, example_id))
+            return to_datum(render_example(self.tokenizer, self.with_prompt(conversation), answer, example_id))
         except RenderError as err:
             raise StageError(str(err)) from None
 
@@ -90,13 +98,14 @@ class LocalTeacher(Teacher):
         self.model.train(was_training)
         return [logits for logits, _ in s.per_row(len(datums))]
 
-    def distributions(self, queries: list[str], answers: list[list[int]]) -> list[torch.Tensor]:
+    def distributions(self, conversations: list[list[dict]], answers: list[list[int]]) -> list[torch.Tensor]:
         """Its log-probabilities over the vocabulary at each answer token, WITH the prompt."""
-        return [torch.log_softmax(lp, -1) for lp in self.logits([self.datum(q, a) for q, a in zip(queries, answers)])]
+        return [torch.log_softmax(lp, -1) for lp in self.logits([self.datum(c, a) for c, a in zip(conversations, answers)])]
 
-    def token_logprobs(self, queries: list[str], answers: list[list[int]]) -> list[torch.Tensor]:
+    def token_logprobs(self, conversations: list[list[dict]], answers: list[list[int]]) -> list[torch.Tensor]:
         """Its log-probability of each answer token, WITH the prompt."""
-        return [d.gather(-1, torch.tensor(a)[:, None]).squeeze(-1) for d, a in zip(self.distributions(queries, answers), answers)]
+        return [d.gather(-1, torch.tensor(a)[:, None]).squeeze(-1)
+                for d, a in zip(self.distributions(conversations, answers), answers)]
 
 
 class RemoteTeacher(Teacher):
@@ -116,12 +125,12 @@ class RemoteTeacher(Teacher):
     def tokenizer(self):
         return self.endpoint.tokenizer
 
-    def token_logprobs(self, queries: list[str], answers: list[list[int]]) -> list[torch.Tensor]:
+    def token_logprobs(self, conversations: list[list[dict]], answers: list[list[int]]) -> list[torch.Tensor]:
         """Its log-probability of each answer token, WITH the prompt (a server that scores given tokens: Tinker)."""
         if not hasattr(self.endpoint, "target_logprobs"):
             raise StageError(f"the teacher {self.cfg.teacher.served_name!r} (teacher.backend {self.cfg.teacher.backend}) "
                              f"cannot score given tokens")
-        datums = [self.datum(q, a) for q, a in zip(queries, answers)]
+        datums = [self.datum(c, a) for c, a in zip(conversations, answers)]
         return [torch.tensor(lps) for lps in self.endpoint.target_logprobs(datums)]
 
 

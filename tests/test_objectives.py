@@ -126,7 +126,7 @@ def test_kl_over_the_whole_vocabulary_is_forward_kl_to_the_prompted_teacher(tmp_
                                                                                   "sft_weight": sft_weight, "steps": 1}})
     teacher_model, teacher_tok = load_causal_lm(teacher_dir, "cpu")
     e = example(trainer)
-    ctx = StepContext(cfg, None, trainer, rows={"q1": {"query": "Where is the treasure?"}},
+    ctx = StepContext(cfg, None, trainer, rows={"q1": {"prompt": [{"role": "user", "content": "Where is the treasure?"}]}},
                       teacher=LocalTeacher(cfg, teacher_model, teacher_tok, base_of_adapter=False))
     kl_objective.prepare(ctx, [e])
     (batch,), total = step_datums(ctx, kl_objective, [e], 0)  # as the training loop builds a step

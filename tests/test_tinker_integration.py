@@ -109,11 +109,12 @@ def test_on_policy_on_tinker_is_importance_sampling_with_the_local_loss(tmp_path
     teacher = LocalTeacher(cfg, model, tokenizer, base_of_adapter=False)
     total = sum(len(a.token_ids) for a in answers)
     students = [sampled_datum(tokenizer, [{"role": "user", "content": q}], a.token_ids, 1.0 / total) for q, a in zip(queries, answers)]
-    judged = teacher.token_logprobs(queries, [a.token_ids for a in answers])
+    asked = [[{"role": "user", "content": q}] for q in queries]
+    judged = teacher.token_logprobs(asked, [a.token_ids for a in answers])
     datums = [advantage_datum(s, a, lp) for s, lp, a in zip(students, judged, answers)]
     # The same teacher on Tinker (compute_logprobs) judges those tokens as the local one does.
     on_tinker = cfg.model_copy(update={"teacher": student()})
-    remote = RemoteTeacher(on_tinker).token_logprobs(queries, [a.token_ids for a in answers])
+    remote = RemoteTeacher(on_tinker).token_logprobs(asked, [a.token_ids for a in answers])
     for here_lp, there_lp in zip(judged, remote):
         assert there_lp.tolist() == pytest.approx(here_lp.tolist(), abs=2e-2)
     local = LocalTrainer(resolve_model(LOCAL_MODEL), rank=8, alpha=16, dropout=0.0, target_modules="all-linear", device="cpu")

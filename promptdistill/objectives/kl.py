@@ -129,7 +129,7 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     started = time.perf_counter()
     for batch in tqdm([todo[i:i + size] for i in range(0, len(todo), size)], desc=f"train: teacher top-{t.topk} targets",
                       unit="batch", leave=False):
-        datums = [ctx.teacher.rendered(ctx.rows[e.id]["query"], ctx.rows[e.id]["answer"], e.id) for e in batch]
+        datums = [ctx.teacher.rendered(ctx.rows[e.id]["prompt"], ctx.rows[e.id]["answer"], e.id) for e in batch]
         found = {}
         for e, d, logits in zip(batch, datums, ctx.teacher.logits(datums)):
             if [t for t, w in zip(d.target_tokens, d.weights) if w > 0] != answer_tokens(e):
@@ -220,7 +220,7 @@ def full_datums(ctx: StepContext, batch: list[Example], sft_weight: float) -> li
     with the sampled token by sft_weight: the loss is then forward KL(target || student)."""
     s, out = sft_weight, []
     answers = [answer_tokens(e) for e in batch]
-    for e, answer, target in zip(batch, answers, ctx.teacher.distributions([ctx.rows[e.id]["query"] for e in batch], answers)):
+    for e, answer, target in zip(batch, answers, ctx.teacher.distributions([ctx.rows[e.id]["prompt"] for e in batch], answers)):
         if s > 0:  # log((1 - s) p + s one_hot), in log space: a token the teacher rules out stays at -inf, not nan
             sampled = torch.full_like(target, float("-inf"))
             sampled.scatter_(-1, torch.tensor(answer)[:, None], 0.0)

@@ -30,7 +30,6 @@ import math
 import torch
 
 from .. import divergence
-from ..answerers import student_messages
 from ..backends.base import SamplingParams
 from ..loss import Loss, teacher_logprobs
 from ..render import Datum, Example, sampled_datum
@@ -115,7 +114,7 @@ def sample_group(ctx: StepContext, step: int, top_logprobs: int | None) -> None:
     flat = [(s, i, k) for s in group for i, k in mine[s]]
     params = SamplingParams(temperature=op.temperature, top_p=op.top_p, max_tokens=op.max_tokens or cfg.sampling.max_tokens,
                             top_logprobs=top_logprobs)
-    answers = ctx.trainer.sampler().sample([student_messages(ctx.rows[i]["query"]) for _, i, _ in flat],
+    answers = ctx.trainer.sampler().sample([ctx.rows[i]["prompt"] for _, i, _ in flat],
                                            params, [sample_seed(i, k, cfg.train.seed, s) for s, i, k in flat])
     if failed := next((a for a in answers if a.finish_reason == "error"), None):
         raise StageError(f"train: step {step + 1}: the student's sampler failed ({failed.error}); re-run to resume")
@@ -124,8 +123,8 @@ def sample_group(ctx: StepContext, step: int, top_logprobs: int | None) -> None:
         answers = answers[len(mine[s]):]
 
 
-def samples(ctx: StepContext, examples: list[Example], step: int, top_logprobs: int | None) -> list[tuple[str, object]]:
-    """(query, the student's answer) for each of `examples` (the next of this process's share of
+def samples(ctx: StepContext, examples: list[Example], step: int, top_logprobs: int | None) -> list[tuple[list, object]]:
+    """(the conversation it answers, the student's answer) for each of `examples` (the next of this process's share of
     `step`) and each of its samples_per_query: sampled with the step's group on first use."""
     if step not in ctx.samples:
         sample_group(ctx, step, top_logprobs)
@@ -133,18 +132,18 @@ def samples(ctx: StepContext, examples: list[Example], step: int, top_logprobs: 
     answers, ctx.samples[step] = ctx.samples[step][:len(examples) * k], ctx.samples[step][len(examples) * k:]
     if not ctx.samples[step]:
         del ctx.samples[step]
-    return [(ctx.rows[e.id]["query"], answers[j * k + i]) for j, e in enumerate(examples) for i in range(k)]
+    return [(ctx.rows[e.id]["prompt"], answers[j * k + i]) for j, e in enumerate(examples) for i in range(k)]
 
 
 def judged_samples(ctx: StepContext, examples: list[Example], step: int, whole: bool) -> list[Datum]:
     """The student's answers to `examples` as its datums, each with the teacher's judgement WITH the
     prompt: its whole distribution at every answer token (`whole`), or the advantage of each token."""
     pairs = samples(ctx, examples, step, None if whole else 0)
-    queries, answers = [q for q, _ in pairs], [a.token_ids for _, a in pairs]
-    students = [sampled_datum(ctx.trainer.tokenizer, student_messages(q), a) for q, a in zip(queries, answers)]
+    prompts, answers = [c for c, _ in pairs], [a.token_ids for _, a in pairs]
+    students = [sampled_datum(ctx.trainer.tokenizer, c, a) for c, a in zip(prompts, answers)]
     if whole:
-        return [exact_datum(s, lp) for s, lp in zip(students, ctx.teacher.distributions(queries, answers))]
-    return [advantage_datum(s, a, lp) for s, (_, a), lp in zip(students, pairs, ctx.teacher.token_logprobs(queries, answers))]
+        return [exact_datum(s, lp) for s, lp in zip(students, ctx.teacher.distributions(prompts, answers))]
+    return [advantage_datum(s, a, lp) for s, (_, a), lp in zip(students, pairs, ctx.teacher.token_logprobs(prompts, answers))]
 
 
 def datums(ctx: StepContext, examples: list[Example], step: int) -> list[Datum]:

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import best_of, judge, rules, scores, tracking
-from ..answerers import Models, answer_settings, sampling_params, student_messages
+from ..answerers import Models, answer_settings, sampling_params
 from ..backends.base import Completion, SamplingParams
 from ..config import RunConfig
 from ..render import prompt_ids
@@ -47,8 +47,8 @@ def answer(cfg: RunConfig, models: Models, who: str, rows: list[dict], seed_offs
     """Sample answers for `rows` as `who` (teacher: with the prompt; student/base: without),
     each from its teacher row's seed + `seed_offset`; a teacher behind an endpoint answers there."""
     sampler, params = models.answerer(who), sampling_params(cfg)
-    convs = [r["messages"] if who == "teacher" else student_messages(r["query"]) for r in rows]
-    seeds = row_seeds(cfg, [r["query"] for r in rows], params.seed + seed_offset)
+    convs = [r["messages"] if who == "teacher" else r["prompt"] for r in rows]
+    seeds = row_seeds(cfg, [r["identity"] for r in rows], params.seed + seed_offset)
     out: list[Completion] = []
     with models.context(who):
         for start in tqdm(range(0, len(rows), models.batch_size), desc=f"eval: {who} answers", unit="batch", leave=False):
@@ -82,7 +82,7 @@ def local_timings(models: Models, who: str, rows: list[dict], params: SamplingPa
     ttft, total = [], []
     with models.context(who), sampler.merged():  # merged once, outside the timings
         for r in rows:
-            conv = r["messages"] if who == "teacher" else student_messages(r["query"])
+            conv = r["messages"] if who == "teacher" else r["prompt"]
             ids = prompt_ids(sampler.tokenizer, conv)
             sampler.forget_prefix()  # every query pays its own prefill, as a served model would
             first: list[float] = []
@@ -238,7 +238,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             quality["compliance"], compliance, failed = rules.compliance(
                 cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap)
 
-        student_in = [len(prompt_ids(models.tokenizer, student_messages(r["query"]))) for r in test]
+        student_in = [len(prompt_ids(models.tokenizer, r["prompt"])) for r in test]
         tokens = {
             "teacher_input": statistics.mean(r["teacher_tokens"]["prompt"] for r in test),
             "student_input": statistics.mean(student_in),

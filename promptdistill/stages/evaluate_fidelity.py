@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import divergence
-from ..answerers import Models, recorded_positions, recorded_topk, student_messages
+from ..answerers import Models, recorded_positions, recorded_topk
 from ..backends.base import Completion
 from ..render import Datum, RenderError, render_example, sampled_datum, to_datum
 
@@ -25,7 +25,7 @@ def rows_datums(tokenizer, rows: list[dict], system_prompt: str | None) -> dict[
     datums = {}
     for i, r in enumerate(rows):
         with contextlib.suppress(RenderError):
-            datums[i] = to_datum(render_example(tokenizer, head + student_messages(r["query"]), r["answer"], r["id"]))
+            datums[i] = to_datum(render_example(tokenizer, head + r["prompt"], r["answer"], r["id"]))
     return datums
 
 
@@ -106,7 +106,7 @@ def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Compl
         values = np.full(len(rows), np.nan)
         for start in tqdm(range(0, len(rows), size), desc=f"eval: on-policy fidelity ({who})", unit="batch", leave=False):
             chunk = range(start, min(start + size, len(rows)))
-            own = [sampled_datum(models.tokenizer, student_messages(rows[i]["query"]), answers[who][i].token_ids)
+            own = [sampled_datum(models.tokenizer, rows[i]["prompt"], answers[who][i].token_ids)
                    for i in chunk]
             judged = [sampled_datum(models.teacher.tokenizer, rows[i]["messages"], answers[who][i].token_ids)
                       for i in chunk]

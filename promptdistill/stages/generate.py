@@ -6,6 +6,12 @@ and a re-run never duplicates a row. Each row is sampled from its own seed (the 
 over the teacher's identity in place of its spec: a local model dir draws the same answers
 wherever it lies), so its answer does not depend on batching or on where a resume began.
 
+A conversation is answered turn by turn: the teacher answers every user turn in order, its own
+earlier answers as the history (or the answers the source logged, queries.logged_answers
+context), one row per turn. Each round answers the next turn of every conversation at once,
+batched across conversations; a turn is done once its row is written, so a resumed run answers
+each turn exactly once.
+
 A remote teacher can fail a row even after its retries; such rows are not written to
 teacher.jsonl (their keys stay undone, so the next run retries them) but appended to
 teacher_errors.jsonl, and the stage then ends with an error instead of being recorded
@@ -22,6 +28,7 @@ from tqdm import tqdm
 
 from .. import best_of, teacher
 from ..answerers import answer_settings, row_seed, sampling_params
+from ..conversations import answered_turns, history, turn_id, turn_identity, user_turns
 from ..config import RunConfig
 from ..models import model_identity
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_json, fingerprint, fmt_seconds, read_jsonl,
@@ -65,14 +72,20 @@ def query_place(q: dict) -> str:
 
 def context_overflows(cfg: RunConfig, queries: list[dict], count_prompt_tokens, limit: int) -> list[tuple[dict, str]]:
     """(query, what is wrong) for each query whose teacher prompt plus sampling.max_tokens
-    does not fit in `limit` tokens; `count_prompt_tokens(messages)` counts a rendered prompt."""
+    does not fit in `limit` tokens; `count_prompt_tokens(messages)` counts a rendered prompt. A
+    conversation's last turn is checked with sampling.max_tokens for each answer the teacher
+    writes before it (they are not written yet)."""
     budget, out = cfg.sampling.max_tokens, []
     for q in queries:
-        n = count_prompt_tokens(teacher.teacher_messages(cfg, q["query"]))
-        if n is not None and n + budget > limit:
-            out.append((q, (f"its teacher prompt (system prompt + query) is {n} tokens, "
-                            f"+ sampling.max_tokens {budget} = {n + budget} > the teacher's context of {limit} tokens; "
-                            f"shorten the query or the system prompt, or lower sampling.max_tokens")))
+        last = len(user_turns(q)) - 1
+        own = 0 if "logged" in q else last  # the teacher's own answers before the last turn
+        n = count_prompt_tokens(teacher.with_prompt(cfg, history(q, last, q.get("logged", [""] * last))))
+        if n is not None and n + budget * (own + 1) > limit:
+            what = "system prompt + query" if last == 0 else f"system prompt + {last + 1} user turns"
+            writes = f"sampling.max_tokens {budget}" + (f" x {own + 1} answers" if own else "")
+            out.append((q, (f"its teacher prompt ({what}) is {n} tokens, + {writes} = {n + budget * (own + 1)} > "
+                            f"the teacher's context of {limit} tokens; shorten the query or the system prompt, "
+                            f"or lower sampling.max_tokens")))
     return out
 
 
@@ -97,41 +110,70 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
                if cfg.sampling.best_of else {})}
 
 
+def turn_rows(cfg: RunConfig, queries: list[dict]) -> list[dict]:
+    """Every turn the teacher answers, as the query row of that turn: its id, key, turn (0-based),
+    the user turn as "query", and the conversation's row as "asked"."""
+    return [{"id": turn_id(q, t), "key": row_key(cfg, turn_identity(q, t)), "split": q["split"], "turn": t,
+             "query": user_turns(q)[t], "asked": q} for q in queries for t in answered_turns(q)]
+
+
 def run(cfg: RunConfig, run: RunDir) -> str:
     queries = read_jsonl(run.queries)
     if not queries:
         raise StageError(f"{run.queries} is missing or empty; run `distill queries` first")
-    done = {r["key"] for r in read_jsonl(run.teacher, repair=True)}
-    todo = [q | {"key": row_key(cfg, q["query"])} for q in queries]
-    todo = [q for q in todo if q["key"] not in done]
+    answers = {r["key"]: r["completion"] for r in read_jsonl(run.teacher, repair=True)}
+    turns = turn_rows(cfg, queries)
+    todo = [q for q in turns if q["key"] not in answers]
     if not todo:
-        return f"generate: all {len(queries)} teacher answers already in {run.teacher.name}" + compliance_note(cfg, run)
+        return f"generate: all {len(turns)} teacher answers already in {run.teacher.name}" + compliance_note(cfg, run)
+
+    def earlier(q: dict) -> list[str] | None:
+        """The answers before this turn (the logged ones, or the teacher's own), None while one is missing."""
+        asked = q["asked"]
+        if "logged" in asked:
+            return asked["logged"]
+        keys = [row_key(cfg, turn_identity(asked, i)) for i in range(q["turn"])]
+        return [answers[k] for k in keys] if all(k in answers for k in keys) else None
+
     with Timer() as t:
         prompted = teacher.load(cfg)
         sampler = prompted.sampler()
-        check_context(cfg, sampler, todo)
+        check_context(cfg, sampler, [q["asked"] for q in todo])
         params = replace(sampling_params(cfg), top_logprobs=cfg.sampling.top_logprobs)
         picker = best_of.Picker(cfg.checks.rules, cfg.sampling.best_of, run) if cfg.sampling.best_of else None
-        todo.sort(key=lambda q: len(q["query"]))  # similar lengths share a batch: less padding
-        with tqdm(total=len(queries), initial=len(queries) - len(todo), desc="generate", unit="answer",
+        size = cfg.sampling.batch_size
+        waiting = 0  # turns after one that failed: asked on the next run
+
+        def batches():
+            """Round by round, a turn once the turn before it is answered; similar lengths share a batch."""
+            nonlocal waiting
+            for turn in sorted({q["turn"] for q in todo}):
+                level = [q for q in todo if q["turn"] == turn]
+                ready = [q | {"messages": prompted.with_prompt(history(q["asked"], turn, before))}
+                         for q in level if (before := earlier(q)) is not None]
+                waiting += len(level) - len(ready)
+                ready.sort(key=lambda q: sum(len(m["content"]) for m in q["messages"]))
+                yield from (ready[i:i + size] for i in range(0, len(ready), size))
+
+        with tqdm(total=len(turns), initial=len(turns) - len(todo), desc="generate", unit="answer",
                   dynamic_ncols=True) as bar:  # closed on an error too, so its message starts a new line
             new_tokens = truncated = failed = 0
             cost, price = 0.0, cfg.pricing.teacher if cfg.pricing else None
-            size = cfg.sampling.batch_size
-            for start in range(0, len(todo), size):
-                batch = todo[start:start + size]
-                convs = [prompted.messages(q["query"]) for q in batch]
-                seeds = row_seeds(cfg, [q["query"] for q in batch], params.seed)
+            for batch in batches():
+                convs = [q["messages"] for q in batch]
+                seeds = row_seeds(cfg, [turn_identity(q["asked"], q["turn"]) for q in batch], params.seed)
                 if picker:  # best-of-N: the kept try, and what the row records about the choice
                     outs, chosen = picker.sample(sampler, batch, convs, params, seeds)
                 else:
                     outs, chosen = sampler.sample(convs, params, seeds), [{}] * len(batch)
                 good = [(q, conv, out, c) for q, conv, out, c in zip(batch, convs, outs, chosen) if out.finish_reason != "error"]
                 rows = [{"id": q["id"], "key": q["key"], "split": q["split"], "model": cfg.teacher.model,
+                         **({"conversation": q["asked"]["id"], "turn": q["turn"] + 1} if "turns" in q["asked"] else {}),
                          "messages": conv, "completion": out.text, "finish_reason": out.finish_reason,
                          "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens},
                          **({"logprobs": out.logprobs} if out.logprobs is not None else {}), **c}
                         for q, conv, out, c in good]
+                answers.update((r["key"], r["completion"]) for r in rows)
                 if rows:
                     append_jsonl(run.teacher, rows)
                 errors = [{"id": q["id"], "key": q["key"], "error": out.error or "unknown error",
@@ -149,13 +191,14 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 bar.set_postfix(tok_s=f"{new_tokens / max(t.elapsed, 1e-9):.0f}", truncated=truncated,
                                 **({"failed": failed} if failed else {}),
                                 **({"cost": f"{cost:.4f} {cfg.pricing.currency}"} if price is not None else {}))
-    written = len(todo) - failed
-    summary = (f"generate: {written} teacher answers ({len(done)} reused), {new_tokens} tokens in "
+    written = len(todo) - failed - waiting
+    summary = (f"generate: {written} teacher answers ({len(turns) - len(todo)} reused), {new_tokens} tokens in "
                f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens"
                + compliance_note(cfg, run))
     if failed:
         # The answers that came back are saved; the stage must not be recorded as finished without the rest.
-        raise StageError(f"{summary}; {failed} failed after retries; re-run to retry them "
+        later = f", and {waiting} later turns of their conversations wait for them" if waiting else ""
+        raise StageError(f"{summary}; {failed} failed after retries{later}; re-run to retry them "
                          f"(errors in {run.root / ERRORS_FILE})")
     return summary
 

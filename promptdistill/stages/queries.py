@@ -1,7 +1,11 @@
 """Stage 1, queries: load the user's queries, synthesise more if asked, dedup, split.
 
 Writes queries.jsonl: {"id", "query", "split", "source"} (+ "category" for synthesised
-rows) and queries_stats.json (what dedup dropped, diversity of given vs synthesised).
+rows) and queries_stats.json (what dedup dropped, diversity of given vs synthesised). A
+conversation (a JSONL row in the OpenAI or ShareGPT chat format, conversations.py) is one row
+whose "query" is its first user turn, with "turns" (every user turn) and, when
+queries.logged_answers is context, "logged" (the answers the source gave): one row, so a
+conversation goes to one split whole.
 
 Order matters: dedup first, then a seeded, group-aware split. Queries whose MiniLM
 cosine reaches `dedup_threshold` form one group (connected components), and a group goes
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import HUB_PREFIX, QueriesConfig, RunConfig
+from ..conversations import ConversationError, conversation_field, read_conversation
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, iter_jsonl,
                       sha256_file)
 from ..scores import load_embedder, near_duplicate_pairs, normalise_text
@@ -83,9 +88,11 @@ def _dataset_records(spec: str, field: str, split: str) -> tuple[str, list[tuple
     return name, [(str(i), row) for i, row in enumerate(ds, 1)]
 
 
-def load_queries(path: Path | str, field: str = "query", id_field: str = "id", split: str = "train") -> list[dict]:
+def load_queries(path: Path | str, field: str = "query", id_field: str = "id", split: str = "train",
+                 bad_conversations: str = "error", logged_answers: str = "regenerate") -> list[dict]:
     """Rows {"id", "query", "source"} from JSONL, CSV, .txt (one per line), or a `datasets`
-    dir / hf:OWNER/NAME; `field` and `id_field` name the query and id columns."""
+    dir / hf:OWNER/NAME; `field` and `id_field` name the query and id columns. A record holding
+    a conversation instead ('messages' or 'conversations') gives a conversation row (`conversation_row`)."""
     spec = str(path)
     if spec.startswith(HUB_PREFIX) or Path(spec).is_dir():
         name, records = _dataset_records(spec, field, split)
@@ -103,19 +110,52 @@ def load_queries(path: Path | str, field: str = "query", id_field: str = "id", s
             records = _records(path, field, id_field)
         else:
             raise StageError(f"{path}: unsupported queries format {path.suffix!r} (use .jsonl, .csv, .txt or a datasets dir)")
-    rows = []
+    rows, bad = [], []
     for line, rec in records:
+        if field not in rec and conversation_field(rec):
+            try:
+                rows.append(conversation_row(rec, logged_answers) | {"id": row_id(rec, id_field, stem, line),
+                                                                     "source": f"{name}:{line}"})
+            except ConversationError as err:
+                if bad_conversations == "error":
+                    raise StageError(f"{where}:{line}: {err}") from None
+                bad.append(f"{where}:{line}: {err}")
+            continue
         query = rec.get(field)
         if not isinstance(query, str):
             raise StageError(f"{where}:{line}: expected a string field {field!r}")
         if not query.strip():
             raise StageError(f"{where}:{line}: empty query")
-        given_id = rec.get(id_field)
-        rows.append({"id": str(given_id) if given_id not in (None, "") else f"{stem}-{line}",
-                     "query": query.strip(), "source": f"{name}:{line}"})
+        rows.append({"id": row_id(rec, id_field, stem, line), "query": query.strip(), "source": f"{name}:{line}"})
+    if bad:
+        print(f"warning: dropped {len(bad)} conversations that cannot be used as they are "
+              f"(queries.bad_conversations: drop), e.g. {bad[0]}")
     if not rows:
         raise StageError(f"{where}: no queries in this file")
     return rows
+
+
+def row_id(rec: dict, id_field: str, stem: str, line: str) -> str:
+    given = rec.get(id_field)
+    return str(given) if given not in (None, "") else f"{stem}-{line}"
+
+
+def conversation_row(rec: dict, logged_answers: str) -> dict:
+    """A conversation's row: its first user turn as the query, every user turn, and with
+    logged_answers 'context' the answers it logged before its last user turn (the teacher then
+    answers only that one); a conversation of one user turn is a plain query."""
+    c = read_conversation(rec)
+    row = {"query": c.turns[0]}
+    if len(c.turns) > 1:
+        row["turns"] = c.turns
+        if logged_answers == "context":
+            row["logged"] = c.logged[:len(c.turns) - 1]
+    return row
+
+
+def conversation_text(r: dict) -> str:
+    """What makes a row the same as another: its query, or every turn of its conversation."""
+    return "\n".join(r.get("turns", [r["query"]]) + r.get("logged", []))
 
 
 # --------------------------------------------------------------------------- dedup, split, diversity
@@ -157,7 +197,7 @@ def split_rows(rows: list[dict], train: float, val: float, seed: int, group: dic
         split_of.update((i, name) for i in members[rep])
         placed += len(members[rep])
     return [{"id": r["id"], "query": r["query"], "split": split_of[r["id"]], "source": r["source"]}
-            | ({"category": r["category"]} if "category" in r else {}) for r in rows]
+            | {k: r[k] for k in ("turns", "logged", "category") if k in r} for r in rows]
 
 
 def leaks(split_of: dict[str, str], pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -170,7 +210,7 @@ def drop_exact_duplicates(rows: list[dict]) -> tuple[list[dict], list[tuple[dict
     first: dict[str, dict] = {}
     kept, dropped = [], []
     for r in rows:
-        key = normalise_text(r["query"])
+        key = normalise_text(conversation_text(r))
         if key in first:
             dropped.append((r, first[key]))
         else:
@@ -198,7 +238,8 @@ def diversity(emb: np.ndarray) -> dict:
 def _given(cfg: RunConfig) -> tuple[list[dict], dict]:
     """The user's queries, checked; exact duplicates dropped with a warning, near ones reported."""
     q = cfg.queries
-    rows = [row for f in q.files for row in load_queries(f, q.field, q.id_field, q.dataset_split)]
+    rows = [row for f in q.files
+            for row in load_queries(f, q.field, q.id_field, q.dataset_split, q.bad_conversations, q.logged_answers)]
     dupes = [i for i, n in Counter(r["id"] for r in rows).items() if n > 1]
     if dupes:
         where = [r["source"] for r in rows if r["id"] == dupes[0]]
@@ -216,7 +257,7 @@ def _given(cfg: RunConfig) -> tuple[list[dict], dict]:
 # --------------------------------------------------------------------------- the stage
 
 
-NEWER_SETTINGS = ("field", "id_field", "dataset_split", "dedup_threshold")
+NEWER_SETTINGS = ("field", "id_field", "dataset_split", "dedup_threshold", "bad_conversations", "logged_answers")
 
 
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:

@@ -38,6 +38,7 @@ from ..objectives.step import StepContext
 from ..render import Datum, Example, RenderError, render_example, student_view, to_datum
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
                       read_jsonl, sha256_text)
+from ..conversations import answered_turns, turn_id, turn_identity, user_turns
 from .generate import row_key
 
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -115,20 +116,25 @@ def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
 
 
 def load_split(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
-    """Teacher rows of the current queries, by split, with the answer to learn."""
+    """Teacher rows of the current queries, by split, one per answered turn: its id, the user
+    turn ("query"), the conversation the student answers it after ("prompt": the teacher's
+    without the system prompt), the answer to learn, and what seeds its answers ("identity")."""
     queries = read_jsonl(run.queries)
     by_key = {r["key"]: r for r in read_jsonl(run.teacher)}
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": [], "missing": [], "dropped": []}
     for q in queries:
-        row = by_key.get(row_key(cfg, q["query"]))
-        if row is None:
-            splits["missing"].append(q)
-            continue
-        answer = training_answer(row)
-        if answer is None:
-            splits["dropped"].append(row)
-            continue
-        splits[q["split"]].append({"id": q["id"], "query": q["query"], "answer": answer, "key": row["key"]})
+        for turn in answered_turns(q):
+            identity = turn_identity(q, turn)
+            row = by_key.get(row_key(cfg, identity))
+            if row is None:
+                splits["missing"].append({"id": turn_id(q, turn), "query": user_turns(q)[turn]})
+                continue
+            answer = training_answer(row)
+            if answer is None:
+                splits["dropped"].append(row)
+                continue
+            splits[q["split"]].append({"id": turn_id(q, turn), "query": user_turns(q)[turn], "prompt": row["messages"][1:],
+                                       "answer": answer, "key": row["key"], "turn": turn + 1, "identity": identity})
     return splits
 
 
@@ -136,7 +142,7 @@ def render_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example]
     examples, too_long = [], 0
     for r in rows:
         try:
-            ex = render_example(tokenizer, [{"role": "user", "content": r["query"]}], r["answer"], r["id"])
+            ex = render_example(tokenizer, r["prompt"], r["answer"], r["id"])
         except RenderError as e:
             raise StageError(str(e)) from None
         if len(ex.tokens) > max_len:

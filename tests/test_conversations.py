@@ -1,0 +1,209 @@
+"""Conversations as sources (OpenAI chat format, ShareGPT), answered turn by turn by the teacher
+WITH the prompt, its own earlier answers as the history, and trained on every answered turn."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from promptdistill.cli import main
+from promptdistill.rundir import StageError
+from promptdistill.stages.queries import load_queries
+from tiny import QUESTIONS, save_chatty_tiny
+
+SYSTEM = "You are a pirate captain. Answer briefly, like a pirate."
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+REPO = Path(__file__).parents[1]
+
+
+def openai(*turns: str, **extra) -> dict:
+    roles = ["user", "assistant"] * len(turns)
+    return {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)], **extra}
+
+
+def sharegpt(*turns: str, **extra) -> dict:
+    return {"conversations": [{"from": f, "value": t} for f, t in zip(["human", "gpt"] * len(turns), turns)], **extra}
+
+
+def write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_both_chat_formats_read_into_user_turns_beside_plain_queries(tmp_path):
+    f = write(tmp_path / "chats.jsonl", [
+        {"id": "plain", "query": "Where is the gold?"},
+        openai("Who are you?", "A pirate!", "Where do you sail?", "To Tortuga.", "Why?", id="oa"),
+        sharegpt("Ahoy?", "Arr.", "Any rum left?", id="sg"),
+        openai("Just one question?"),  # one user turn: a plain query
+    ])
+    rows = {r["id"]: r for r in load_queries(f)}
+    assert rows["plain"] == {"id": "plain", "query": "Where is the gold?", "source": "chats.jsonl:1"}
+    assert rows["oa"] == {"id": "oa", "query": "Who are you?", "turns": ["Who are you?", "Where do you sail?", "Why?"],
+                          "source": "chats.jsonl:2"}
+    assert rows["sg"]["turns"] == ["Ahoy?", "Any rum left?"] and "logged" not in rows["sg"]
+    assert rows["chats-4"] == {"id": "chats-4", "query": "Just one question?", "source": "chats.jsonl:4"}
+    # Kept as context, the logged answers before the last user turn come along (the last answer does not).
+    kept = {r["id"]: r for r in load_queries(f, logged_answers="context")}
+    assert kept["oa"]["logged"] == ["A pirate!", "To Tortuga."] and kept["sg"]["logged"] == ["Arr."]
+
+
+BAD = [  # (row, the field named, what is said)
+    ({"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}]},
+     "messages[0].role", "its own system message"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}]},
+     "messages[1].role", "unknown role 'tool'"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"}]},
+     "messages[1].role", "two user turns in a row"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]},
+     "messages[1].content", "empty turn"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "messages[0].role", "starts with assistant"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Beep"}]},
+     "conversations[1].from", "unknown role 'robot'"),
+    ({"conversations": [{"from": "human", "value": None}]}, "conversations[0].value", "expected a string"),
+    ({"messages": []}, "messages", "non-empty list"),
+]
+
+
+@pytest.mark.parametrize("row,field,said", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
+def test_a_bad_conversation_is_an_error_naming_file_line_and_field(tmp_path, row, field, said):
+    f = write(tmp_path / "chats.jsonl", [openai("Good?", "Yes."), row])
+    with pytest.raises(StageError) as err:
+        load_queries(f)
+    assert f"{f}:2: {field}" in str(err.value) and said in str(err.value)
+
+
+def test_bad_conversations_drop_skips_them_with_a_warning(tmp_path, capsys):
+    f = write(tmp_path / "chats.jsonl", [openai("Good?", "Yes.", "Sure?"), BAD[0][0], BAD[2][0]])
+    rows = load_queries(f, bad_conversations="drop")
+    assert [r["query"] for r in rows] == ["Good?"]
+    assert f"dropped 2 conversations" in capsys.readouterr().out
+
+
+# --- generate turn by turn, and train on every turn ---------------------------------------------
+
+CONVERSATIONS = [openai(QUESTIONS[i], "(logged)", QUESTIONS[i + 1], "(logged)", QUESTIONS[i + 2], id=f"c{i:02d}")
+                 for i in range(0, 18, 3)] + [sharegpt(QUESTIONS[20 + i], "(logged)", QUESTIONS[30 + i], id=f"s{i}")
+                                              for i in range(4)] + [{"id": f"q{i}", "query": QUESTIONS[40 + i]}
+                                                                    for i in range(6)]
+N_TURNS = 6 * 3 + 4 * 2 + 6  # 32 teacher answers
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("conversations")
+    model = save_chatty_tiny(root / "tiny-chatty")
+    write(root / "chats.jsonl", CONVERSATIONS)
+    config = {"name": "chats", "system_prompt": SYSTEM, "teacher": {"model": str(model)}, "student": {"model": str(model)},
+              "queries": {"files": ["chats.jsonl"], "train": 0.6, "val": 0.2, "test": 0.2},
+              "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 12, "batch_size": 4},
+              "lora": {"rank": 4, "alpha": 8}, "train": {"lr": 1e-2, "steps": 2, "batch_size": 4, "eval_every": 2}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return root / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def generated(project, tmp_path_factory) -> Path:
+    """queries + generate, uninterrupted, in-process (one thread, like the subprocesses below)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for verb in ("queries", "generate"):
+            assert main([verb, str(project), "--set", f"run_dir={run}"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return run
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_the_teacher_answers_every_turn_after_its_own_earlier_answers(generated):
+    queries = {q["id"]: q for q in rows_of(generated / "queries.jsonl")}
+    assert len(queries) == 16  # one row per conversation: a conversation goes to one split whole
+    rows = rows_of(generated / "teacher.jsonl")
+    assert len(rows) == N_TURNS and len({r["key"] for r in rows}) == N_TURNS
+    by_id = {r["id"]: r for r in rows}
+    for cid, q in queries.items():
+        turns = q.get("turns", [q["query"]])
+        history = []
+        for t, user in enumerate(turns):
+            row = by_id[cid if t == 0 else f"{cid}#{t + 1}"]
+            history.append({"role": "user", "content": user})
+            # the prompt, the user's turns, and between them the teacher's OWN answers, not the logged ones
+            assert row["messages"] == [{"role": "system", "content": SYSTEM}, *history]
+            assert row["split"] == q["split"]
+            if "turns" in q:
+                assert (row["conversation"], row["turn"]) == (cid, t + 1)
+            history.append({"role": "assistant", "content": row["completion"]})
+    assert "(logged)" not in json.dumps(rows)
+
+
+def test_a_first_turn_is_the_same_row_as_that_query_asked_alone(generated, project):
+    """Its key and seed are the query's: a conversation's opening and the plain query share an answer."""
+    from promptdistill.config import load_config
+    from promptdistill.stages.generate import row_key
+
+    cfg = load_config(project)
+    by_id = {r["id"]: r for r in rows_of(generated / "teacher.jsonl")}
+    assert by_id["c00"]["key"] == row_key(cfg, QUESTIONS[0])
+
+
+def test_generate_killed_mid_conversation_answers_each_turn_exactly_once(project, generated, tmp_path):
+    run = tmp_path / "run"
+    assert main(["queries", str(project), "--set", f"run_dir={run}"]) == 0
+    teacher = run / "teacher.jsonl"
+    cmd = [sys.executable, "-m", "promptdistill.cli", "generate", str(project), "--set", f"run_dir={run}"]
+    for stop_at in (6, 20):  # during the first round, then during a later one
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not (teacher.exists() and teacher.read_bytes().count(b"\n") >= stop_at):
+            pass
+        assert proc.poll() is None, "generate ended before the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    written = teacher.read_bytes().count(b"\n")
+    assert 20 <= written < N_TURNS
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{N_TURNS - written} teacher answers ({written} reused)" in done.stdout
+    rows = rows_of(teacher)
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in rows_of(generated / "teacher.jsonl"))
+    # each turn seeded by what it is, its history the same: the same answers as the uninterrupted run
+    assert {r["id"]: r for r in rows} == {r["id"]: r for r in rows_of(generated / "teacher.jsonl")}
+
+
+def test_every_answered_turn_is_a_training_example_after_its_history(project, generated, tmp_path):
+    """The student learns each turn WITHOUT the prompt, after the conversation so far."""
+    import shutil
+
+    from promptdistill.config import load_config
+    from promptdistill.rundir import RunDir
+    from promptdistill.stages.train import load_split
+
+    run = tmp_path / "run"
+    shutil.copytree(generated, run)
+    cfg = load_config(project, [f"run_dir={run}"])
+    splits = load_split(cfg, RunDir(run))
+    rows = [r for s in ("train", "val", "test") for r in splits[s]]
+    # a turn whose answer ends mid-sentence at max_tokens is not learnt from (it is still the next turn's history)
+    assert len(rows) + len(splits["dropped"]) == N_TURNS and len(rows) > N_TURNS / 3 and not splits["missing"]
+    by_id = {r["id"]: r for r in rows_of(run / "teacher.jsonl")}
+    for r in rows:
+        assert r["prompt"] == by_id[r["id"]]["messages"][1:]  # the teacher's conversation without the prompt
+        assert r["prompt"][-1] == {"role": "user", "content": r["query"]}
+    assert {r["turn"] for r in rows} == {1, 2, 3}
+    for objective in ("sft", "kl"):
+        assert main(["train", str(project), "--set", f"run_dir={run}", "--set", f"train.objective={objective}",
+                     "--force"]) == 0
+        metrics = rows_of(run / "metrics.jsonl")
+        assert metrics and all(m["train_loss"] > 0 for m in metrics if "train_loss" in m)
