@@ -84,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="markdown file to write; the plot goes beside it as FILE.png (default: compare.md)")
 
     chat = _verb(sub, "chat", "Talk to the distilled student, which gets no system prompt; answers stream, one question "
-                 "per line, so piped stdin works too.", "distill chat runs/beethoven --compare",
+                 "per line (piped stdin works too), each after the conversation so far.", "distill chat runs/beethoven --compare",
                  "echo 'What do you think of Rossini?' | distill chat runs/beethoven")
     chat.add_argument("run_dir", help="a run dir with a trained student/")
     chat.add_argument("--compare", action="store_true", help="also answer as the teacher (with the prompt) and the base model")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the config's sampling")
+    chat.add_argument("--single-turn", action="store_true", help="answer each line as a new chat (no history; "
+                      "by default each answerer reads the conversation so far, and a line /new starts over)")
 
     serve_arguments(_verb(sub, "serve", SERVE_DESCRIPTION, "distill serve runs/beethoven --port 8000",
                           "DISTILL_TOKEN=s3cret distill serve runs/beethoven --teacher --token-env DISTILL_TOKEN"))
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             from .stages.chat import chat
 
             cfg = load_config(args.run_dir)
-            chat(cfg, RunDir(cfg.run_path), compare=args.compare, greedy=args.greedy)
+            chat(cfg, RunDir(cfg.run_path), compare=args.compare, greedy=args.greedy, history=not args.single_turn)
             return 0
         from . import pipeline  # imports torch: only for the verbs that need it
 

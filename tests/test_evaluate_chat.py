@@ -91,6 +91,57 @@ def test_chat_answers_piped_questions_with_and_without_compare(finished_run):
     assert [l.split("> ")[0] for l in out.getvalue().splitlines() if "> " in l] == ["you", "student", "teacher", "base"]
 
 
+def student_answers(text: str) -> list[str]:
+    """The student's answers in a chat transcript (an answer may run over several lines)."""
+    return [part.split("\nyou> ")[0].split("\n(new conversation)")[0].rstrip("\n") for part in text.split("student> ")[1:]]
+
+
+def test_chat_keeps_each_answerers_history_and_new_starts_over(finished_run):
+    """The second answer is the student's, greedy, after the first exchange; after /new, and with
+    history off, the same question gets the answer it gets as a first line."""
+    from promptdistill.answerers import Models, sampling_params
+    from promptdistill.backends.base import SamplingParams
+    from promptdistill.render import prompt_ids
+
+    cfg, run = finished_run
+    out = io.StringIO()
+    assert chat(cfg, run, greedy=True, lines=io.StringIO("Where is the gold?\nWho are you?\n/new\nWho are you?\n"),
+                out=out) == 3
+    first, second, after_new = student_answers(out.getvalue())
+    out = io.StringIO()
+    chat(cfg, run, greedy=True, lines=io.StringIO("Who are you?\n"), out=out)
+    alone = student_answers(out.getvalue())[0]
+    assert after_new == alone
+    out = io.StringIO()
+    chat(cfg, run, greedy=True, history=False, lines=io.StringIO("Where is the gold?\nWho are you?\n"), out=out)
+    assert student_answers(out.getvalue()) == [first, alone]
+    # independently: the student's greedy decode of the whole conversation so far
+    sampler = Models(cfg, run).sampler("student")
+    params = SamplingParams(temperature=0, max_tokens=sampling_params(cfg).max_tokens,
+                            repetition_penalty=sampling_params(cfg).repetition_penalty)
+    conversation = [{"role": "user", "content": "Where is the gold?"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "Who are you?"}]
+    assert sampler.generate([prompt_ids(sampler.tokenizer, conversation)], params, [0])[0].text.strip() == second.strip()
+
+
+def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_the_context(finished_run):
+    from promptdistill.answerers import Models
+    from promptdistill.render import prompt_ids
+    from promptdistill.stages.chat import fitted
+
+    cfg, run = finished_run
+    sampler = Models(cfg, run).sampler("student")
+    window = sampler.model.config.max_position_embeddings
+    long = [{"role": r, "content": f"turn {i} " + "arr matey " * 60} for i in range(40) for r in ("user", "assistant")]
+    conversation = long + [{"role": "user", "content": "And now?"}]
+    out = io.StringIO()
+    kept = fitted(sampler, conversation, 32, out)
+    assert kept[-1] == conversation[-1] and kept == conversation[len(conversation) - len(kept):]
+    assert kept[0]["role"] == "user" and len(prompt_ids(sampler.tokenizer, kept)) + 32 <= window
+    assert len(prompt_ids(sampler.tokenizer, [conversation[-len(kept) - 2], conversation[-len(kept) - 1], *kept])) + 32 > window
+    assert f"oldest exchanges dropped to fit the context of {window} tokens" in out.getvalue()
+
+
 def test_eval_refuses_an_adapter_from_another_base_model(finished_run, tmp_path):
     cfg, run = finished_run
     adapter = json.loads((run.student / "adapter_config.json").read_text())
