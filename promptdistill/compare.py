@@ -102,8 +102,22 @@ def quality_rows(runs: list[dict]) -> list[list[str]]:
                     cells.append(mean_ci(q[part], ".4g"))
             if any(cells):
                 rows.append([f"{name} {part}"] + cells)
-        extras = [flatten({k: v for k, v in q.items() if k not in PARTS}) if isinstance(q, dict) else {} for q in entries]
+        extras = [flatten({k: v for k, v in q.items() if k not in (*PARTS, "per_turn")}) if isinstance(q, dict) else {}
+                  for q in entries]
         rows += [[f"{name} {r[0]}"] + r[1:] for r in _rows(extras)]
+    return rows
+
+
+def turn_rows(runs: list[dict]) -> list[list[str]]:
+    """Per score measured per turn of a conversation, and per turn: retained (mean [95% CI]) and n."""
+    per_turn = [{name: q["per_turn"] for name, q in (r["summary"].get("quality") or {}).items()
+                 if isinstance(q, dict) and q.get("per_turn")} for r in runs]
+    rows = []
+    for name in dict.fromkeys(n for p in per_turn for n in p):
+        for turn in dict.fromkeys(t for p in per_turn for t in p.get(name, {})):
+            at = [p.get(name, {}).get(turn) for p in per_turn]
+            rows.append([f"{name} turn {turn} retained"] + [pct_ci(q["retained"]) if q else "" for q in at])
+            rows.append([f"{name} turn {turn} n"] + [show(q["n"]) if q else "" for q in at])
     return rows
 
 
@@ -136,9 +150,11 @@ def config_diff(runs: list[dict]) -> list[list[str]]:
 def build(runs: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
     """The sections: (title, header, rows)."""
     head = [""] + labels(runs)
+    by_turn = turn_rows(runs)  # runs tested on conversations
     return [
         ("Runs", head, [["path"] + [str(r["path"]) for r in runs]]),
         (QUALITY, head, quality_rows(runs)),
+        *([("By turn of the conversation", head, by_turn)] if by_turn else []),
         ("Tokens, cost, latency, training, seconds per stage", head, _rows([numbers(r) for r in runs])),
         ("Config fields that differ", head, config_diff(runs) or [["(none)"] + [""] * len(runs)]),
         ("Verdicts", ["run", "verdict"], [[n, r["summary"].get("verdict", "")] for n, r in zip(labels(runs), runs)]),

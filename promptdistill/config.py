@@ -106,6 +106,21 @@ class SynthesizeConfig(Strict):
     max_attempts: int | None = Field(None, ge=1, description="stop sampling after this many tries; default 8 x n")
 
 
+class FollowUpsConfig(Strict):
+    share: float = Field(0.0, ge=0, le=1, description="the share of single queries (given or synthesised) that a "
+                                                      "simulated user carries on into a conversation (0: none)")
+    turns: int = Field(3, ge=2, le=8, description="user turns in each such conversation, the query included")
+    model: ModelConfig | None = Field(None, description="the model that plays the user; default: synthesize's, "
+                                                        "else the teacher")
+    seed: int = 0
+    temperature: float = Field(0.9, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(40, ge=8, description="per sampled user turn")
+    repetition_penalty: float = Field(1.15, ge=1.0)
+    max_chars: int = Field(200, ge=10, description="longer user turns are tried again")
+    tries: int = Field(3, ge=1, le=10, description="samples per user turn before a plain follow-up of its kind stands in")
+
+
 class QueriesConfig(Strict):
     files: list[str] = Field([], description="JSONL, CSV, .txt (one per line), a `datasets` save_to_disk dir, "
                                              "or hf:OWNER/NAME (a hub dataset, online only)")
@@ -122,6 +137,7 @@ class QueriesConfig(Strict):
                                   "user turn only (context)")
     dedup_threshold: float = Field(0.9, gt=0, le=1, description="MiniLM cosine at or above which two queries are near-duplicates")
     synthesize: SynthesizeConfig = SynthesizeConfig()
+    follow_ups: FollowUpsConfig = FollowUpsConfig()
     train: float = Field(0.8, gt=0, lt=1)
     val: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.1, ge=0, lt=1)

@@ -79,35 +79,45 @@ def read_conversation(record: dict) -> Conversation:
 
 # --------------------------------------------------------------------------- a conversation row, turn by turn
 # A queries.jsonl row is a conversation of one user turn ("query") or of several ("turns"); with
-# "logged", the answers the source gave before its last turn, kept as the history.
+# "logged", the answers the source gave before its last turn, kept as the history; with
+# "follow_ups" ({"n", "key"}), n more user turns a simulated user writes as it goes (follow_ups.py).
 
 
 def user_turns(row: dict) -> list[str]:
+    """The user turns the row gives (simulated ones are written during generate)."""
     return row.get("turns", [row["query"]])
+
+
+def turn_count(row: dict) -> int:
+    return len(user_turns(row)) + row.get("follow_ups", {}).get("n", 0)
 
 
 def answered_turns(row: dict) -> list[int]:
     """The turns (0-based) the teacher answers: every one, or only the last after logged answers."""
-    n = len(user_turns(row))
+    n = turn_count(row)
     return [n - 1] if "logged" in row else list(range(n))
 
 
-def history(row: dict, turn: int, answers: list[str]) -> list[dict]:
-    """The conversation up to and including user turn `turn`, `answers` the assistant's earlier
-    answers (the logged ones, or the teacher's own); no system message."""
-    turns, messages = user_turns(row), []
-    for i in range(turn):
-        messages += [{"role": "user", "content": turns[i]}, {"role": "assistant", "content": answers[i]}]
-    return messages + [{"role": "user", "content": turns[turn]}]
+def history(users: list[str], answers: list[str]) -> list[dict]:
+    """The conversation up to and including the last of `users`, `answers` the assistant's answers
+    before it (the logged ones, or the teacher's own); no system message."""
+    messages = []
+    for user, answer in zip(users[:-1], answers):
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": users[-1]}]
 
 
 def turn_identity(row: dict, turn: int) -> str:
     """What a turn's answer depends on besides the run's settings: the query alone for a first turn
     (so a conversation's opening is the same row as that query asked alone), else every user turn
-    so far and the logged answers (the teacher's own earlier answers follow from the earlier turns)."""
+    given so far, the logged answers and, for a simulated turn, which one and the simulator's
+    settings (the teacher's own earlier answers, and the simulated turns, follow from those)."""
     if turn == 0 and "logged" not in row:
         return row["query"]
-    return json.dumps({"turns": user_turns(row)[:turn + 1], "logged": row.get("logged", [])[:turn]}, ensure_ascii=False)
+    given = user_turns(row)
+    if turn < len(given):
+        return json.dumps({"turns": given[:turn + 1], "logged": row.get("logged", [])[:turn]}, ensure_ascii=False)
+    return json.dumps({"turns": given, "follow_up": turn, "simulator": row["follow_ups"]["key"]}, ensure_ascii=False)
 
 
 def turn_id(row: dict, turn: int) -> str:

@@ -33,7 +33,8 @@ STAGES = [
     Stage("train", train.stage_inputs, train.run,
           lambda r: [r.student / "adapter_model.safetensors", r.student / "adapter_config.json", r.metrics, r.checkpoints_log],
           aside=lambda r: [r.student, r.metrics, r.checkpoints_log]),
-    Stage("eval", evaluate.stage_inputs, evaluate.run, lambda r: [r.root / "eval.jsonl", r.root / "summary.json"]),
+    Stage("eval", evaluate.stage_inputs, evaluate.run,
+          lambda r: [r.root / "eval.jsonl", r.root / "summary.json", r.root / "eval_conversations.jsonl"]),
     Stage("report", report.stage_inputs, report.run, report.outputs, resumable=("summary",)),
 ]
 BY_NAME = {s.name: s for s in STAGES}

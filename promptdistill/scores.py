@@ -186,16 +186,30 @@ def train_text_persona_classifier(in_persona: list[str], out_of_persona: list[st
 
 
 def bootstrap_ci(
-    values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+    values: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05, groups: np.ndarray | None = None
 ) -> tuple[float, float, float]:
-    """Percentile bootstrap of the mean: evaluation sets are small and scores not normal."""
+    """Percentile bootstrap of the mean: evaluation sets are small and scores not normal.
+    With `groups` (a label per value: the turns of one conversation), whole groups are resampled."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         return (float("nan"),) * 3
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    if groups is not None:
+        (means,) = group_means(np.asarray(groups).ravel(), n_boot, seed, v)
+    else:
+        means = v[np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(v.mean()), float(lo), float(hi)
+
+
+def group_means(groups: np.ndarray, n_boot: int, seed: int, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Cluster bootstrap: each resample draws whole groups with replacement, and each array's mean
+    is over all the rows of the groups drawn. Rows of one group (one conversation's turns) are not
+    independent; resampling them one by one would make the CI too narrow."""
+    labels, index = np.unique(groups, return_inverse=True)
+    counts = np.bincount(index, minlength=labels.size)
+    drawn = np.random.default_rng(seed).integers(0, labels.size, size=(n_boot, labels.size))
+    rows = counts[drawn].sum(axis=1)
+    return [np.bincount(index, weights=a, minlength=labels.size)[drawn].sum(axis=1) / rows for a in arrays]
 
 
 def quality_retained(student: float, base: float, ceiling: float) -> float:
@@ -218,12 +232,14 @@ def paired_retained_ci(
     n_boot: int = 2000,
     seed: int = 0,
     alpha: float = 0.05,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
     """Bootstrap quality_retained over queries so the CI carries the noise of all three.
 
     Resampling the same query indices for student, base and ceiling keeps the pairing;
     the ratio is of means, not a mean of per-query ratios, which explode when a query's
-    base and ceiling happen to tie. Resamples where the gap is 0 are dropped.
+    base and ceiling happen to tie. Resamples where the gap is 0 are dropped. With `groups`,
+    whole groups are resampled (group_means).
     """
     s, b, c = (np.asarray(a, dtype=np.float64).ravel() for a in (student, base, ceiling))
     if not (s.size == b.size == c.size):
@@ -231,8 +247,11 @@ def paired_retained_ci(
     value = quality_retained(s.mean(), b.mean(), c.mean()) if s.size else float("nan")
     if s.size == 0:
         return value, value, value
-    idx = np.random.default_rng(seed).integers(0, s.size, size=(n_boot, s.size))
-    sm, bm, cm = s[idx].mean(axis=1), b[idx].mean(axis=1), c[idx].mean(axis=1)
+    if groups is not None:
+        sm, bm, cm = group_means(np.asarray(groups).ravel(), n_boot, seed, s, b, c)
+    else:
+        idx = np.random.default_rng(seed).integers(0, s.size, size=(n_boot, s.size))
+        sm, bm, cm = s[idx].mean(axis=1), b[idx].mean(axis=1), c[idx].mean(axis=1)
     gap = cm - bm
     ok = gap != 0
     if not ok.any():
@@ -242,16 +261,19 @@ def paired_retained_ci(
     return value, float(lo), float(hi)
 
 
-def summarise(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray, n_boot: int) -> dict:
+def summarise(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray, n_boot: int,
+              groups: np.ndarray | None = None) -> dict:
     """A score of student, base and ceiling per query: each mean with its CI, and quality
-    retained with a paired bootstrap CI, over the queries where all three exist."""
+    retained with a paired bootstrap CI, over the queries where all three exist. With `groups`
+    (a conversation's turns share one), the bootstrap resamples whole groups."""
     keep = ~(np.isnan(student) | np.isnan(base) | np.isnan(ceiling))
     student, base, ceiling = student[keep], base[keep], ceiling[keep]
+    groups = None if groups is None else np.asarray(groups)[keep]
     out = {}
     for name, values in (("student", student), ("base", base), ("ceiling", ceiling)):
-        mean, lo, hi = bootstrap_ci(values, n_boot=n_boot)
+        mean, lo, hi = bootstrap_ci(values, n_boot=n_boot, groups=groups)
         out[name] = {"mean": mean, "ci95": [lo, hi]}
-    value, lo, hi = paired_retained_ci(student, base, ceiling, n_boot=n_boot)
+    value, lo, hi = paired_retained_ci(student, base, ceiling, n_boot=n_boot, groups=groups)
     out["retained"] = {"mean": value, "ci95": [lo, hi]}
     out["n"] = int(keep.sum())
     return out

@@ -91,16 +91,24 @@ def _shingles(text: str) -> set[tuple[str, ...]]:
     return set(word_ngrams(text, SHINGLE))
 
 
-def reject_reason(raw: str, query: str, prompt_shingles: set, max_chars: int) -> str | None:
-    """Why a sampled query is unusable, or None. Checked in this order, first hit named."""
-    words = normalise_text(query).split()
+def unreadable(text: str, max_chars: int) -> str | None:
+    """Why a sampled user turn cannot be used at all (empty, too long, not English), or None."""
+    words = normalise_text(text).split()
     if not words:
         return "empty"
-    if len(query) > max_chars:
+    if len(text) > max_chars:
         return "too_long"
-    letters = [c for c in query if c.isalpha()]
+    letters = [c for c in text if c.isalpha()]
     if sum(c.isascii() for c in letters) < 0.95 * len(letters) or not ENGLISH & set(words):
         return "not_english"
+    return None
+
+
+def reject_reason(raw: str, query: str, prompt_shingles: set, max_chars: int) -> str | None:
+    """Why a sampled query is unusable, or None. Checked in this order, first hit named."""
+    if why := unreadable(query, max_chars):
+        return why
+    words = normalise_text(query).split()
     if not (query.endswith("?") or words[0] in IMPERATIVES):
         return "not_a_question"
     if len(words) <= 2 or (len(words) <= 5 and DEICTIC & set(words)):

@@ -207,3 +207,144 @@ def test_every_answered_turn_is_a_training_example_after_its_history(project, ge
                      "--force"]) == 0
         metrics = rows_of(run / "metrics.jsonl")
         assert metrics and all(m["train_loss"] > 0 for m in metrics if "train_loss" in m)
+
+
+def test_eval_scores_fidelity_per_turn_and_the_verdict_names_the_weakest(project, tmp_path):
+    """summary.json's per-turn fidelity equals the retained share computed here from eval.jsonl's
+    per-answer KLs; the report has the table and the plot; the CIs resample whole conversations."""
+    import numpy as np
+
+    run = tmp_path / "run"
+    sets = [f"run_dir={run}", "queries.train=0.4", "queries.val=0.2", "queries.test=0.4", "eval.bootstrap=200",
+            "eval.classifier_train_size=8", "eval.latency_queries=2"]
+    for verb in ("queries", "generate", "train", "eval", "report"):
+        assert main([verb, str(project), *[x for s in sets for x in ("--set", s)]]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    rows = rows_of(run / "eval.jsonl")
+    assert {r["turn"] for r in rows} == {1, 2, 3}
+    for name, field in (("fidelity", "fidelity_kl"), ("on_policy_fidelity", "on_policy_kl")):
+        per_turn = summary["quality"][name]["per_turn"]
+        assert list(per_turn) == ["1", "2", "3+"]
+        for label, t in (("1", 1), ("2", 2), ("3+", 3)):
+            at = [r for r in rows if min(r["turn"], 3) == t]
+            s, b = (np.mean([r[field][who] for r in at]) for who in ("student", "base"))
+            assert per_turn[label]["n"] == len(at)
+            assert per_turn[label]["retained"]["mean"] == pytest.approx((s - b) / (0 - b), rel=1e-9)
+    words = {t: f"{t} {summary['quality']['fidelity']['per_turn'][t]['retained']['mean']:.0%}" for t in ("1", "2", "3+")}
+    assert f"by turn: {words['1']}, {words['2']}, {words['3+']}, weakest at turn" in summary["verdict"]
+    report = (run / "report.md").read_text()
+    assert "### By turn of the conversation" in report and (run / "turns.png").stat().st_size > 10_000
+    # whole conversations resampled: the pooled CI differs from a row-by-row bootstrap of the same values
+    from promptdistill.scores import summarise
+
+    kl = {who: np.array([r["fidelity_kl"][who] for r in rows]) for who in ("student", "base")}
+    rowwise = summarise(kl["student"], kl["base"], np.zeros(len(rows)), 200)
+    pooled = summary["quality"]["fidelity"]
+    assert pooled["retained"]["mean"] == pytest.approx(rowwise["retained"]["mean"], rel=1e-9)
+    assert pooled["retained"]["ci95"] != pytest.approx(rowwise["retained"]["ci95"])
+
+
+def test_a_simulated_user_carries_single_queries_on_into_conversations(project, tmp_path):
+    """queries.follow_ups: a share of the single queries gets user turns written by a simulated user
+    from the conversation so far, each answered by the teacher; the same turns on every run."""
+    from promptdistill.follow_ups import KINDS, reject_reason
+
+    runs = []
+    for name in ("one", "two"):
+        run = tmp_path / name
+        sets = [f"run_dir={run}", "queries.follow_ups.share=0.7", "queries.follow_ups.turns=3"]
+        for verb in ("queries", "generate"):
+            assert main([verb, str(project), *[x for s in sets for x in ("--set", s)]]) == 0
+        runs.append(run)
+    queries = rows_of(runs[0] / "queries.jsonl")
+    carried = [q for q in queries if "follow_ups" in q]
+    assert carried and all("turns" not in q and q["follow_ups"]["n"] == 2 for q in carried)
+    assert len(carried) < sum("turns" not in q for q in queries)  # a share, not all
+    rows = {r["id"]: r for r in rows_of(runs[0] / "teacher.jsonl")}
+    assert len(rows) == N_TURNS + 2 * len(carried)
+    for q in carried:
+        first, second, third = rows[q["id"]], rows[q["id"] + "#2"], rows[q["id"] + "#3"]
+        assert "user" not in first and {second["user"], third["user"]} <= {"simulated", "fallback"}
+        # the third turn reads the first two exchanges as they were: the user turn written, the teacher's answer
+        assert third["messages"][:5] == [*first["messages"], {"role": "assistant", "content": first["completion"]},
+                                         second["messages"][-1], {"role": "assistant", "content": second["completion"]}]
+        for row in (second, third):
+            user = row["messages"][-1]["content"]
+            if row["user"] == "fallback":
+                assert user in {plain for _, plain in KINDS.values()}
+            else:
+                assert reject_reason(user, [m["content"] for m in row["messages"][1:-1:2]], SYSTEM, 200) is None
+    # seeded by what each turn is: a second run writes and answers the same
+    assert rows == {r["id"]: r for r in rows_of(runs[1] / "teacher.jsonl")}
+
+
+@pytest.mark.parametrize("raw,expected,why", [
+    ("User: Why do you say that?\nChatbot: Because.", "Why do you say that?", None),
+    ('"Tell me about your ship."', "Tell me about your ship.", None),
+    ("   \n", "", "empty"),
+    ("Where is the gold?", "Where is the gold?", "repeats"),
+    ("Chatbot: I am a pirate.", "Chatbot: I am a pirate.", "copies_prompt"),
+    ("Vous êtes très gentil, capitaine. Où allez-vous?", "Vous êtes très gentil, capitaine. Où allez-vous?", "not_english"),
+])
+def test_a_simulated_user_turn_is_parsed_and_vetted(raw, expected, why):
+    from promptdistill.follow_ups import parse_turn, reject_reason
+
+    turn = parse_turn(raw)
+    assert turn == expected
+    assert reject_reason(turn, ["Where is the gold?"], SYSTEM, 200) == why
+
+
+def test_own_history_fidelity_scores_conversations_the_models_carry_themselves(project, tmp_path):
+    """Student and base each play the test conversations out after their own answers; one turn's
+    reverse KL is recomputed here by plain forward passes of the student and the teacher."""
+    import numpy as np
+
+    from promptdistill.answerers import Models
+    from promptdistill.config import load_config
+    from promptdistill.divergence import reverse_kl
+    from promptdistill.render import sampled_datum
+    from promptdistill.rundir import RunDir
+
+    run = tmp_path / "run"
+    sets = [f"run_dir={run}", "queries.train=0.4", "queries.val=0.2", "queries.test=0.4", "eval.bootstrap=200",
+            "eval.classifier_train_size=8", "eval.latency_queries=2", "queries.follow_ups.share=0.7"]
+    for verb in ("queries", "generate", "train", "eval"):
+        assert main([verb, str(project), *[x for s in sets for x in ("--set", s)]]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    own = summary["quality"]["own_history_fidelity"]
+    assert list(own["per_turn"]) == ["1", "2", "3+"]
+    rows = rows_of(run / "eval_conversations.jsonl")
+    for who in ("student", "base"):
+        mine = {(r["conversation"], r["turn"]): r for r in rows if r["who"] == who}
+        for (cid, turn), r in mine.items():
+            if turn > 1:  # its history is its own earlier turns, answers and all
+                before = mine[(cid, turn - 1)]
+                assert r["history"] == [*before["history"], {"role": "user", "content": before["user"]},
+                                        {"role": "assistant", "content": before["answer"]}]
+    assert own["n"] == len(rows) // 2
+    student = np.array([r["reverse_kl"] for r in rows if r["who"] == "student"])
+    base = np.array([r["reverse_kl"] for r in rows if r["who"] == "base"])
+    assert own["retained"]["mean"] == pytest.approx((student.mean() - base.mean()) / (0 - base.mean()), rel=1e-9)
+
+    cfg = load_config(project, [f"run_dir={run}"])
+    models = Models(cfg, RunDir(run))
+    r = next(r for r in rows if r["who"] == "student" and r["turn"] == 3)
+    conversation = [*r["history"], {"role": "user", "content": r["user"]}]
+    tokens = r["answer_tokens"]
+    mine, prompted = (sampled_datum(models.tokenizer, c, tokens) for c in
+                      (conversation, [{"role": "system", "content": SYSTEM}, *conversation]))
+    with torch.no_grad():
+        def logits(model, d):
+            out = model(torch.tensor([d.input_tokens])).logits[0]
+            return out[[i for i, w in enumerate(d.weights) if w > 0]]
+        student_logits = logits(models.student, mine)
+        with models.student.disable_adapter():
+            teacher_logits = logits(models.student, prompted)
+    assert float(reverse_kl(student_logits, teacher_logits).mean()) == pytest.approx(r["reverse_kl"], rel=1e-4, abs=1e-6)
+    # distill compare sets the per-turn scores side by side
+    assert main(["compare", str(run), str(tmp_path / "run"), "--out", str(tmp_path / "compare.md")]) == 0
+    compared = (tmp_path / "compare.md").read_text()
+    from promptdistill.formatting import pct_ci
+
+    assert "By turn of the conversation" in compared
+    assert f"own_history_fidelity turn 2 retained | {pct_ci(own['per_turn']['2']['retained'])}" in compared

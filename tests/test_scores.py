@@ -296,3 +296,23 @@ def test_near_duplicate_pairs_within_and_across_sets():
     across = near_duplicate_pairs(a, np.array([[0.8, 0.6]], dtype=np.float32), threshold=0.95)
     assert [(i, j) for i, j, _ in across] == [(2, 0)] and abs(across[0][2] - 0.96) < 1e-6
     assert near_duplicate_pairs(np.zeros((0, 2), np.float32)) == []
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    """With groups (a conversation's turns), each resample draws whole groups: checked against a
+    plain loop over the same draws; one row per group is the row bootstrap again."""
+    from promptdistill.scores import bootstrap_ci, paired_retained_ci
+
+    values = np.array([0.1, 0.3, 2.0, 0.5, 0.4, 0.9, 1.5])
+    groups = np.array(["c", "c", "a", "b", "b", "b", "d"])
+    mean, lo, hi = bootstrap_ci(values, n_boot=500, seed=3, groups=groups)
+    labels = np.unique(groups)
+    drawn = np.random.default_rng(3).integers(0, labels.size, size=(500, labels.size))
+    by_hand = [np.concatenate([values[groups == labels[g]] for g in row]).mean() for row in drawn]
+    assert mean == pytest.approx(values.mean())
+    assert [lo, hi] == pytest.approx(np.quantile(by_hand, [0.025, 0.975]).tolist(), rel=1e-12)
+    alone = np.arange(values.size)
+    assert bootstrap_ci(values, 500, 3, groups=alone) == pytest.approx(bootstrap_ci(values, 500, 3), rel=1e-12)
+    base = values + 1.0
+    assert (paired_retained_ci(values, base, np.zeros_like(values), 500, 3, groups=alone)
+            == pytest.approx(paired_retained_ci(values, base, np.zeros_like(values), 500, 3), rel=1e-12))

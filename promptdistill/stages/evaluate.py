@@ -24,6 +24,7 @@ skipped. summary.json's `sources` says where each teacher figure came from.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -38,6 +39,7 @@ from ..config import RunConfig
 from ..render import prompt_ids
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
                       json_safe, read_jsonl, sha256_file)
+from .evaluate_chats import own_history_kl
 from .evaluate_fidelity import divergent_tokens, fidelity_skipped, on_policy_kl, teacher_forced, teacher_topk, topk_k
 from .generate import row_seeds
 from .train import load_split
@@ -91,6 +93,20 @@ def local_timings(models: Models, who: str, rows: list[dict], params: SamplingPa
             total.append(time.perf_counter() - start)
             ttft.append(first[0] - start)
     return ttft, total
+
+
+TURNS = {1: "1", 2: "2", 3: "3+"}  # the turn indices scored apart; the third holds every later turn too
+
+
+def per_turn(turns: np.ndarray, kl: dict[str, np.ndarray], ceiling: np.ndarray, n_boot: int) -> dict:
+    """{"per_turn": {"1": summary, "2": ..., "3+": ...}} of a fidelity score when its answers
+    include later turns of conversations, else {}: how much of the prompt's behaviour the student
+    keeps as a conversation goes on. Within one turn index each conversation gives one row."""
+    turn = np.minimum(turns, 3)
+    if turn.max() == 1:
+        return {}
+    return {"per_turn": {label: scores.summarise(kl["student"][turn == t], kl["base"][turn == t], ceiling[turn == t], n_boot)
+                         for t, label in TURNS.items() if (turn == t).any()}}
 
 
 def _num(x: float) -> float | None:
@@ -202,13 +218,21 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                 kl = None
             with Timer() as on_policy_time:
                 on_policy = on_policy_kl(models, test, answers) if models.full_vocab else None
+            with Timer() as own_time:
+                own = own_history_kl(cfg, models, run) if models.full_vocab else None
         print(f"eval: teacher-forced scores and fidelity in {fmt_seconds(fidelity_time.seconds)}"
-              + (f" (on-policy fidelity {fmt_seconds(on_policy_time.seconds)})" if on_policy is not None else ""), flush=True)
+              + (f" (on-policy fidelity {fmt_seconds(on_policy_time.seconds)})" if on_policy is not None else "")
+              + (f" (conversations carried by the models themselves {fmt_seconds(own_time.seconds)})" if own else ""),
+              flush=True)
 
         quality = {}
         zero = np.zeros(len(test))  # the prompted teacher's KL to itself: the ceiling of both fidelity scores
+        # A conversation's turns are not independent: the bootstrap resamples whole conversations.
+        turns = np.array([r["turn"] for r in test])
+        groups = np.array([r["conversation"] for r in test]) if turns.max() > 1 else None
+        summarise = functools.partial(scores.summarise, n_boot=cfg.eval.bootstrap, groups=groups)
         if kl is not None:
-            quality["fidelity"] = scores.summarise(kl["student"], kl["base"], zero, cfg.eval.bootstrap)
+            quality["fidelity"] = summarise(kl["student"], kl["base"], zero) | per_turn(turns, kl, zero, cfg.eval.bootstrap)
             quality["fidelity"]["source"] = ("full vocabulary" if models.full_vocab else
                                              f"{'endpoint' if not models.teacher.local else 'teacher'}'s top-{topk_k(topk)} "
                                              f"log-probabilities, renormalised")
@@ -216,7 +240,14 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         else:
             notes.append(fidelity_skipped(models, test, topk))
         if on_policy is not None:
-            quality["on_policy_fidelity"] = scores.summarise(on_policy["student"], on_policy["base"], zero, cfg.eval.bootstrap)
+            quality["on_policy_fidelity"] = (summarise(on_policy["student"], on_policy["base"], zero)
+                                             | per_turn(turns, on_policy, zero, cfg.eval.bootstrap))
+        if own is not None:
+            kl_own, conversation, turn = own
+            ceiling = np.zeros(len(turn))
+            quality["own_history_fidelity"] = (
+                scores.summarise(kl_own["student"], kl_own["base"], ceiling, cfg.eval.bootstrap, groups=conversation)
+                | per_turn(turn, kl_own, ceiling, cfg.eval.bootstrap))
         elif not models.teacher.local:
             notes.append("on-policy fidelity skipped: the teacher is behind its endpoint, and scoring the models' own "
                          "answers would need its log-probabilities of given tokens (prompt log-probabilities), which "
@@ -224,13 +255,11 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         else:
             notes.append("on-policy fidelity skipped: it needs the teacher to score the student's own answers "
                          "token by token over the student's vocabulary")
-        quality["likelihood"] = scores.summarise(nll["student"], nll["base"], nll["base_with_prompt"], cfg.eval.bootstrap)
-        quality["similarity"] = scores.summarise(similarity["student"], similarity["base"], similarity["teacher_again"],
-                                          cfg.eval.bootstrap)
+        quality["likelihood"] = summarise(nll["student"], nll["base"], nll["base_with_prompt"])
+        quality["similarity"] = summarise(similarity["student"], similarity["base"], similarity["teacher_again"])
         if persona is not None:
             in_persona = {who: (p >= 0.5).astype(float) for who, p in persona.items()}
-            quality["persona"] = scores.summarise(in_persona["student"], in_persona["base"], in_persona["teacher_again"],
-                                           cfg.eval.bootstrap)
+            quality["persona"] = summarise(in_persona["student"], in_persona["base"], in_persona["teacher_again"])
             quality["persona"]["classifier"] = {"heldout_accuracy": classifier.heldout_accuracy,
                                                 "heldout_n": classifier.heldout_n, "train_n": 2 * len(train_rows)}
 
@@ -259,7 +288,9 @@ def run(cfg: RunConfig, run: RunDir) -> str:
 
         rows = []
         for i, r in enumerate(test):
-            rows.append({"id": r["id"], "query": r["query"], "teacher": r["teacher"],
+            rows.append({"id": r["id"], "query": r["query"],
+                         **({"conversation": r["conversation"], "turn": r["turn"]} if groups is not None else {}),
+                         "teacher": r["teacher"],
                          **{who: texts[who][i] for who in texts},
                          "similarity": {who: float(similarity[who][i]) for who in similarity},
                          "persona_prob": {who: float(persona[who][i]) for who in persona} if persona else None,
@@ -298,12 +329,14 @@ def run(cfg: RunConfig, run: RunDir) -> str:
 # The score the verdict leads with, first available and able to tell: fidelity asks the
 # product's own question (does the student, without the prompt, predict what the prompted
 # teacher predicts?); the others are evidence about parts of that behaviour.
-PRIMARY = ("fidelity", "on_policy_fidelity", "compliance", "likelihood", "persona", "similarity")
+PRIMARY = ("fidelity", "on_policy_fidelity", "own_history_fidelity", "compliance", "likelihood", "persona", "similarity")
 MEANING = {
     "fidelity": "without the prompt, its next-token distributions on the teacher's answers are that far of the way "
                 "from the base model's to the prompted teacher's",
     "on_policy_fidelity": "on its own answers, its next-token distributions are that far of the way from the base "
                           "model's to the prompted teacher's",
+    "own_history_fidelity": "carrying a conversation itself, its own earlier answers as the history, its next-token "
+                            "distributions are that far of the way from the base model's to the prompted teacher's",
     "compliance": "it follows the prompt's checkable rules that far of the way from the base model to the teacher",
     "likelihood": "it predicts the teacher's sampled answers that far of the way from the base model to the "
                   "prompted model",
@@ -326,6 +359,15 @@ def beats_base(q: dict) -> bool:
     return s[0] > b[1] if q["ceiling"]["mean"] >= q["base"]["mean"] else s[1] < b[0]
 
 
+def by_turn_words(q: dict) -> str:
+    """'; by turn: 1 81%, 2 64%, 3+ 36%, weakest at turn 3+' for a score scored per turn, else ''."""
+    by = {t: s["retained"]["mean"] for t, s in q.get("per_turn", {}).items()
+          if s["retained"]["mean"] is not None and np.isfinite(s["retained"]["mean"])}
+    if len(by) < 2:
+        return ""
+    return f"; by turn: {', '.join(f'{t} {v:.0%}' for t, v in by.items())}, weakest at turn {min(by, key=by.get)}"
+
+
 def verdict(summary: dict) -> str:
     """One plain sentence on whether it worked, led by the primary score, counting only the
     scores that can tell on this run; the others are named as such."""
@@ -342,6 +384,7 @@ def verdict(summary: dict) -> str:
     primary, others = told[0], told[1:]
     r = quality[primary]["retained"]
     lead = f"{primary} retained {r['mean']:.0%} (95% CI {r['ci95'][0]:.0%} to {r['ci95'][1]:.0%}): {MEANING.get(primary, '')}"
+    lead += by_turn_words(quality[primary])
     won = [n for n in others if beats_base(quality[n])]
     lost = [n for n in others if not beats_base(quality[n])]
     if beats_base(quality[primary]):

@@ -97,12 +97,13 @@ def teacher_forced(models: Models, rows: list[dict], system_prompt: str, teacher
     return {"nll": out, "kl": kl, "kl_tokens": kl_tokens, "token_kl": token_kl, "answer_tokens": answer_tokens}
 
 
-def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Completion]]) -> dict[str, np.ndarray]:
+def on_policy_kl(models: Models, rows: list[dict], answers: dict[str, list[Completion]],
+                 whos: tuple[str, ...] = ("student", "base")) -> dict[str, np.ndarray]:
     """Reverse KL(model || teacher WITH the prompt) per token on the model's OWN test answers
     (sampled without the prompt, as it will be served), for student and base."""
     out = {}
     size = max(1, models.batch_size // 4)
-    for who in ("student", "base"):
+    for who in whos:
         values = np.full(len(rows), np.nan)
         for start in tqdm(range(0, len(rows), size), desc=f"eval: on-policy fidelity ({who})", unit="batch", leave=False):
             chunk = range(start, min(start + size, len(rows)))

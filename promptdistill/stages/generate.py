@@ -21,14 +21,15 @@ as finished with rows missing.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timezone
 
 from tqdm import tqdm
 
-from .. import best_of, teacher
+from .. import best_of, follow_ups, teacher
 from ..answerers import answer_settings, row_seed, sampling_params
-from ..conversations import answered_turns, history, turn_id, turn_identity, user_turns
+from ..conversations import answered_turns, history, turn_count, turn_id, turn_identity, user_turns
 from ..config import RunConfig
 from ..models import model_identity
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_json, fingerprint, fmt_seconds, read_jsonl,
@@ -74,18 +75,22 @@ def context_overflows(cfg: RunConfig, queries: list[dict], count_prompt_tokens, 
     """(query, what is wrong) for each query whose teacher prompt plus sampling.max_tokens
     does not fit in `limit` tokens; `count_prompt_tokens(messages)` counts a rendered prompt. A
     conversation's last turn is checked with sampling.max_tokens for each answer the teacher
-    writes before it (they are not written yet)."""
+    writes before it, and queries.follow_ups.max_tokens for each user turn a simulated user
+    writes (none is written yet)."""
     budget, out = cfg.sampling.max_tokens, []
     for q in queries:
-        last = len(user_turns(q)) - 1
+        given, last = user_turns(q), turn_count(q) - 1
         own = 0 if "logged" in q else last  # the teacher's own answers before the last turn
-        n = count_prompt_tokens(teacher.with_prompt(cfg, history(q, last, q.get("logged", [""] * last))))
-        if n is not None and n + budget * (own + 1) > limit:
-            what = "system prompt + query" if last == 0 else f"system prompt + {last + 1} user turns"
-            writes = f"sampling.max_tokens {budget}" + (f" x {own + 1} answers" if own else "")
-            out.append((q, (f"its teacher prompt ({what}) is {n} tokens, + {writes} = {n + budget * (own + 1)} > "
-                            f"the teacher's context of {limit} tokens; shorten the query or the system prompt, "
-                            f"or lower sampling.max_tokens")))
+        simulated = (last + 1 - len(given)) * cfg.queries.follow_ups.max_tokens
+        n = count_prompt_tokens(teacher.with_prompt(cfg, history(given, q.get("logged", [""] * (len(given) - 1)))))
+        need = n + budget * (own + 1) + simulated if n is not None else None
+        if need is not None and need > limit:
+            what = "system prompt + query" if len(given) == 1 else f"system prompt + {len(given)} user turns"
+            writes = f"sampling.max_tokens {budget}" + (f" x {own + 1} answers" if own else "") + (
+                f" + queries.follow_ups.max_tokens x {last + 1 - len(given)} simulated turns" if simulated else "")
+            out.append((q, (f"its teacher prompt ({what}) is {n} tokens, + {writes} = {need} > the teacher's "
+                            f"context of {limit} tokens; shorten the query or the system prompt, or lower "
+                            f"sampling.max_tokens" + (" or queries.follow_ups.turns" if simulated else ""))))
     return out
 
 
@@ -112,28 +117,33 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
 
 def turn_rows(cfg: RunConfig, queries: list[dict]) -> list[dict]:
     """Every turn the teacher answers, as the query row of that turn: its id, key, turn (0-based),
-    the user turn as "query", and the conversation's row as "asked"."""
+    the user turn as "query" (None for one a simulated user is still to write), and the
+    conversation's row as "asked"."""
     return [{"id": turn_id(q, t), "key": row_key(cfg, turn_identity(q, t)), "split": q["split"], "turn": t,
-             "query": user_turns(q)[t], "asked": q} for q in queries for t in answered_turns(q)]
+             "query": user_turns(q)[t] if t < len(user_turns(q)) else None, "asked": q}
+            for q in queries for t in answered_turns(q)]
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:
     queries = read_jsonl(run.queries)
     if not queries:
         raise StageError(f"{run.queries} is missing or empty; run `distill queries` first")
-    answers = {r["key"]: r["completion"] for r in read_jsonl(run.teacher, repair=True)}
+    done = {r["key"]: r for r in read_jsonl(run.teacher, repair=True)}
     turns = turn_rows(cfg, queries)
-    todo = [q for q in turns if q["key"] not in answers]
+    todo = [q for q in turns if q["key"] not in done]
     if not todo:
         return f"generate: all {len(turns)} teacher answers already in {run.teacher.name}" + compliance_note(cfg, run)
 
-    def earlier(q: dict) -> list[str] | None:
-        """The answers before this turn (the logged ones, or the teacher's own), None while one is missing."""
+    def earlier(q: dict) -> tuple[list[str], list[str]] | None:
+        """The user turns and answers before this turn (the logged ones, or the teacher's own, with
+        the users' turns as its rows recorded them), None while one is not answered yet."""
         asked = q["asked"]
         if "logged" in asked:
-            return asked["logged"]
+            return user_turns(asked)[:q["turn"]], asked["logged"]
         keys = [row_key(cfg, turn_identity(asked, i)) for i in range(q["turn"])]
-        return [answers[k] for k in keys] if all(k in answers for k in keys) else None
+        if not all(k in done for k in keys):
+            return None
+        return [done[k]["messages"][-1]["content"] for k in keys], [done[k]["completion"] for k in keys]
 
     with Timer() as t:
         prompted = teacher.load(cfg)
@@ -143,15 +153,25 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         picker = best_of.Picker(cfg.checks.rules, cfg.sampling.best_of, run) if cfg.sampling.best_of else None
         size = cfg.sampling.batch_size
         waiting = 0  # turns after one that failed: asked on the next run
+        simulator = follow_ups.Simulator(cfg, sampler if follow_ups.writer_model(cfg) == cfg.teacher else None)
+        users_written = Counter()  # simulated user turns, by how they came
 
         def batches():
-            """Round by round, a turn once the turn before it is answered; similar lengths share a batch."""
+            """Round by round, a turn once the turn before it is answered (and, for a simulated user's
+            turn, written); similar lengths share a batch."""
             nonlocal waiting
             for turn in sorted({q["turn"] for q in todo}):
-                level = [q for q in todo if q["turn"] == turn]
-                ready = [q | {"messages": prompted.with_prompt(history(q["asked"], turn, before))}
-                         for q in level if (before := earlier(q)) is not None]
-                waiting += len(level) - len(ready)
+                level = [(q, before) for q in todo if q["turn"] == turn and (before := earlier(q)) is not None]
+                waiting += sum(q["turn"] == turn for q in todo) - len(level)
+                to_write = [(q, before) for q, before in level if q["query"] is None]
+                written = simulator.next_turns([(q["asked"]["id"], turn_identity(q["asked"], turn), *before)
+                                                for q, before in to_write])
+                users_written.update(how for _, how in written)
+                by_id = {q["id"]: {"query": text, "user": how} for (q, _), (text, how) in zip(to_write, written)}
+                ready = []
+                for q, (users, answers) in level:
+                    q |= by_id.get(q["id"], {})
+                    ready.append(q | {"messages": prompted.with_prompt(history(users + [q["query"]], answers))})
                 ready.sort(key=lambda q: sum(len(m["content"]) for m in q["messages"]))
                 yield from (ready[i:i + size] for i in range(0, len(ready), size))
 
@@ -168,12 +188,13 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                     outs, chosen = sampler.sample(convs, params, seeds), [{}] * len(batch)
                 good = [(q, conv, out, c) for q, conv, out, c in zip(batch, convs, outs, chosen) if out.finish_reason != "error"]
                 rows = [{"id": q["id"], "key": q["key"], "split": q["split"], "model": cfg.teacher.model,
-                         **({"conversation": q["asked"]["id"], "turn": q["turn"] + 1} if "turns" in q["asked"] else {}),
+                         **({"conversation": q["asked"]["id"], "turn": q["turn"] + 1} if turn_count(q["asked"]) > 1 else {}),
+                         **({"user": q["user"]} if "user" in q else {}),
                          "messages": conv, "completion": out.text, "finish_reason": out.finish_reason,
                          "tokens": {"prompt": out.prompt_tokens, "completion": out.completion_tokens},
                          **({"logprobs": out.logprobs} if out.logprobs is not None else {}), **c}
                         for q, conv, out, c in good]
-                answers.update((r["key"], r["completion"]) for r in rows)
+                done.update((r["key"], r) for r in rows)
                 if rows:
                     append_jsonl(run.teacher, rows)
                 errors = [{"id": q["id"], "key": q["key"], "error": out.error or "unknown error",
@@ -194,6 +215,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     written = len(todo) - failed - waiting
     summary = (f"generate: {written} teacher answers ({len(turns) - len(todo)} reused), {new_tokens} tokens in "
                f"{fmt_seconds(t.seconds)} ({new_tokens / t.seconds:.0f} tok/s), {truncated} hit max_tokens"
+               + (f"; the simulated user wrote {users_written['simulated']} turns, {users_written['fallback']} more "
+                  f"were plain follow-ups standing in for unusable samples" if users_written else "")
                + compliance_note(cfg, run))
     if failed:
         # The answers that came back are saved; the stage must not be recorded as finished without the rest.

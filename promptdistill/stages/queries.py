@@ -26,7 +26,7 @@ import numpy as np
 from ..config import HUB_PREFIX, QueriesConfig, RunConfig
 from ..conversations import ConversationError, conversation_field, read_conversation
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, iter_jsonl,
-                      sha256_file)
+                      sha256_file, sha256_text)
 from ..scores import load_embedder, near_duplicate_pairs, normalise_text
 
 STATS_FILE = "queries_stats.json"
@@ -268,6 +268,10 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     changed = {k: getattr(q, k) for k in NEWER_SETTINGS if getattr(q, k) != QueriesConfig.model_fields[k].default}
     if changed:
         inputs["loader_dedup"] = fingerprint(changed)
+    if q.follow_ups.share:
+        from ..follow_ups import follow_up_key
+
+        inputs["follow_ups"] = fingerprint([q.follow_ups.share, q.follow_ups.turns, follow_up_key(cfg)])
     if q.synthesize.n:
         from ..synthesize import synthesis_key
 
@@ -296,7 +300,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             print(f"note: {len(near)} pairs of your queries are near-duplicates (cosine >= {q.dedup_threshold}); "
                   f"each pair stays in one split. Closest: {given[i]['query']!r} ~ {given[j]['query']!r} ({cos:.2f})")
         group = groups_of([r["id"] for r in rows], pairs)
-        rows = split_rows(rows, q.train, q.val, q.seed, group)
+        rows = carried_on(cfg, split_rows(rows, q.train, q.val, q.seed, group))
         straddling = leaks({r["id"]: r["split"] for r in rows}, [(rows[i]["id"], rows[j]["id"]) for i, j, _ in pairs])
         counts = Counter(r["split"] for r in rows)
         empty = [name for name, frac in (("val", q.val), ("test", q.test)) if round(len(rows) * frac) and not counts[name]]
@@ -312,13 +316,33 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                  "cluster_distance": CLUSTER_DISTANCE, "dedup_threshold": q.dedup_threshold,
                  "split": dict(counts), "split_groups": len(set(group.values())),
                  "near_duplicates_across_splits": len(straddling)}
+        chats = {"given": sum("turns" in r for r in rows), "carried_on": sum("follow_ups" in r for r in rows)}
+        if any(chats.values()):
+            stats["conversations"] = chats
         atomic_write_text(run.queries, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         atomic_write_json(run.root / STATS_FILE, stats)
     if synth_stats:
         print(diversity_table(stats))
     made = f" ({len(given)} given, {len(synthesized)} synthesized)" if synth_stats else ""
+    if any(chats.values()):
+        made += (f", {chats['given']} of them conversations" if chats["given"] else "") + (
+            f", {chats['carried_on']} to be carried on by a simulated user" if chats["carried_on"] else "")
     return (f"queries: {len(rows)} queries{made} -> train {counts['train']}, val {counts['val']}, "
             f"test {counts['test']} in {t.seconds:.1f}s")
+
+
+def carried_on(cfg: RunConfig, rows: list[dict]) -> list[dict]:
+    """queries.follow_ups: a share of the single queries, picked by a hash of their ids (so adding
+    queries changes no earlier pick), marked for a simulated user to carry on for `turns` - 1 turns."""
+    f = cfg.queries.follow_ups
+    if not f.share:
+        return rows
+    from ..follow_ups import follow_up_key
+
+    key = follow_up_key(cfg)
+    picked = ({"follow_ups": {"n": f.turns - 1, "key": key}} if "turns" not in r
+              and int(sha256_text(f"{f.seed}:{r['id']}")[:8], 16) < f.share * 2**32 else {} for r in rows)
+    return [r | extra for r, extra in zip(rows, picked)]
 
 
 def diversity_table(stats: dict) -> str:

@@ -21,7 +21,7 @@ from ..config import RunConfig
 from ..formatting import (NA, cell, count, duration_ms, finite, lookup, mean_ci, money, num, pct, pct_ci, pct_points,
                           ratio, table, tok)
 from ..rundir import RunDir, StageError, Timer, atomic_write_text, fmt_seconds, read_jsonl, sha256_file
-from .report_plots import PLOTS, write_plots
+from .report_plots import PLOTS, TURNS_PLOT, scored_by_turn, write_plots
 from .report_words import first_paragraph, headline, streamed
 
 # What each quality score measures, what its floor and ceiling are, and its direction.
@@ -30,6 +30,9 @@ SCORES = {
                  "0, the prompted teacher itself", "lower"),
     "on_policy_fidelity": ("mean reverse KL(model WITHOUT the prompt || teacher WITH it) per token of the model's own "
                            "answers, sampled as it will be served", "0, the prompted teacher itself", "lower"),
+    "own_history_fidelity": ("the same on test conversations the model carries itself, turn by turn, its own earlier "
+                             "answers as the history (the teacher scoring WITH the prompt after that history)",
+                             "0, the prompted teacher itself", "lower"),
     "similarity": ("cosine similarity of MiniLM sentence embeddings to the teacher's answer",
                    "the teacher answering again (another seed)", "higher"),
     "likelihood": ("mean negative log-likelihood per token of the teacher's answer under the student model",
@@ -196,6 +199,24 @@ def quality_section(summary: dict, plot: bool) -> list[str]:
     md += [""]
     if plot:
         md += ["![Quality retained per score, with 95% CIs](quality.png)", ""]
+    return md + turns_section(summary, plot)
+
+
+def turns_section(summary: dict, plot: bool) -> list[str]:
+    """The scores measured per turn of a conversation: what the student keeps as a chat goes on."""
+    by_turn = scored_by_turn(summary)
+    if not by_turn:
+        return []
+    rows = [[name, turn, q.get("n", NA), mean_ci(q.get("base")), mean_ci(q.get("student")), pct_ci(q.get("retained"))]
+            for name, turns in by_turn.items() for turn, q in turns.items()]
+    md = ["### By turn of the conversation", "",
+          "The same scores on the test answers at each turn of a conversation (3+: the third and later), each after "
+          "the conversation so far with the teacher's own earlier answers. The base model reads that in-character "
+          "history too, so it closes in on the teacher by itself as a chat goes on: what is retained at a later turn "
+          "is what the student adds beyond it. Over all turns, the CIs above resample whole conversations.", ""]
+    md += table(["Score", "Turn", "n", "Base", "Student", "Quality retained"], rows) + [""]
+    if plot:
+        md += [f"![Quality retained by turn, with 95% CIs]({TURNS_PLOT})", ""]
     return md
 
 
@@ -377,7 +398,7 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
 
 
 def outputs(run: RunDir) -> list[Path]:
-    return [run.root / "report.md"] + [run.root / p for p in PLOTS]
+    return [run.root / "report.md"] + [run.root / p for p in (*PLOTS, TURNS_PLOT)]  # turns.png only with conversations
 
 
 def run(cfg: RunConfig, run: RunDir) -> str:

@@ -10,6 +10,7 @@ from ..formatting import NA, finite, lookup, money, num, pct_points, tok
 from ..plots import COLORS, figure, save
 
 PLOTS = ("loss.png", "quality.png", "tokens_cost.png", "latency.png")
+TURNS_PLOT = "turns.png"  # with a test split of conversations: retained against the turn
 
 
 def _na(ax, text: str) -> None:
@@ -83,6 +84,45 @@ def plot_quality(summary: dict, path: Path) -> None:
     save(fig, path)
 
 
+def scored_by_turn(summary: dict) -> dict[str, dict]:
+    """The quality scores measured per turn (a test split of conversations): name -> per_turn."""
+    return {name: q["per_turn"] for name, q in (summary.get("quality") or {}).items() if q.get("per_turn")}
+
+
+def plot_turns(summary: dict, path: Path) -> None:
+    """Quality retained against the turn of the conversation, one line per score, 95% CIs."""
+    fig, ax = figure()
+    low, high, points = -25.0, 125.0, []
+    for k, (name, turns) in enumerate(scored_by_turn(summary).items()):
+        x = [i + (k - 0.5) * 0.08 for i in range(len(turns))]  # side by side, not on top of each other
+        means = [100 * t["retained"]["mean"] if finite(t["retained"]["mean"]) else float("nan") for t in turns.values()]
+        lo = [100 * t["retained"]["ci95"][0] if finite(t["retained"]["ci95"][0]) else m for t, m in zip(turns.values(), means)]
+        hi = [100 * t["retained"]["ci95"][1] if finite(t["retained"]["ci95"][1]) else m for t, m in zip(turns.values(), means)]
+        ax.plot(x, means, marker="o", label=name, color=("C0", "C1", "C2")[k % 3])
+        ax.vlines(x, lo, hi, color=("C0", "C1", "C2")[k % 3], lw=1)
+        ax.set_xticks(range(len(turns)), [f"turn {t}" for t in turns])
+        shown = [v for v in lo + hi + means if finite(v)]
+        low, high = min([low, *shown]) - 10, max([high, *shown]) + 10
+        points += [(xi, m, ("C0", "C1", "C2")[k % 3]) for xi, m in zip(x, means) if finite(m)]
+    clipped = low < -300 or high > 400  # a ratio whose base sits on its ceiling must not flatten the rest
+    bottom, top = max(low, -300), min(high, 400)
+    ax.set_ylim(bottom, top)
+    for xi, m, color in points:  # a mean beyond the clipped axis: a marker at its edge (the report's table has it)
+        if not bottom <= m <= top:
+            ax.plot([xi], [top if m > top else bottom], marker="^" if m > top else "v", color=color, clip_on=False)
+    ax.axhline(0, color=COLORS["base"], lw=1, ls="--")
+    ax.axhline(100, color=COLORS["teacher"], lw=1, ls="--")
+    ax.text(1.0, 0, " base 0%", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["base"])
+    ax.text(1.0, 100, " ceiling\n 100%", transform=ax.get_yaxis_transform(), va="center", fontsize=8,
+            color=COLORS["teacher"])
+    ax.set_ylabel("quality retained (%)")
+    ax.set_title("Quality retained by turn of the conversation, 95% CI"
+                 + (" (axis clipped: ▲▼ lie beyond it)" if clipped else ""), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    save(fig, path)
+
+
 def _bar_pairs(ax, groups: list[str], teacher: list, student: list, fmt) -> None:
     width = 0.38
     for offset, who, values in ((-width / 2, "teacher", teacher), (width / 2, "student", student)):
@@ -148,4 +188,7 @@ def write_plots(root: Path, summary: dict, metrics: list[dict]) -> list[str]:
     plot_quality(summary, root / "quality.png")
     plot_tokens_cost(summary, root / "tokens_cost.png")
     plot_latency(summary, root / "latency.png")
+    if scored_by_turn(summary):
+        plot_turns(summary, root / TURNS_PLOT)
+        return [*PLOTS, TURNS_PLOT]
     return list(PLOTS)

@@ -38,7 +38,7 @@ from ..objectives.step import StepContext
 from ..render import Datum, Example, RenderError, render_example, student_view, to_datum
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
                       read_jsonl, sha256_text)
-from ..conversations import answered_turns, turn_id, turn_identity, user_turns
+from ..conversations import answered_turns, turn_id, turn_identity
 from .generate import row_key
 
 SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -127,14 +127,16 @@ def load_split(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
             identity = turn_identity(q, turn)
             row = by_key.get(row_key(cfg, identity))
             if row is None:
-                splits["missing"].append({"id": turn_id(q, turn), "query": user_turns(q)[turn]})
+                splits["missing"].append({"id": turn_id(q, turn)})
                 continue
             answer = training_answer(row)
             if answer is None:
                 splits["dropped"].append(row)
                 continue
-            splits[q["split"]].append({"id": turn_id(q, turn), "query": user_turns(q)[turn], "prompt": row["messages"][1:],
-                                       "answer": answer, "key": row["key"], "turn": turn + 1, "identity": identity})
+            splits[q["split"]].append({"id": turn_id(q, turn), "query": row["messages"][-1]["content"],
+                                       "prompt": row["messages"][1:],
+                                       "answer": answer, "key": row["key"], "turn": turn + 1, "identity": identity,
+                                       "conversation": q["id"]})
     return splits
 
 
