@@ -65,7 +65,10 @@ def demo_config(source: Path) -> dict:
 
 
 def record(args) -> None:
-    from promptdistill.config import load_config
+    try:
+        from promptdistill.config_file import load_config
+    except ImportError:  # a tree from before config_file.py
+        from promptdistill.config import load_config
     from promptdistill.pipeline import run_stage
     from promptdistill.rundir import RunDir, append_jsonl
 

@@ -52,7 +52,7 @@ def dtype_name(model) -> str:
 
 
 def system_prompt() -> str:
-    from promptdistill.config import load_config
+    from promptdistill.config_file import load_config
 
     return load_config(EXAMPLE / "config.yaml").system_prompt
 

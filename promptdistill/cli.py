@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import distributed
-from .config import load_config
+from .config_file import load_config
 from .models import ModelError, describe_models, resolve_model
 from .serve_args import SERVE_DESCRIPTION, serve_arguments
 from .stages.export import FORMATS

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig, load_config
+from .config import RunConfig
+
+from .config_file import load_config
 from .plots import COLORS, figure, save
 from .render import encode
 from .rundir import RunDir, StageError, atomic_write_json, iter_jsonl, read_jsonl

@@ -236,7 +236,9 @@ def serve(run_dir: str, teacher: bool = False, host: str = "127.0.0.1", port: in
     variable, an untrained run, an API teacher with --teacher) raise the CLI's user errors."""
     import uvicorn
 
-    from .config import ConfigError, load_config
+    from .config_errors import ConfigError
+
+    from .config_file import load_config
     from .rundir import RunDir
 
     token = None

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from .config import ConfigError
+from .config_errors import ConfigError
 from .models import ModelError
 from .render import RenderError
 from .rundir import StageError

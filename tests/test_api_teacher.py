@@ -19,7 +19,7 @@ from test_serve import ENV, start_server
 from tiny import QUESTIONS, save_pirate_tiny, save_tiny, tiny_tokenizer, trained_tiny_run
 
 from promptdistill.cli import main
-from promptdistill.config import load_config
+from promptdistill.config_file import load_config
 from promptdistill.models import ModelError, resolve_model
 from promptdistill.objectives.kl import recorded_targets
 from promptdistill.objectives.step import StepContext, answer_tokens

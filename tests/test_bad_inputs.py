@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from promptdistill.cli import main
-from promptdistill.config import load_config
+from promptdistill.config_file import load_config
 from promptdistill.models import ModelError, resolve_model
 from promptdistill.render import prompt_ids
 from promptdistill.teacher import teacher_messages

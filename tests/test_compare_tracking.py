@@ -11,7 +11,7 @@ from tiny import save_tiny, trained_tiny_run
 
 from promptdistill import cli, tracking
 from promptdistill.compare import compare
-from promptdistill.config import load_config
+from promptdistill.config_file import load_config
 from promptdistill.pipeline import run_stage
 from promptdistill.rundir import StageError
 

@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from promptdistill.config import ConfigError, load_config
+from promptdistill.config_errors import ConfigError
+
+from promptdistill.config_file import load_config
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "beethoven" / "config.yaml"
 

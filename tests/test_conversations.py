@@ -85,7 +85,7 @@ def test_bad_conversations_drop_skips_them_with_a_warning(tmp_path, capsys):
     f = write(tmp_path / "chats.jsonl", [openai("Good?", "Yes.", "Sure?"), BAD[0][0], BAD[2][0]])
     rows = load_queries(f, bad_conversations="drop")
     assert [r["query"] for r in rows] == ["Good?"]
-    assert f"dropped 2 conversations" in capsys.readouterr().out
+    assert "dropped 2 conversations" in capsys.readouterr().out
 
 
 # --- generate turn by turn, and train on every turn ---------------------------------------------
@@ -151,7 +151,7 @@ def test_the_teacher_answers_every_turn_after_its_own_earlier_answers(generated)
 
 def test_a_first_turn_is_the_same_row_as_that_query_asked_alone(generated, project):
     """Its key and seed are the query's: a conversation's opening and the plain query share an answer."""
-    from promptdistill.config import load_config
+    from promptdistill.config_file import load_config
     from promptdistill.stages.generate import row_key
 
     cfg = load_config(project)
@@ -186,7 +186,7 @@ def test_every_answered_turn_is_a_training_example_after_its_history(project, ge
     """The student learns each turn WITHOUT the prompt, after the conversation so far."""
     import shutil
 
-    from promptdistill.config import load_config
+    from promptdistill.config_file import load_config
     from promptdistill.rundir import RunDir
     from promptdistill.stages.train import load_split
 
@@ -300,7 +300,7 @@ def test_own_history_fidelity_scores_conversations_the_models_carry_themselves(p
     import numpy as np
 
     from promptdistill.answerers import Models
-    from promptdistill.config import load_config
+    from promptdistill.config_file import load_config
     from promptdistill.divergence import reverse_kl
     from promptdistill.render import sampled_datum
     from promptdistill.rundir import RunDir

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from promptdistill import distributed
 from promptdistill.cli import main
-from promptdistill.config import load_config
+from promptdistill.config_file import load_config
 from promptdistill.rundir import RunDir, StageError
 from promptdistill.stages import train
 from tiny import QUESTIONS, save_chatty_tiny

@@ -6,7 +6,7 @@ import json
 import pytest
 from tiny import PIRATE, evaluated_tiny_run
 
-from promptdistill.config import load_config
+from promptdistill.config_file import load_config
 from promptdistill.pipeline import run_stage
 from promptdistill.rundir import RunDir, StageError
 from promptdistill.stages.chat import chat

@@ -439,7 +439,7 @@ def test_exported_student_runs_in_llama_cpp_with_the_greedy_answers_of_transform
     path = tmp_path / "student.gguf"
     export(run, "gguf", path)
 
-    from promptdistill.config import load_config
+    from promptdistill.config_file import load_config
 
     questions = ["Who are you?", "What do you think of Napoleon?", "How do you compose a symphony?"]
     params = SamplingParams(temperature=0, max_tokens=32)

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from promptdistill.answerers import row_seed
-from promptdistill.config import load_config
+from promptdistill.config_file import load_config
 from promptdistill.models import model_identity
 from promptdistill.rundir import RunDir
 from promptdistill.stages.generate import row_key, row_seeds

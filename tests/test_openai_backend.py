@@ -21,7 +21,8 @@ from test_serve import ENV, KEY, REPO, SYSTEM_PROMPT, TEACHER, TOKEN_ENV, served
 from tiny import QUESTIONS
 
 from promptdistill.backends.openai import OpenAISampler, backoff, retry_after, scrub
-from promptdistill.config import ConfigError, load_config
+from promptdistill.config_errors import ConfigError
+from promptdistill.config_file import load_config
 from promptdistill.models import ModelError
 from promptdistill.pipeline import run_stage
 from promptdistill.rundir import StageError

@@ -9,7 +9,8 @@ import yaml
 from tiny import PIRATE, evaluated_tiny_run
 
 from promptdistill import rules
-from promptdistill.config import ConfigError, load_config
+from promptdistill.config_errors import ConfigError
+from promptdistill.config_file import load_config
 from promptdistill.pipeline import run_stage
 
 

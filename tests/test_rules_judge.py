@@ -11,7 +11,8 @@ from test_serve import KEY, TEACHER, TOKEN_ENV, free_port, served
 from tiny import PIRATE
 
 from promptdistill import judge
-from promptdistill.config import JudgeConfig, ModelConfig, load_config
+from promptdistill.config import JudgeConfig, ModelConfig
+from promptdistill.config_file import load_config
 from promptdistill.rundir import RunDir
 
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from promptdistill.cli import main
-from promptdistill.config import ConfigError, load_config
+from promptdistill.config_errors import ConfigError
+from promptdistill.config_file import load_config
 from promptdistill.pipeline import run_stage
 from promptdistill.synthesize import (CACHE_FILE, _shingles, parse_query, parse_topics, prompt_notes, reject_reason,
                                       synthesis_key)

@@ -20,7 +20,9 @@ from promptdistill.backends import local
 from promptdistill.backends.local import LocalTrainer
 from promptdistill.cli import main
 from promptdistill.backends.tinker import TinkerSampler, api_key, lora_layers, step_result, to_tinker_datum
-from promptdistill.config import ConfigError, LoraConfig, ModelConfig, load_config
+from promptdistill.config import LoraConfig, ModelConfig
+from promptdistill.config_errors import ConfigError
+from promptdistill.config_file import load_config
 from promptdistill.loss import CROSS_ENTROPY
 from promptdistill.models import ModelError, resolve_model
 from promptdistill.objectives import on_policy

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from promptdistill.cli import main
-from promptdistill.config import load_config
+from promptdistill.config_file import load_config
 from promptdistill.render import prompt_ids
 from promptdistill.teacher import teacher_messages
 from promptdistill.stages.generate import row_key

@@ -288,7 +288,7 @@ def trained_tiny_run(root, model: Path, n_queries: int, name: str = "tiny",
 
     import yaml
 
-    from promptdistill.config import load_config
+    from promptdistill.config_file import load_config
     from promptdistill.pipeline import run_stage
     from promptdistill.rundir import RunDir, append_jsonl
     from promptdistill.teacher import teacher_messages
@@ -336,7 +336,7 @@ def killed_and_resumed(root, model: Path, system_prompt: str, train: dict) -> tu
 
     from safetensors.torch import load_file
 
-    from promptdistill.config import load_config
+    from promptdistill.config_file import load_config
     from promptdistill.pipeline import run_stage
 
     train = {"steps": 6, "batch_size": 4, "lr": 1e-2, "save_every": 2, "eval_every": 3,

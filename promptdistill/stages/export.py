@@ -21,7 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig
+
+from ..config_file import load_config
 from ..models import ADAPTER_FILES, check_adapter, read_adapter_config
 from ..rundir import RunDir, read_jsonl, sha256_text
 from .export_gguf import GGUF_DTYPES, ExportError, base_gguf_fields, write_gguf
