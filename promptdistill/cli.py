@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--compare", action="store_true", help="also answer as the teacher (with the prompt) and the base model")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of the config's sampling")
     chat.add_argument("--single-turn", action="store_true", help="answer each line as a new chat (no history; "
-                      "by default each answerer reads the conversation so far, and a line /new starts over)")
+                      "by default each answerer reads the conversation so far, and a line /reset starts over)")
 
     serve_arguments(_verb(sub, "serve", SERVE_DESCRIPTION, "distill serve runs/beethoven --port 8000",
                           "DISTILL_TOKEN=s3cret distill serve runs/beethoven --teacher --token-env DISTILL_TOKEN"))

@@ -1,8 +1,9 @@
 """Conversations as sources give them: a row of a JSONL file in the OpenAI chat format
 (`{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}`, the format of
 OpenAI fine-tuning files and most chat logs) or in ShareGPT's (`{"conversations": [{"from": "human",
-"value": ...}, {"from": "gpt", ...}, ...]}`), checked and read into the user's turns and the answers
-logged with them.
+"value": ...}, {"from": "gpt", ...}, ...]}`), or the user's turns alone (`{"turns": ["...", "..."]}`:
+chats to have the teacher answer, written or assembled for the purpose), checked and read into the
+user's turns and the answers logged with them.
 
 A conversation is user, assistant, user, ... in turn, and it may end on either. Its logged answers
 came from another model or prompt: generate regenerates them WITH the run's prompt unless told to
@@ -34,15 +35,17 @@ class Conversation:
 
 
 def conversation_field(record: dict) -> str | None:
-    """The field holding a conversation ('messages' or 'conversations'), or None for another kind of row."""
-    return next((f for f in FORMATS if f in record), None)
+    """The field holding a conversation ('messages', 'conversations' or 'turns'), or None for another kind of row."""
+    return next((f for f in (*FORMATS, "turns") if f in record), None)
 
 
 def read_conversation(record: dict) -> Conversation:
     """The record's conversation, checked; raises ConversationError naming the field at fault."""
     field = conversation_field(record)
     if field is None:
-        raise ConversationError(f"no 'messages' or 'conversations' field (fields: {sorted(record)})")
+        raise ConversationError(f"no 'messages', 'conversations' or 'turns' field (fields: {sorted(record)})")
+    if field == "turns":
+        return Conversation(user_turns_given(record["turns"]), [])
     role_key, text_key, names = FORMATS[field]
     messages = record[field]
     if not isinstance(messages, list) or not messages:
@@ -75,6 +78,18 @@ def read_conversation(record: dict) -> Conversation:
         (turns if role == "user" else logged).append(text.strip())
         expected = "assistant" if role == "user" else "user"
     return Conversation(turns, logged)
+
+
+def user_turns_given(turns) -> list[str]:
+    """A 'turns' field: the user's turns, each a non-empty string."""
+    if not isinstance(turns, list) or not turns:
+        raise ConversationError("turns: expected a non-empty list of the user's turns")
+    for i, text in enumerate(turns):
+        if not isinstance(text, str):
+            raise ConversationError(f"turns[{i}]: expected a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ConversationError(f"turns[{i}]: empty turn")
+    return [t.strip() for t in turns]
 
 
 # --------------------------------------------------------------------------- a conversation row, turn by turn

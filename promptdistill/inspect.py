@@ -20,6 +20,7 @@ from .plots import COLORS, figure, save
 from .render import encode
 from .rundir import RunDir, StageError, atomic_write_json, iter_jsonl, read_jsonl
 from .scores import normalise_text
+from .conversations import answered_turns, turn_count
 from .stages.queries import load_queries
 from .validate import Report, load_tokenizers
 
@@ -55,9 +56,18 @@ def token_lengths(texts: list[str], toks: dict) -> dict:
 
 
 def describe_queries(rows: list[dict], toks: dict) -> dict:
+    """The queries (a conversation counted once, by its first user turn) and, when some rows are
+    conversations, how many user turns they hold (simulated follow-ups included) and how many
+    turns the teacher answers."""
     texts = [r["query"] for r in rows]
-    return {"count": len(rows), "splits": splits(rows), "duplicates": duplicates(rows, "query"),
-            "chars": distribution([len(x) for x in texts]), "tokens": token_lengths(texts, toks)}
+    out = {"count": len(rows), "splits": splits(rows), "duplicates": duplicates(rows, "query"),
+           "chars": distribution([len(x) for x in texts]), "tokens": token_lengths(texts, toks)}
+    chats = [r for r in rows if turn_count(r) > 1]
+    if chats:
+        out["conversations"] = {"count": len(chats), "user_turns": distribution([turn_count(r) for r in chats]),
+                                "carried_on_by_a_simulated_user": sum("follow_ups" in r for r in chats),
+                                "answered_turns": sum(len(answered_turns(r)) for r in rows)}
+    return out
 
 
 def describe_answers(rows: list[dict], toks: dict, max_tokens: int | None) -> dict:
@@ -166,6 +176,11 @@ def summary_text(out: dict) -> str:
         lines.append(f"system prompt: {sp['chars']} chars" + (f", {sizes}" if sizes else ""))
     if "queries" in out:
         lines += _section("queries", out["queries"])
+        if chats := out["queries"].get("conversations"):
+            lines.append(f"  conversations: {chats['count']}, user turns {_dist(chats['user_turns'], '')}; "
+                         f"{chats['answered_turns']} turns for the teacher to answer"
+                         + (f"; {chats['carried_on_by_a_simulated_user']} carried on by a simulated user"
+                            if chats["carried_on_by_a_simulated_user"] else ""))
     if "answers" in out:
         a = out["answers"]
         lines += _section("teacher answers", a)

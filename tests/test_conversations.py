@@ -44,6 +44,7 @@ def test_both_chat_formats_read_into_user_turns_beside_plain_queries(tmp_path):
         openai("Who are you?", "A pirate!", "Where do you sail?", "To Tortuga.", "Why?", id="oa"),
         sharegpt("Ahoy?", "Arr.", "Any rum left?", id="sg"),
         openai("Just one question?"),  # one user turn: a plain query
+        {"id": "t", "turns": ["Ahoy?", "  Where to?  "]},
     ])
     rows = {r["id"]: r for r in load_queries(f)}
     assert rows["plain"] == {"id": "plain", "query": "Where is the gold?", "source": "chats.jsonl:1"}
@@ -51,6 +52,7 @@ def test_both_chat_formats_read_into_user_turns_beside_plain_queries(tmp_path):
                           "source": "chats.jsonl:2"}
     assert rows["sg"]["turns"] == ["Ahoy?", "Any rum left?"] and "logged" not in rows["sg"]
     assert rows["chats-4"] == {"id": "chats-4", "query": "Just one question?", "source": "chats.jsonl:4"}
+    assert rows["t"] == {"id": "t", "query": "Ahoy?", "turns": ["Ahoy?", "Where to?"], "source": "chats.jsonl:5"}
     # Kept as context, the logged answers before the last user turn come along (the last answer does not).
     kept = {r["id"]: r for r in load_queries(f, logged_answers="context")}
     assert kept["oa"]["logged"] == ["A pirate!", "To Tortuga."] and kept["sg"]["logged"] == ["Arr."]
@@ -70,6 +72,8 @@ BAD = [  # (row, the field named, what is said)
      "conversations[1].from", "unknown role 'robot'"),
     ({"conversations": [{"from": "human", "value": None}]}, "conversations[0].value", "expected a string"),
     ({"messages": []}, "messages", "non-empty list"),
+    ({"turns": ["Hi", ""]}, "turns[1]", "empty turn"),
+    ({"turns": "Hi"}, "turns", "non-empty list"),
 ]
 
 

@@ -97,7 +97,7 @@ def student_answers(text: str) -> list[str]:
 
 
 def test_chat_keeps_each_answerers_history_and_new_starts_over(finished_run):
-    """The second answer is the student's, greedy, after the first exchange; after /new, and with
+    """The second answer is the student's, greedy, after the first exchange; after /reset, and with
     history off, the same question gets the answer it gets as a first line."""
     from promptdistill.answerers import Models, sampling_params
     from promptdistill.backends.base import SamplingParams
@@ -105,7 +105,7 @@ def test_chat_keeps_each_answerers_history_and_new_starts_over(finished_run):
 
     cfg, run = finished_run
     out = io.StringIO()
-    assert chat(cfg, run, greedy=True, lines=io.StringIO("Where is the gold?\nWho are you?\n/new\nWho are you?\n"),
+    assert chat(cfg, run, greedy=True, lines=io.StringIO("Where is the gold?\nWho are you?\n/reset\nWho are you?\n"),
                 out=out) == 3
     first, second, after_new = student_answers(out.getvalue())
     out = io.StringIO()

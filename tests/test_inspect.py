@@ -84,3 +84,17 @@ def test_run_dir_writes_json_and_png_into_it(tiny, tmp_path, capsys):
 def test_missing_path_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.jsonl'}: no such file or run dir"
+
+
+def test_a_file_of_conversations_counts_their_turns(tmp_path, capsys):
+    rows = [{"id": "c1", "turns": ["Ahoy?", "Where to?", "Why?"]}, {"id": "c2", "turns": ["Gold?", "Where?"]},
+            {"id": "q1", "query": "Alone?"},
+            {"id": "c3", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr"},
+                                      {"role": "user", "content": "Bye"}]}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["inspect", str(path), "--json", str(tmp_path / "c.json")]) == 0
+    chats = json.loads((tmp_path / "c.json").read_text())["queries"]["conversations"]
+    assert chats["count"] == 3 and chats["answered_turns"] == 3 + 2 + 1 + 2
+    assert (chats["user_turns"]["min"], chats["user_turns"]["max"], chats["user_turns"]["mean"]) == (2, 3, 2.3)
+    assert "conversations: 3, user turns median 2" in capsys.readouterr().out

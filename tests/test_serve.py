@@ -224,6 +224,29 @@ def test_completions_are_the_local_models_answers_with_usage(srv, client):
     assert again.choices[0].message.content == texts[STUDENT, 1, 2]  # same seed, same answer
 
 
+def test_a_conversation_is_rendered_as_training_rendered_that_turn(srv, client):
+    """A multi-turn request reaches the student as the prompt of its training example for that turn
+    (render_example: the tokens before the first trained one): as many prompt tokens, and the answer
+    the same weights give on exactly those tokens."""
+    from transformers import AutoTokenizer
+
+    from promptdistill.render import prompt_ids, render_example
+
+    conversation = [{"role": "user", "content": "Where is the gold?"}, {"role": "assistant", "content": "Arr, buried deep."},
+                    {"role": "user", "content": "Who buried it?"}, {"role": "assistant", "content": "Old Flint did."},
+                    {"role": "user", "content": "And where is he now?"}]
+    tokenizer = AutoTokenizer.from_pretrained(srv.model)
+    example = render_example(tokenizer, conversation, "At the bottom of the sea.", "turn-3")
+    trained_on = example.tokens[:example.mask.index(1)]
+    assert trained_on == prompt_ids(tokenizer, conversation)
+    for seed in (1, 2):
+        r = client.chat.completions.create(model=STUDENT, messages=conversation, temperature=1.0, top_p=1.0,
+                                           max_tokens=12, seed=seed)
+        text, n_prompt, _, _ = local_answer(srv, conversation, adapter=True, seed=seed, max_tokens=12)
+        assert r.usage.prompt_tokens == n_prompt == len(trained_on)
+        assert r.choices[0].message.content == text
+
+
 def test_logprobs_are_the_local_models_in_openai_shape(srv, client):
     messages = [{"role": "user", "content": "Where is the gold?"}]
     r = client.chat.completions.create(model=STUDENT, messages=messages, temperature=1.0, top_p=1.0, max_tokens=10,

@@ -3,7 +3,7 @@
 Answers stream token by token. With --compare, the teacher (WITH the prompt) and the
 base model (no prompt, no adapter) answer the same question beside it. A chat keeps its
 history: each answerer reads the conversation so far with its own earlier answers, as it
-would be served (`/new` starts over; --single-turn answers each line alone). Reads one
+would be served (`/reset` starts over; --single-turn answers each line alone). Reads one
 question per line, so it works at a terminal and with piped stdin alike.
 """
 
@@ -40,7 +40,7 @@ def stream_answer(models: Models, who: str, messages: list[dict], params: Sampli
     return done.text
 
 
-NEW_CHAT = "/new"
+RESET = "/reset"
 
 
 def fitted(sampler, conversation: list[dict], max_tokens: int, out: TextIO) -> list[dict]:
@@ -59,7 +59,7 @@ def fitted(sampler, conversation: list[dict], max_tokens: int, out: TextIO) -> l
 
 def chat(cfg: RunConfig, run: RunDir, compare: bool = False, greedy: bool = False, history: bool = True,
          lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    """Answer each line of `lines`, each answerer after its own earlier answers (a line `/new`
+    """Answer each line of `lines`, each answerer after its own earlier answers (a line `/reset`
     starts a new conversation; `history` False answers every line alone); returns how many
     questions were answered."""
     models = Models(cfg, run)
@@ -69,7 +69,7 @@ def chat(cfg: RunConfig, run: RunDir, compare: bool = False, greedy: bool = Fals
     interactive = lines.isatty()
     if interactive:
         out.write(f"Chatting with the student of {run.root} (no system prompt). "
-                  f"{NEW_CHAT + ' starts a new conversation; ' if history else ''}Ctrl-D to quit.\n")
+                  f"{RESET + ' starts a new conversation; ' if history else ''}Ctrl-D to quit.\n")
     whos = ["student", "teacher", "base"] if compare else ["student"]
     # Each answerer's own conversation: the teacher's opens with the system prompt.
     fresh = {"student": [], "teacher": models.teacher.with_prompt([]), "base": []}
@@ -85,7 +85,7 @@ def chat(cfg: RunConfig, run: RunDir, compare: bool = False, greedy: bool = Fals
         query = line.strip()
         if not query:
             continue
-        if query == NEW_CHAT and history:
+        if query == RESET and history:
             conversations = {who: list(fresh[who]) for who in whos}
             out.write("(new conversation)\n")
             continue

@@ -112,7 +112,8 @@ def load_queries(path: Path | str, field: str = "query", id_field: str = "id", s
             raise StageError(f"{path}: unsupported queries format {path.suffix!r} (use .jsonl, .csv, .txt or a datasets dir)")
     rows, bad = [], []
     for line, rec in records:
-        if field not in rec and conversation_field(rec):
+        kind = conversation_field(rec)
+        if kind and (field not in rec or kind == "turns"):  # a run's own queries.jsonl holds both for a conversation
             try:
                 rows.append(conversation_row(rec, logged_answers) | {"id": row_id(rec, id_field, stem, line),
                                                                      "source": f"{name}:{line}"})
