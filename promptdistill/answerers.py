@@ -1,6 +1,5 @@
 """What every stage that answers a run's queries shares (generate, eval, chat, serve): the
-conversation the student sees, the run's sampling settings and seeds, and the finished
-run's models loaded once. The three answerers:
+run's sampling settings and seeds, and the finished run's models loaded once. The three answerers:
   teacher   the run's Teacher (teacher.py), WITH the system prompt
   student   the student model + adapter, NO prompt
   base      the student model, NO adapter, NO prompt
@@ -25,10 +24,6 @@ from .backends.local_scorer import AnswerScorer
 from .config import RunConfig
 from .models import check_adapter
 from .rundir import RunDir, StageError
-
-
-def student_messages(query: str) -> list[dict]:
-    return [{"role": "user", "content": query}]
 
 
 def sampling_params(cfg: RunConfig) -> SamplingParams:

@@ -50,9 +50,6 @@ class Teacher:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
-    def messages(self, query: str) -> list[dict]:
-        return teacher_messages(self.cfg, query)
-
     def with_prompt(self, conversation: list[dict]) -> list[dict]:
         return with_prompt(self.cfg, conversation)
 
