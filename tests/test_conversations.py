@@ -4,10 +4,8 @@ WITH the prompt, its own earlier answers as the history, and trained on every an
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,9 @@ import yaml
 from promptdistill.cli import main
 from promptdistill.rundir import StageError
 from promptdistill.stages.queries import load_queries
-from tiny import QUESTIONS, save_chatty_tiny
+from tiny import CLI, CLI_ENV, QUESTIONS, REPO, run_verbs_in_one_thread, save_chatty_tiny
 
 SYSTEM = "You are a pirate captain. Answer briefly, like a pirate."
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-REPO = Path(__file__).parents[1]
 
 
 def openai(*turns: str, **extra) -> dict:
@@ -117,15 +113,7 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def generated(project, tmp_path_factory) -> Path:
     """queries + generate, uninterrupted, in-process (one thread, like the subprocesses below)."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for verb in ("queries", "generate"):
-            assert main([verb, str(project), "--set", f"run_dir={run}"]) == 0
-    finally:
-        torch.set_num_threads(before)
-    return run
+    return run_verbs_in_one_thread(project, tmp_path_factory.mktemp("reference") / "run", ("queries", "generate"))
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -167,9 +155,9 @@ def test_generate_killed_mid_conversation_answers_each_turn_exactly_once(project
     run = tmp_path / "run"
     assert main(["queries", str(project), "--set", f"run_dir={run}"]) == 0
     teacher = run / "teacher.jsonl"
-    cmd = [sys.executable, "-m", "promptdistill.cli", "generate", str(project), "--set", f"run_dir={run}"]
+    cmd = [*CLI, "generate", str(project), "--set", f"run_dir={run}"]
     for stop_at in (6, 20):  # during the first round, then during a later one
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None and not (teacher.exists() and teacher.read_bytes().count(b"\n") >= stop_at):
             pass
         assert proc.poll() is None, "generate ended before the kill"
@@ -177,7 +165,7 @@ def test_generate_killed_mid_conversation_answers_each_turn_exactly_once(project
         proc.wait()
     written = teacher.read_bytes().count(b"\n")
     assert 20 <= written < N_TURNS
-    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, env=CLI_ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{N_TURNS - written} teacher answers ({written} reused)" in done.stdout
     rows = rows_of(teacher)

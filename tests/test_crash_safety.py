@@ -16,7 +16,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,8 @@ import yaml
 from safetensors.torch import load_file
 
 from promptdistill.cli import main
-from tiny import QUESTIONS, save_chatty_tiny
+from tiny import CLI, CLI_ENV, QUESTIONS, REPO, run_verbs_in_one_thread, save_chatty_tiny
 
-REPO = Path(__file__).parents[1]
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 STEPS = 12
 # A resumed run redoes exactly the same arithmetic (data order and LR are functions of the
 # step; adapter, optimiser and RNG state are checkpointed), so its losses are bit-identical:
@@ -69,15 +66,7 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(project, tmp_path_factory) -> Path:
     """The same run, uninterrupted, in-process (one thread, like the subprocesses)."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for verb in ("queries", "generate", "train"):
-            assert main([verb, str(project), "--set", f"run_dir={run}"]) == 0
-    finally:
-        torch.set_num_threads(before)
-    return run
+    return run_verbs_in_one_thread(project, tmp_path_factory.mktemp("reference") / "run", ("queries", "generate", "train"))
 
 
 # --- driving and observing a subprocess ---------------------------------------------
@@ -98,10 +87,10 @@ def distill(verb: str, config: Path, run: Path, stop_when: Callable[[], bool] | 
     logs.mkdir(exist_ok=True)
     n = len(list(logs.iterdir()))
     out_path, err_path = logs / f"{n:02d}-{verb}.out", logs / f"{n:02d}-{verb}.err"
-    cmd = [sys.executable, "-m", "promptdistill.cli", verb, str(config), "--set", f"run_dir={run}"]
+    cmd = [*CLI, verb, str(config), "--set", f"run_dir={run}"]
     deadline = time.monotonic() + timeout
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=CLI_ENV, stdout=out, stderr=err)
         try:
             if stop_when is not None:
                 while proc.poll() is None and not stop_when():

@@ -9,6 +9,8 @@ saved with `save_pretrained`, loadable with the Auto classes.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,6 +368,31 @@ def evaluated_tiny_run(root, **sections):
     cfg, run = trained_tiny_run(root, save_tiny(root), 24, **sections)
     run_stage(cfg, "eval")
     return cfg, run
+
+
+# --- running verbs as a test's reference -----------------------------------------------
+
+REPO = Path(__file__).parents[1]
+# A `python -m promptdistill.cli` subprocess that a test kills runs on one thread, as
+# run_verbs_in_one_thread does, so its resumed result can be compared with that one exactly.
+CLI = [sys.executable, "-m", "promptdistill.cli"]
+CLI_ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_verbs_in_one_thread(config: Path, run: Path, verbs: tuple[str, ...]) -> Path:
+    """`distill VERB CONFIG --set run_dir=RUN` for each verb, in-process on one torch thread."""
+    import torch
+
+    from promptdistill.cli import main
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for verb in verbs:
+            assert main([verb, str(config), "--set", f"run_dir={run}"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return run
 
 
 # Varied test queries. Templated ones ("Question number {i} about ships?") are near-duplicates
