@@ -27,7 +27,7 @@ from .render import prompt_ids, render_example, render_text, student_view
 from .rundir import RunDir, StageError, iter_jsonl, read_jsonl
 from .scores import load_embedder, near_duplicate_pairs, normalise_text, word_ngrams
 from .teacher import teacher_messages
-from .stages.generate import context_overflows, query_place, window_of
+from .stages.generate import context_overflows, last_turn_tokens, query_place, window_of
 from .stages.queries import load_queries
 from .stages.train import training_answer
 
@@ -241,8 +241,9 @@ def leakage_problems(rows: list[dict], threshold: float) -> list[Problem]:
 
 
 def context_problems(cfg: RunConfig, rows: list[dict], toks: dict[str, ModelTokenizer]) -> list[Problem]:
-    """The teacher prompt (system prompt + query) plus max_tokens must fit the teacher's
-    context; a student example longer than train.max_seq_len is skipped by train."""
+    """The teacher prompt (system prompt + query, or a conversation's last turn after its history)
+    plus what is written before its answer ends must fit the teacher's context; a student example
+    longer than train.max_seq_len is skipped by train."""
     problems = []
     rows = [r for r in rows if r["query"].strip()]
     teacher = toks.get("teacher")
@@ -255,12 +256,11 @@ def context_problems(cfg: RunConfig, rows: list[dict], toks: dict[str, ModelToke
     student = toks.get("student")
     if student is not None:
         limit = cfg.train.max_seq_len
-        for r in rows:
-            n = len(prompt_ids(student.tokenizer, [{"role": "user", "content": r["query"]}])) + cfg.sampling.max_tokens
-            if n > limit:
-                problems.append(Problem("warning", query_place(r),
-                                        f"student prompt + sampling.max_tokens can reach {n} tokens > train.max_seq_len "
-                                        f"{limit}: train skips such an example"))
+        for r in rows:  # a conversation's longest example is its last turn, after the whole history
+            need, prompt, adds = last_turn_tokens(cfg, r, lambda m: len(prompt_ids(student.tokenizer, m)), with_prompt=False)
+            if need > limit:
+                problems.append(Problem("warning", query_place(r), f"{prompt}, + {adds} can reach {need} tokens > "
+                                        f"train.max_seq_len {limit}: train skips such an example"))
     return problems
 
 

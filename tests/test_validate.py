@@ -109,6 +109,22 @@ def test_prompt_plus_longest_query_overflows_the_context(tiny, tmp_path, capsys)
     assert "\n1 error:\n  query 'q10'" in out and "train.max_seq_len" in out  # the student side is a warning
 
 
+def test_a_conversation_is_checked_at_its_last_turn_after_the_whole_history(tiny, tmp_path):
+    """Its longest student example is the last turn: the user's turns before it, an answer of up to
+    sampling.max_tokens after each, and the last answer; the single queries beside it fit."""
+    config = project(tmp_path, tiny, train={"steps": 2, "batch_size": 2, "max_seq_len": 90})
+    queries = tmp_path / "run" / "queries.jsonl"
+    chat = {"id": "c0", "query": TOPICS[0], "split": "train", "source": "chats.jsonl:1", "turns": TOPICS[:3]}
+    queries.write_text(queries.read_text() + json.dumps(chat) + "\n", encoding="utf-8")
+    history = [{"role": "user", "content": TOPICS[0]}, {"role": "assistant", "content": ""},
+               {"role": "user", "content": TOPICS[1]}, {"role": "assistant", "content": ""},
+               {"role": "user", "content": TOPICS[2]}]
+    n = len(prompt_ids(tiny_tokenizer("chatml"), history))
+    assert n + 16 * 3 > 90 and len(prompt_ids(tiny_tokenizer("chatml"), history[-1:])) + 16 <= 90
+    only(problems(config, "warning"), f"query 'c0' (chats.jsonl:1): its student prompt (3 user turns) is {n} tokens, "
+         f"+ sampling.max_tokens 16 x 3 answers can reach {n + 48} tokens > train.max_seq_len 90")
+
+
 def test_empty_query_names_file_and_line(tiny, tmp_path):
     config = project(tmp_path, tiny, queries=TOPICS[:2] + ["   "] + TOPICS[2:], splits=None)
     only(problems(config, "error"), f"{tmp_path / 'queries.jsonl'}:3: empty query")

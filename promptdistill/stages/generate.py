@@ -71,26 +71,38 @@ def query_place(q: dict) -> str:
     return f"query {q['id']!r} ({q['source']})"
 
 
+def last_turn_tokens(cfg: RunConfig, q: dict, count_prompt_tokens, with_prompt: bool = True) -> tuple[int, str, str] | None:
+    """How many tokens the last turn of query `q` can reach, read by the teacher (`with_prompt`) or
+    by the student: its prompt, plus sampling.max_tokens for each answer written at and before it
+    and queries.follow_ups.max_tokens for each user turn a simulated user writes (none is written
+    yet); with what the prompt holds and what is added, in words. None if the count is unknown."""
+    budget = cfg.sampling.max_tokens
+    given, last = user_turns(q), turn_count(q) - 1
+    own = 0 if "logged" in q else last  # the answers written before the last turn
+    simulated = last + 1 - len(given)
+    messages = history(given, q.get("logged", [""] * (len(given) - 1)))
+    n = count_prompt_tokens(teacher.with_prompt(cfg, messages) if with_prompt else messages)
+    if n is None:
+        return None
+    need = n + budget * (own + 1) + simulated * cfg.queries.follow_ups.max_tokens
+    held = ("system prompt + " if with_prompt else "") + ("query" if len(given) == 1 else f"{len(given)} user turns")
+    adds = f"sampling.max_tokens {budget}" + (f" x {own + 1} answers" if own else "") + (
+        f" + queries.follow_ups.max_tokens x {simulated} simulated turns" if simulated else "")
+    return need, f"its {'teacher' if with_prompt else 'student'} prompt ({held}) is {n} tokens", adds
+
+
 def context_overflows(cfg: RunConfig, queries: list[dict], count_prompt_tokens, limit: int) -> list[tuple[dict, str]]:
-    """(query, what is wrong) for each query whose teacher prompt plus sampling.max_tokens
-    does not fit in `limit` tokens; `count_prompt_tokens(messages)` counts a rendered prompt. A
-    conversation's last turn is checked with sampling.max_tokens for each answer the teacher
-    writes before it, and queries.follow_ups.max_tokens for each user turn a simulated user
-    writes (none is written yet)."""
-    budget, out = cfg.sampling.max_tokens, []
+    """(query, what is wrong) for each query whose teacher prompt plus what the teacher and a
+    simulated user write before its last answer ends (last_turn_tokens) does not fit in `limit`
+    tokens; `count_prompt_tokens(messages)` counts a rendered prompt."""
+    out = []
     for q in queries:
-        given, last = user_turns(q), turn_count(q) - 1
-        own = 0 if "logged" in q else last  # the teacher's own answers before the last turn
-        simulated = (last + 1 - len(given)) * cfg.queries.follow_ups.max_tokens
-        n = count_prompt_tokens(teacher.with_prompt(cfg, history(given, q.get("logged", [""] * (len(given) - 1)))))
-        need = n + budget * (own + 1) + simulated if n is not None else None
-        if need is not None and need > limit:
-            what = "system prompt + query" if len(given) == 1 else f"system prompt + {len(given)} user turns"
-            writes = f"sampling.max_tokens {budget}" + (f" x {own + 1} answers" if own else "") + (
-                f" + queries.follow_ups.max_tokens x {last + 1 - len(given)} simulated turns" if simulated else "")
-            out.append((q, (f"its teacher prompt ({what}) is {n} tokens, + {writes} = {need} > the teacher's "
-                            f"context of {limit} tokens; shorten the query or the system prompt, or lower "
-                            f"sampling.max_tokens" + (" or queries.follow_ups.turns" if simulated else ""))))
+        counted = last_turn_tokens(cfg, q, count_prompt_tokens)
+        if counted is not None and counted[0] > limit:
+            need, prompt, adds = counted
+            out.append((q, (f"{prompt}, + {adds} = {need} > the teacher's context of {limit} tokens; shorten the "
+                            f"query or the system prompt, or lower sampling.max_tokens"
+                            + (" or queries.follow_ups.turns" if q.get("follow_ups") else ""))))
     return out
 
 
