@@ -28,6 +28,12 @@ MEANING = {
 MUTE = "the paired 95% CI of ceiling - base includes 0"  # why a score cannot tell, in the verdict's words
 
 
+def tells(q: dict) -> bool:
+    """Whether a score of a summary.json can tell, as eval recorded it; a summary older than the
+    flag counts every score as telling, as it was shown then."""
+    return q.get("can_tell") is not False
+
+
 def by_turn_words(q: dict) -> str:
     """'; by turn: 1 81%, 2 64%, 3+ 36%, weakest at turn 3+' for a score scored per turn, else ''."""
     by = {t: s["retained"]["mean"] for t, s in q.get("per_turn", {}).items()

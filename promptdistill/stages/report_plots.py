@@ -4,10 +4,12 @@ is missing rather than failing."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from ..formatting import NA, finite, lookup, money, num, pct_points, tok
 from ..plots import COLORS, figure, save
+from ..verdict import tells
 
 PLOTS = ("loss.png", "quality.png", "tokens_cost.png", "latency.png")
 TURNS_PLOT = "turns.png"  # with a test split of conversations: retained against the turn
@@ -47,11 +49,16 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
 
 
 def plot_quality(summary: dict, path: Path) -> None:
-    fig, ax = figure()
+    """Quality retained, with its 95% CI, of the scores that can tell, on an axis that fits them;
+    the scores that cannot tell have no retained share to draw (its denominator is noise), so a
+    panel beside it lists their absolute values."""
     quality = summary.get("quality") or {}
-    names = list(quality)
-    lo_lim, hi_lim, clipped = -25.0, 125.0, False
-    for i, name in enumerate(names):
+    told = [name for name, q in quality.items() if tells(q)]
+    mute = [name for name in quality if name not in told]
+    fig, axes = figure(2, width_ratios=[3, 2]) if mute else figure()
+    ax = axes[0] if mute else axes
+    lo_lim, hi_lim = -10.0, 110.0  # base and ceiling always in view
+    for i, name in enumerate(told):
         r = quality[name].get("retained") or {}
         mean, ci = r.get("mean"), r.get("ci95") or [None, None]
         if not finite(mean):
@@ -65,23 +72,37 @@ def plot_quality(summary: dict, path: Path) -> None:
         # CI need not contain its point estimate when the base's divergence is near zero.
         ax.vlines(i, lo, hi, color="black", lw=1)
         ax.hlines([lo, hi], i - 0.06, i + 0.06, color="black", lw=1)
-        ax.annotate(f"{m:.0f}%", (i + 0.26, m), textcoords="offset points", xytext=(2, 0), fontsize=8, va="center")
-        lo_lim, hi_lim = min(lo_lim, lo - 10, m - 10), max(hi_lim, hi + 10, m + 10)
-    if lo_lim < -300 or hi_lim > 400:
-        clipped = True
-        lo_lim, hi_lim = max(lo_lim, -300), min(hi_lim, 400)
-    ax.axhline(0, color=COLORS["base"], lw=1, ls="--")
-    ax.axhline(100, color=COLORS["teacher"], lw=1, ls="--")
-    ax.text(1.0, 0, " base 0%", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["base"])
-    ax.text(1.0, 100, " ceiling\n 100%", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["teacher"])
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlim(-0.6, len(names) - 0.4)
-    ax.set_ylim(lo_lim, hi_lim)
-    ax.set_ylabel("quality retained (%)")
+        ax.annotate(f"{m:.0f}%", (i, max(m, hi)), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        lo_lim, hi_lim = min(lo_lim, lo - 10, m - 10), max(hi_lim, hi + 15, m + 15)
+    clipped = lo_lim < -300 or hi_lim > 400  # one wide CI must not flatten the rest
+    lo_lim, hi_lim = max(lo_lim, -300), min(hi_lim, 400)
+    if not told:
+        _na(ax, "no score can tell\non this run")
+    else:
+        ax.axhline(0, color=COLORS["base"], lw=1, ls="--")
+        ax.axhline(100, color=COLORS["teacher"], lw=1, ls="--")
+        ax.text(1.0, 0, " base", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["base"])
+        ax.text(1.0, 100, " ceiling", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["teacher"])
+        ax.set_xticks(range(len(told)), [textwrap.fill(n.replace("_", " "), 12) for n in told], fontsize=8)
+        ax.set_xlim(-0.6, len(told) - 0.4)
+        ax.set_ylim(lo_lim, hi_lim)
+        ax.set_ylabel("quality retained (%)")
+        ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"Quality retained, 95% CI (n={summary.get('n_test', NA)})" + (" (axis clipped)" if clipped else ""),
                  fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
+    if mute:
+        _mute_panel(axes[1], {name: quality[name] for name in mute})
     save(fig, path)
+
+
+def _mute_panel(ax, mute: dict) -> None:
+    """The scores that cannot tell, by their means: their ceiling is within noise of their base."""
+    ax.axis("off")
+    ax.set_title("Cannot tell on this run", fontsize=10)
+    lines = ["ceiling within noise of base;", "means as measured:", ""]
+    for name, q in mute.items():
+        lines += [name, *(f"  {who} {num(lookup(q, who, 'mean'), '.3f')}" for who in ("student", "base", "ceiling"))]
+    ax.text(0.0, 1.0, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=7, family="monospace")
 
 
 def scored_by_turn(summary: dict) -> dict[str, dict]:
