@@ -266,7 +266,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
 
         if cfg.checks.rules:
             quality["compliance"], compliance, failed = rules.compliance(
-                cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap)
+                cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap, groups)
 
         student_in = [len(prompt_ids(models.tokenizer, r["prompt"])) for r in test]
         tokens = {
