@@ -11,6 +11,7 @@ and another lacks is a blank cell, never a crash. No model is loaded, no torch i
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -185,7 +186,8 @@ def plot_retained(runs: list[dict], path: Path) -> None:
             mean, ci = ret.get("mean"), ret.get("ci95") or [None, None]
             x = i - 0.4 + width * (j + 0.5)
             if not finite(mean) or not tells(q):
-                ax.text(x, 50, "n/a" if tells(q) else "cannot\ntell", ha="center", va="center", color="grey", fontsize=7)
+                ax.text(x, 50, "n/a" if tells(q) else "cannot tell", ha="center", va="center", color="grey", fontsize=7,
+                        rotation=0 if tells(q) else 90)  # upright, it fits the bar it stands for
                 continue
             m = 100 * mean
             xs.append(x)
@@ -197,7 +199,7 @@ def plot_retained(runs: list[dict], path: Path) -> None:
         ax.bar(xs, ys, width * 0.9, yerr=err, capsize=3, label=label, color=f"C{j}", alpha=0.85)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.axhline(100, color="grey", lw=1, ls=":")
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), [textwrap.fill(n.replace("_", " "), 10) for n in names], fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylabel("quality retained (%): 0 = base, 100 = ceiling")
     low, high = ax.get_ylim()
