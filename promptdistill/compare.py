@@ -11,6 +11,7 @@ and another lacks is a blank cell, never a crash. No model is loaded, no torch i
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -19,8 +20,10 @@ from .formatting import finite, mean_ci, pct_ci, table
 from .plots import figure, save
 from .rundir import RunDir, StageError, atomic_write_text, read_jsonl, sha256_text
 from .tracking import flatten
+from .verdict import tells
 
-PARTS = ("retained", "student", "base", "ceiling", "n")  # the shape every summary["quality"] entry shares
+# the shape every summary["quality"] entry shares; the paired differences only from runs evaluated since they were added
+PARTS = ("retained", "student", "base", "ceiling", "student_minus_base", "ceiling_minus_base", "n")
 SECTIONS = ("tokens", "cost", "latency", "training")  # of summary.json, shown key by key
 IGNORED_CONFIG = ("name", "run_dir")  # differ between any two runs, say nothing
 MAX_CELL = 48  # characters of a long text value (a system prompt) shown in a cell
@@ -84,7 +87,8 @@ def _rows(key_values: list[dict]) -> list[list[str]]:
 
 
 def quality_rows(runs: list[dict]) -> list[list[str]]:
-    """Per score: retained, student, base, ceiling (mean [95% CI]), n, then its extra fields."""
+    """Per score: retained (or "cannot tell": a ratio over a gap within noise says nothing), student,
+    base, ceiling, the paired differences (mean [95% CI]), n, then its extra fields."""
     scores = list(dict.fromkeys(name for r in runs for name in (r["summary"].get("quality") or {})))
     rows = []
     for name in scores:
@@ -95,7 +99,7 @@ def quality_rows(runs: list[dict]) -> list[list[str]]:
                 if not isinstance(q, dict) or part not in q:
                     cells.append("")
                 elif part == "retained":
-                    cells.append(pct_ci(q[part]))
+                    cells.append(pct_ci(q[part]) if tells(q) else "cannot tell")
                 elif part == "n":
                     cells.append(show(q[part]))
                 else:
@@ -116,7 +120,8 @@ def turn_rows(runs: list[dict]) -> list[list[str]]:
     for name in dict.fromkeys(n for p in per_turn for n in p):
         for turn in dict.fromkeys(t for p in per_turn for t in p.get(name, {})):
             at = [p.get(name, {}).get(turn) for p in per_turn]
-            rows.append([f"{name} turn {turn} retained"] + [pct_ci(q["retained"]) if q else "" for q in at])
+            rows.append([f"{name} turn {turn} retained"]
+                        + [("" if not q else pct_ci(q["retained"]) if tells(q) else "cannot tell") for q in at])
             rows.append([f"{name} turn {turn} n"] + [show(q["n"]) if q else "" for q in at])
     return rows
 
@@ -176,11 +181,13 @@ def plot_retained(runs: list[dict], path: Path) -> None:
     for j, (label, r) in enumerate(zip(labels(runs), runs)):
         xs, ys, err = [], [], [[], []]
         for i, name in enumerate(names):
-            ret = ((r["summary"].get("quality") or {}).get(name) or {}).get("retained") or {}
+            q = (r["summary"].get("quality") or {}).get(name) or {}
+            ret = q.get("retained") or {}
             mean, ci = ret.get("mean"), ret.get("ci95") or [None, None]
             x = i - 0.4 + width * (j + 0.5)
-            if not finite(mean):
-                ax.text(x, 50, "n/a", ha="center", va="center", color="grey", fontsize=8)
+            if not finite(mean) or not tells(q):
+                ax.text(x, 50, "n/a" if tells(q) else "cannot tell", ha="center", va="center", color="grey", fontsize=7,
+                        rotation=0 if tells(q) else 90)  # upright, it fits the bar it stands for
                 continue
             m = 100 * mean
             xs.append(x)
@@ -192,7 +199,7 @@ def plot_retained(runs: list[dict], path: Path) -> None:
         ax.bar(xs, ys, width * 0.9, yerr=err, capsize=3, label=label, color=f"C{j}", alpha=0.85)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.axhline(100, color="grey", lw=1, ls=":")
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), [textwrap.fill(n.replace("_", " "), 10) for n in names], fontsize=8)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylabel("quality retained (%): 0 = base, 100 = ceiling")
     low, high = ax.get_ylim()

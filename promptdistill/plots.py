@@ -12,11 +12,11 @@ DPI = 100
 COLORS = {"teacher": "#1f77b4", "student": "#ff7f0e", "base": "#7f7f7f"}
 
 
-def figure(ncols: int = 1):
+def figure(ncols: int = 1, width_ratios: list[float] | None = None):
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, ncols)
+    axes = fig.subplots(1, ncols, width_ratios=width_ratios)
     return fig, axes
 
 

@@ -165,15 +165,16 @@ TEACHABLE, REACH = 0.5, 0.7
 
 
 def compliance(rule_list: list[Rule], queries: list[str], answers: dict[str, list[str]],
-               n_boot: int) -> tuple[dict, dict, list[dict]]:
+               n_boot: int, groups: np.ndarray | None = None) -> tuple[dict, dict, list[dict]]:
     """Eval's compliance: `answers` holds the test answers of teacher, teacher_again,
     student and base. Returns (the overall score in scores.summarise's shape: per query
     the share of applicable rules followed, floor base, ceiling the teacher's answers in
     teacher.jsonl, i.e. the data the student learnt from, selected when best_of is on;
-    per-rule figures; per query, the rules each answer breaks)."""
+    per-rule figures; per query, the rules each answer breaks). With `groups` (the test
+    answers' conversations) the overall score resamples whole conversations, as every score does."""
 
     m = {who: pass_matrix(rule_list, queries, texts) for who, texts in answers.items()}
-    overall = summarise(*(per_query_compliance(m[who]) for who in ("student", "base", "teacher")), n_boot)
+    overall = summarise(*(per_query_compliance(m[who]) for who in ("student", "base", "teacher")), n_boot, groups)
     overall["ceiling_is"] = "teacher"
     per_rule = {}
     for j, r in enumerate(rule_list):

@@ -193,12 +193,19 @@ def bootstrap_ci(
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         return (float("nan"),) * 3
-    if groups is not None:
-        (means,) = group_means(np.asarray(groups).ravel(), n_boot, seed, v)
-    else:
-        means = v[np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    (means,) = resampled_means(n_boot, seed, groups, v)
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(v.mean()), float(lo), float(hi)
+
+
+def resampled_means(n_boot: int, seed: int, groups: np.ndarray | None, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Each array's mean over the same `n_boot` resamples (query indices, or with `groups` whole
+    groups): one seed draws the same resamples for every array and every call, so the CIs of
+    student, base, ceiling and their paired differences all come from one set of resamples."""
+    if groups is not None:
+        return group_means(np.asarray(groups).ravel(), n_boot, seed, *arrays)
+    idx = np.random.default_rng(seed).integers(0, arrays[0].size, size=(n_boot, arrays[0].size))
+    return [a[idx].mean(axis=1) for a in arrays]
 
 
 def group_means(groups: np.ndarray, n_boot: int, seed: int, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -247,11 +254,7 @@ def paired_retained_ci(
     value = quality_retained(s.mean(), b.mean(), c.mean()) if s.size else float("nan")
     if s.size == 0:
         return value, value, value
-    if groups is not None:
-        sm, bm, cm = group_means(np.asarray(groups).ravel(), n_boot, seed, s, b, c)
-    else:
-        idx = np.random.default_rng(seed).integers(0, s.size, size=(n_boot, s.size))
-        sm, bm, cm = s[idx].mean(axis=1), b[idx].mean(axis=1), c[idx].mean(axis=1)
+    sm, bm, cm = resampled_means(n_boot, seed, groups, s, b, c)
     gap = cm - bm
     ok = gap != 0
     if not ok.any():
@@ -263,20 +266,34 @@ def paired_retained_ci(
 
 def summarise(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray, n_boot: int,
               groups: np.ndarray | None = None) -> dict:
-    """A score of student, base and ceiling per query: each mean with its CI, and quality
-    retained with a paired bootstrap CI, over the queries where all three exist. With `groups`
-    (a conversation's turns share one), the bootstrap resamples whole groups."""
+    """A score of student, base and ceiling per query: each mean with its CI, quality retained,
+    and the paired differences student - base and ceiling - base with the verdicts they give
+    (paired_verdicts), over the queries where all three exist. Every CI comes from the same
+    resamples of queries; with `groups` (a conversation's turns share one) of whole groups."""
     keep = ~(np.isnan(student) | np.isnan(base) | np.isnan(ceiling))
     student, base, ceiling = student[keep], base[keep], ceiling[keep]
     groups = None if groups is None else np.asarray(groups)[keep]
     out = {}
-    for name, values in (("student", student), ("base", base), ("ceiling", ceiling)):
+    for name, values in (("student", student), ("base", base), ("ceiling", ceiling),
+                         ("student_minus_base", student - base), ("ceiling_minus_base", ceiling - base)):
         mean, lo, hi = bootstrap_ci(values, n_boot=n_boot, groups=groups)
         out[name] = {"mean": mean, "ci95": [lo, hi]}
     value, lo, hi = paired_retained_ci(student, base, ceiling, n_boot=n_boot, groups=groups)
     out["retained"] = {"mean": value, "ci95": [lo, hi]}
     out["n"] = int(keep.sum())
-    return out
+    return out | paired_verdicts(out["student_minus_base"]["ci95"], out["ceiling_minus_base"]["ci95"],
+                                 out["ceiling_minus_base"]["mean"])
+
+
+def paired_verdicts(student_minus_base: list[float], ceiling_minus_base: list[float], headroom: float) -> dict:
+    """The one rule for every score (docs/summary.md, "Paired rule"), from the 95% CIs of the
+    per-query paired differences: a score can tell when the CI of ceiling - base excludes 0
+    (even a perfect student could not be told from the base otherwise), and the student has won
+    when the CI of student - base excludes 0 on the ceiling's side (the sign of the mean
+    ceiling - base). Paired, because every answerer is scored on the same queries: the
+    between-query spread that widens each answerer's own CI cancels in the difference."""
+    (slo, shi), (clo, chi) = student_minus_base, ceiling_minus_base
+    return {"can_tell": bool(clo > 0 or chi < 0), "won": bool(slo > 0 if headroom >= 0 else shi < 0)}
 
 
 def mean_nll_per_token(nll_sums: np.ndarray, token_counts: np.ndarray) -> float:

@@ -71,11 +71,15 @@ def test_compare_shows_the_summaries_numbers_and_the_config_difference(two_runs,
                 assert mean == pytest.approx(q[who]["mean"], rel=1e-3, abs=1e-9)
                 assert [lo, hi] == pytest.approx(q[who]["ci95"], rel=1e-3, abs=1e-9)
             retained = rows[f"{name} retained"][i]
-            if q["retained"]["mean"] is None:
+            if not q["can_tell"]:  # no ratio over a gap within noise
+                assert retained == "cannot tell"
+            elif q["retained"]["mean"] is None:
                 assert retained.startswith("n/a")
             else:  # a whole percent
                 assert float(retained.split("%")[0]) == pytest.approx(100 * q["retained"]["mean"], abs=0.5)
             assert rows[f"{name} n"][i] == str(q["n"])
+            assert _mean_ci(rows[f"{name} student_minus_base"][i])[1:] == pytest.approx(q["student_minus_base"]["ci95"],
+                                                                                      rel=1e-3, abs=1e-9)
     for i, s in enumerate(summaries):
         assert float(rows["tokens.student_output"][i]) == pytest.approx(s["tokens"]["student_output"], rel=1e-3)
         assert float(rows["latency.student.ttft_ms_median"][i]) == pytest.approx(
@@ -118,7 +122,8 @@ def test_a_score_one_run_lacks_is_blank_and_extra_fields_show(two_runs, tmp_path
                                                       f"system_prompt: {long_prompt}"))
     rows = _tables((compare([a.root, other], tmp_path / "c.md"), (tmp_path / "c.md").read_text())[1])
     assert rows["persona retained"][1] == "" and rows["persona retained"][0]
-    assert rows["made_up_score retained"] == ["", "-13% [-20%, -7%]"]
+    assert rows["made_up_score retained"] == ["", "-13% [-20%, -7%]"]  # a summary older than can_tell: shown as then
+    assert "made_up_score student_minus_base" not in rows
     assert rows["made_up_score student"] == ["", "0.28 [0.2, 0.3]"]
     assert rows["made_up_score top_k"] == ["", "20"]
     assert rows["persona classifier.heldout_accuracy"][1] == ""

@@ -1,5 +1,5 @@
-"""Fidelity: the KL math on known distributions, top-k renormalisation, the power rule of
-the verdict, and eval's fidelity scores against an independent plain-transformers computation."""
+"""Fidelity: the KL math on known distributions, top-k renormalisation, and eval's fidelity
+scores against an independent plain-transformers computation."""
 
 import json
 import math
@@ -11,7 +11,6 @@ from tiny import save_tiny, trained_tiny_run
 
 from promptdistill import divergence
 from promptdistill.pipeline import run_stage
-from promptdistill.stages.evaluate import can_tell, verdict
 
 SYSTEM = "You are a pirate captain of the seven seas. Answer briefly, with salt and swagger, always."
 
@@ -36,35 +35,6 @@ def test_topk_kl_renormalises_the_teachers_top_tokens():
     by_hand = (2 / 3) * math.log((2 / 3) / 0.3) + (1 / 3) * math.log((1 / 3) / 0.1)
     assert float(divergence.topk_forward_kl(top_ids, top_logprobs, model)) == pytest.approx(by_hand, abs=1e-6)
     assert torch.allclose(divergence.renormalised(top_logprobs).exp().sum(-1), torch.ones(1))
-
-
-def score(base, base_ci, student, student_ci, ceiling, ceiling_ci, retained=0.5):
-    return {"base": {"mean": base, "ci95": base_ci}, "student": {"mean": student, "ci95": student_ci},
-            "ceiling": {"mean": ceiling, "ci95": ceiling_ci}, "retained": {"mean": retained, "ci95": [0.1, 0.9]}}
-
-
-def test_a_score_whose_ceiling_overlaps_its_floor_cannot_tell_and_stays_out_of_the_verdict():
-    quality = {
-        # fidelity (lower is closer): base KL 0.25 [0.22, 0.28], ceiling 0 exactly; the student is worse than base
-        "fidelity": score(0.25, [0.22, 0.28], 0.28, [0.26, 0.31], 0.0, [0.0, 0.0], retained=-0.13),
-        # likelihood: ceiling separated from base, student clearly better than base
-        "likelihood": score(2.27, [2.1, 2.4], 1.95, [1.85, 2.05], 1.9, [1.8, 2.0], retained=0.86),
-        # similarity: ceiling 0.30 [0.25, 0.36] overlaps base 0.29 [0.24, 0.33]: no power
-        "similarity": score(0.29, [0.24, 0.33], 0.33, [0.28, 0.38], 0.30, [0.25, 0.36], retained=3.0),
-    }
-    assert can_tell(quality["fidelity"]) and can_tell(quality["likelihood"]) and not can_tell(quality["similarity"])
-    text = verdict({"quality": quality, "tokens": {"input_reduction_pct": 90.0}})
-    assert text.startswith("The distillation did not work")
-    assert "fidelity retained -13%" in text and "cannot tell on this run: similarity" in text
-    assert "likelihood only" in text and "partly" not in text
-    assert quality["similarity"]["can_tell"] is False and quality["fidelity"]["can_tell"] is True
-
-    quality["fidelity"] = score(0.25, [0.22, 0.28], 0.05, [0.04, 0.07], 0.0, [0.0, 0.0], retained=0.8)
-    text = verdict({"quality": quality, "tokens": {"input_reduction_pct": 90.0}})
-    assert text.startswith("The distillation worked; fidelity retained 80%")
-
-    nothing = {"similarity": quality["similarity"]}
-    assert verdict({"quality": nothing, "tokens": {"input_reduction_pct": 90.0}}).startswith("No score can tell")
 
 
 def independent_kl(model_dir, teacher_dir, adapter_dir, system, rows) -> dict[str, float]:

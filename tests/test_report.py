@@ -21,11 +21,14 @@ VERDICT = ("The distillation worked: without the prompt, the student is clearly 
            "93% fewer input tokens per query.")
 
 
-def score(base, student, ceiling, retained, lo, hi, n=6):
+def score(base, student, ceiling, retained, lo, hi, n=6, can_tell=True):
+    """One quality score as eval writes it; the paired differences' CIs 0.02 either side."""
     return {"base": {"mean": base, "ci95": [base - 0.05, base + 0.05]},
             "student": {"mean": student, "ci95": [student - 0.05, student + 0.05]},
             "ceiling": {"mean": ceiling, "ci95": [ceiling - 0.05, ceiling + 0.05]},
-            "retained": {"mean": retained, "ci95": [lo, hi]}, "n": n}
+            "student_minus_base": {"mean": student - base, "ci95": [student - base - 0.02, student - base + 0.02]},
+            "ceiling_minus_base": {"mean": ceiling - base, "ci95": [ceiling - base - 0.02, ceiling - base + 0.02]},
+            "retained": {"mean": retained, "ci95": [lo, hi]}, "n": n, "can_tell": can_tell, "won": True}
 
 
 # Prices: teacher 2.00 in / 8.00 out, student 0.50 in / 1.00 out per 1M tokens. Per 1M
@@ -133,10 +136,12 @@ def test_report_of_a_finished_run(tmp_path):
         assert text in para, text
 
     quality = section(md, "Quality")
-    assert "| similarity | higher = closer | 0.400 [0.350, 0.450] | 0.600 [0.550, 0.650] | 0.720 [0.670, 0.770] | 62% [41%, 83%] | 6 |" in quality
+    assert ("| similarity | higher = closer | 0.400 [0.350, 0.450] | 0.600 [0.550, 0.650] | 0.720 [0.670, 0.770] "
+            "| 0.200 [0.180, 0.220] | 0.320 [0.300, 0.340] | 62% [41%, 83%] | 6 | won |") in quality
     assert "| likelihood | lower = closer |" in quality
     assert "classifier held-out accuracy 90% on 24 answers (trained on 96)" in quality
     assert "(student - base) / (ceiling - base)" in quality
+    assert "**can tell** when the CI of ceiling - base excludes 0" in quality
 
     tokens = section(md, "Tokens")
     assert "| Input tokens | 600 | 40 | -93.3% |" in tokens
@@ -241,3 +246,31 @@ def test_first_paragraph_and_headline_for_the_cli():
     assert "600 -> 40 (-93.3%)" in text
     assert "1,600 USD -> 68.00 USD" in text and "break-even after 8,160 queries" in text
     assert "850 ms -> 120 ms (0.14x)" in text
+
+
+def test_a_score_that_cannot_tell_shows_its_values_never_a_ratio(tmp_path):
+    # The demo's compliance: the ceiling within noise of the base, so its ratio is all noise.
+    summary = copy.deepcopy(SUMMARY)
+    summary["quality"]["compliance"] = score(0.699, 0.731, 0.753, 4.0, -9.0, 8.0, can_tell=False)
+    summary["quality"]["compliance"]["won"] = False
+    _, md = render(tmp_path, summary)
+    for text in (first_para(md), "\n".join(report.headline(summary)), section(md, "Headline")):
+        assert "compliance (student 0.731, base 0.699, ceiling 0.753)" in text
+        assert "400%" not in text and "-900%" not in text and "on compliance" not in text
+    assert "similarity 62% [41%, 83%]" in "\n".join(report.headline(summary))
+    quality = section(md, "Quality")
+    assert "| 0.032 [0.012, 0.052] | 0.054 [0.034, 0.074] | cannot tell | 6 | **cannot tell on this run** |" in quality
+    assert "400%" not in quality
+    assert_pngs(tmp_path / "run")
+
+
+def test_a_summary_from_before_the_paired_rule_still_reports(tmp_path):
+    # Old run dirs have no paired differences and no won: their ratios show as they did, n/a for the rest.
+    summary = copy.deepcopy(SUMMARY)
+    for q in summary["quality"].values():
+        for key in ("student_minus_base", "ceiling_minus_base", "can_tell", "won"):
+            del q[key]
+    _, md = render(tmp_path, summary)
+    assert "62% on similarity (95% CI 41% to 83%)" in first_para(md)
+    assert "| 0.720 [0.670, 0.770] | n/a [n/a, n/a] | n/a [n/a, n/a] | 62% [41%, 83%] | 6 | n/a |" in section(md, "Quality")
+    assert_pngs(tmp_path / "run")

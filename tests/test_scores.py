@@ -316,3 +316,27 @@ def test_cluster_bootstrap_resamples_whole_groups():
     base = values + 1.0
     assert (paired_retained_ci(values, base, np.zeros_like(values), 500, 3, groups=alone)
             == pytest.approx(paired_retained_ci(values, base, np.zeros_like(values), 500, 3), rel=1e-12))
+
+
+def test_paired_difference_ci_by_hand():
+    """Per-query differences student - base = [0, 0, 3]: a resample's mean difference is the number
+    k of times the third query is drawn, k ~ Binomial(3, 1/3): P(k=0) = 8/27 (30%) and P(k=3) = 1/27
+    (3.7%), so the 2.5% and 97.5% percentiles are 0 and 3, the mean 1. Resampling two conversations
+    (the first two queries one conversation, the third another) gives mean 0 with P 1/4 ({a, a}),
+    1 with P 1/2 and 3 with P 1/4 ({b, b}): the same CI. A lower bound of 0 is not above 0: not won."""
+    student, base, ceiling = np.array([1.0, 1.0, 4.0]), np.ones(3), np.full(3, 2.0)
+    for groups in (None, np.array(["a", "a", "b"])):
+        q = scores.summarise(student, base, ceiling, n_boot=4000, groups=groups)
+        assert q["student_minus_base"] == {"mean": pytest.approx(1.0), "ci95": [pytest.approx(0.0), pytest.approx(3.0)]}
+        assert q["ceiling_minus_base"] == {"mean": pytest.approx(1.0), "ci95": [pytest.approx(1.0), pytest.approx(1.0)]}
+        assert q["retained"]["ci95"] == [pytest.approx(0.0), pytest.approx(3.0)]  # the same resamples, gap 1 in each
+        assert q["can_tell"] is True and q["won"] is False
+
+
+def test_paired_verdicts_follow_the_ceilings_side():
+    """Lower-is-better scores (the ceiling below the base) are won when student - base is clearly below 0."""
+    assert scores.paired_verdicts([-0.3, -0.1], [-1.0, -0.8], -0.9) == {"can_tell": True, "won": True}
+    assert scores.paired_verdicts([0.1, 0.3], [-1.0, -0.8], -0.9) == {"can_tell": True, "won": False}
+    assert scores.paired_verdicts([0.1, 0.3], [-0.1, 0.8], 0.3) == {"can_tell": False, "won": True}
+    nan = float("nan")
+    assert scores.paired_verdicts([nan, nan], [nan, nan], nan) == {"can_tell": False, "won": False}

@@ -39,6 +39,7 @@ from ..config import RunConfig
 from ..render import prompt_ids
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
                       json_safe, read_jsonl, sha256_file)
+from ..verdict import verdict
 from .evaluate_chats import own_history_kl
 from .evaluate_fidelity import divergent_tokens, fidelity_skipped, on_policy_kl, teacher_forced, teacher_topk, topk_k
 from .generate import row_seeds
@@ -265,7 +266,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
 
         if cfg.checks.rules:
             quality["compliance"], compliance, failed = rules.compliance(
-                cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap)
+                cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap, groups)
 
         student_in = [len(prompt_ids(models.tokenizer, r["prompt"])) for r in test]
         tokens = {
@@ -321,78 +322,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         summary["verdict"] = verdict(summary)
         atomic_write_json(run.root / "summary.json", summary)
         tracking.log_eval(cfg, run, summary)
-    retained = ", ".join(f"{k} {v['retained']['mean']:.0%}" for k, v in quality.items())
+    retained = ", ".join(f"{k} {v['retained']['mean']:.0%}" if v["can_tell"] else f"{k} cannot tell"
+                         for k, v in quality.items())
     return (f"eval: {len(test)} test queries in {fmt_seconds(t.seconds)}; quality retained: {retained}; "
             f"input tokens -{tokens['input_reduction_pct']:.1f}%")
-
-
-# The score the verdict leads with, first available and able to tell: fidelity asks the
-# product's own question (does the student, without the prompt, predict what the prompted
-# teacher predicts?); the others are evidence about parts of that behaviour.
-PRIMARY = ("fidelity", "on_policy_fidelity", "own_history_fidelity", "compliance", "likelihood", "persona", "similarity")
-MEANING = {
-    "fidelity": "without the prompt, its next-token distributions on the teacher's answers are that far of the way "
-                "from the base model's to the prompted teacher's",
-    "on_policy_fidelity": "on its own answers, its next-token distributions are that far of the way from the base "
-                          "model's to the prompted teacher's",
-    "own_history_fidelity": "carrying a conversation itself, its own earlier answers as the history, its next-token "
-                            "distributions are that far of the way from the base model's to the prompted teacher's",
-    "compliance": "it follows the prompt's checkable rules that far of the way from the base model to the teacher",
-    "likelihood": "it predicts the teacher's sampled answers that far of the way from the base model to the "
-                  "prompted model",
-    "persona": "a classifier calls that share of its answers teacher-style, between the base's share and the teacher's",
-    "similarity": "its answers mean that much the same as the teacher's, between the base's and the teacher's "
-                  "answering again",
-}
-
-
-def can_tell(q: dict) -> bool:
-    """A score has power on this run when its ceiling's 95% CI does not overlap the base's:
-    otherwise even a perfect student could not be told from the base model by it."""
-    (bl, bh), (cl, ch) = q["base"]["ci95"], q["ceiling"]["ci95"]
-    return not any(np.isnan([bl, bh, cl, ch])) and (ch < bl or cl > bh)
-
-
-def beats_base(q: dict) -> bool:
-    """The student's 95% CI lies entirely on the ceiling's side of the base's."""
-    s, b = q["student"]["ci95"], q["base"]["ci95"]
-    return s[0] > b[1] if q["ceiling"]["mean"] >= q["base"]["mean"] else s[1] < b[0]
-
-
-def by_turn_words(q: dict) -> str:
-    """'; by turn: 1 81%, 2 64%, 3+ 36%, weakest at turn 3+' for a score scored per turn, else ''."""
-    by = {t: s["retained"]["mean"] for t, s in q.get("per_turn", {}).items()
-          if s["retained"]["mean"] is not None and np.isfinite(s["retained"]["mean"])}
-    if len(by) < 2:
-        return ""
-    return f"; by turn: {', '.join(f'{t} {v:.0%}' for t, v in by.items())}, weakest at turn {min(by, key=by.get)}"
-
-
-def verdict(summary: dict) -> str:
-    """One plain sentence on whether it worked, led by the primary score, counting only the
-    scores that can tell on this run; the others are named as such."""
-    quality = summary["quality"]
-    for name, q in quality.items():
-        q["can_tell"] = can_tell(q)
-    told = [n for n in PRIMARY if n in quality and quality[n]["can_tell"]]
-    told += [n for n in quality if quality[n]["can_tell"] and n not in told]
-    mute = [n for n in quality if not quality[n]["can_tell"]]
-    tail = (f"; cannot tell on this run: {', '.join(mute)} (its ceiling's CI overlaps the base's), left out" if mute else "")
-    tokens = f"; it reads {summary['tokens']['input_reduction_pct']:.0f}% fewer input tokens per query."
-    if not told:
-        return "No score can tell on this run whether the distillation worked (every ceiling overlaps its base)" + tail + tokens
-    primary, others = told[0], told[1:]
-    r = quality[primary]["retained"]
-    lead = f"{primary} retained {r['mean']:.0%} (95% CI {r['ci95'][0]:.0%} to {r['ci95'][1]:.0%}): {MEANING.get(primary, '')}"
-    lead += by_turn_words(quality[primary])
-    won = [n for n in others if beats_base(quality[n])]
-    lost = [n for n in others if not beats_base(quality[n])]
-    if beats_base(quality[primary]):
-        head = ("The distillation worked" if not lost else
-                f"The distillation partly worked: it beats the base clearly on {primary}{''.join(', ' + n for n in won)}, "
-                f"not on {', '.join(lost)}")
-    else:
-        head = "The distillation did not work: on the primary score the student is not clearly closer to the prompted teacher than the base model"
-        if won:
-            head += f" (it beats the base on {', '.join(won)} only, which does not show it took on the prompt's behaviour)"
-    return f"{head}; {lead}{tail}{tokens}"

@@ -18,28 +18,12 @@ import math
 from pathlib import Path
 
 from ..config import RunConfig
-from ..formatting import (NA, cell, count, duration_ms, finite, lookup, mean_ci, money, num, pct, pct_ci, pct_points,
+from ..formatting import (NA, cell, count, duration_ms, finite, lookup, money, num, pct, pct_ci, pct_points,
                           ratio, table, tok)
 from ..rundir import RunDir, StageError, Timer, atomic_write_text, fmt_seconds, read_jsonl, sha256_file
-from .report_plots import PLOTS, TURNS_PLOT, scored_by_turn, write_plots
+from .report_plots import PLOTS, TURNS_PLOT, write_plots
+from .report_quality import compliance_section, quality_section
 from .report_words import first_paragraph, headline, streamed
-
-# What each quality score measures, what its floor and ceiling are, and its direction.
-SCORES = {
-    "fidelity": ("mean forward KL(teacher WITH the prompt || model WITHOUT it) per token of the teacher's held-out answers",
-                 "0, the prompted teacher itself", "lower"),
-    "on_policy_fidelity": ("mean reverse KL(model WITHOUT the prompt || teacher WITH it) per token of the model's own "
-                           "answers, sampled as it will be served", "0, the prompted teacher itself", "lower"),
-    "own_history_fidelity": ("the same on test conversations the model carries itself, turn by turn, its own earlier "
-                             "answers as the history (the teacher scoring WITH the prompt after that history)",
-                             "0, the prompted teacher itself", "lower"),
-    "similarity": ("cosine similarity of MiniLM sentence embeddings to the teacher's answer",
-                   "the teacher answering again (another seed)", "higher"),
-    "likelihood": ("mean negative log-likelihood per token of the teacher's answer under the student model",
-                   "the base model WITH the system prompt", "lower"),
-    "persona": ("share of answers a classifier calls teacher-style (vs base-style)",
-                "the teacher answering again (another seed)", "higher"),
-}
 
 # summary.json's `sources`: what each names, in the report's words.
 SOURCES = {"teacher": "Teacher", "teacher_answers": "Teacher's answers (the reference)",
@@ -163,88 +147,6 @@ def sources_section(summary: dict) -> list[str]:
         return []
     return (["## Where the numbers come from", ""]
             + table(["Figure", "From"], [[SOURCES.get(k, k), v] for k, v in found.items()]) + [""])
-
-
-def quality_section(summary: dict, plot: bool) -> list[str]:
-    quality = summary.get("quality") or {}
-    md = ["## Quality", "",
-          "Quality retained = (student - base) / (ceiling - base), per score: 0% means the student is no closer to "
-          "the prompted teacher than the untouched base model (the distillation failed), 100% means it is as close "
-          "as the teacher is to itself (the ceiling). Below 0% the student got worse than the base, above 100% it "
-          "beat the ceiling. Means with bootstrap 95% CIs in brackets.", ""]
-    rows = []
-    for name, q in quality.items():
-        better = SCORES.get(name, ("", "", ""))[2]
-        check = ""
-        clf = q.get("classifier")
-        if clf:
-            check = (f"classifier held-out accuracy {pct(clf.get('heldout_accuracy'))} on {clf.get('heldout_n', NA)} answers "
-                     f"(trained on {clf.get('train_n', NA)})")
-        if q.get("source"):
-            check = f"from the {q['source']}"
-        power = {True: "yes", False: "**cannot tell on this run**"}.get(q.get("can_tell"), NA)
-        rows.append([name, better + " = closer" if better else NA, mean_ci(q.get("base")), mean_ci(q.get("student")),
-                     mean_ci(q.get("ceiling")), pct_ci(q.get("retained")), q.get("n", NA), power, check])
-    md += table(["Score", "Direction", "Base", "Student", "Ceiling", "Quality retained", "n", "Can tell", "Check"], rows)
-    md += ["", "A score can tell when its ceiling's 95% CI does not overlap the base's; one that cannot is left out "
-           "of the verdict (even a perfect student could not be told from the base by it).", ""]
-    for name in quality:
-        if name in SCORES:
-            what, ceiling, _ = SCORES[name]
-            md.append(f"- **{name}**: {what}; ceiling = {ceiling}.")
-    acc = lookup(quality, "persona", "classifier", "heldout_accuracy")
-    if finite(acc) and acc < 0.7:
-        md.append(f"- The persona classifier is only {pct(acc)} accurate on held-out answers (50% = chance): "
-                  "the two styles are hard to tell apart, so the persona score means little.")
-    md += [""]
-    if plot:
-        md += ["![Quality retained per score, with 95% CIs](quality.png)", ""]
-    return md + turns_section(summary, plot)
-
-
-def turns_section(summary: dict, plot: bool) -> list[str]:
-    """The scores measured per turn of a conversation: what the student keeps as a chat goes on."""
-    by_turn = scored_by_turn(summary)
-    if not by_turn:
-        return []
-    rows = [[name, turn, q.get("n", NA), mean_ci(q.get("base")), mean_ci(q.get("student")), pct_ci(q.get("retained"))]
-            for name, turns in by_turn.items() for turn, q in turns.items()]
-    md = ["### By turn of the conversation", "",
-          "The same scores on the test answers at each turn of a conversation (3+: the third and later), each after "
-          "the conversation so far with the teacher's own earlier answers. The base model reads that in-character "
-          "history too, so it closes in on the teacher by itself as a chat goes on: what is retained at a later turn "
-          "is what the student adds beyond it. Over all turns, the CIs above resample whole conversations.", ""]
-    md += table(["Score", "Turn", "n", "Base", "Student", "Quality retained"], rows) + [""]
-    if plot:
-        md += [f"![Quality retained by turn, with 95% CIs]({TURNS_PLOT})", ""]
-    return md
-
-
-def compliance_section(summary: dict) -> list[str]:
-    """Per rule of checks.rules: who follows it on the test queries it applies to, and
-    what best-of-N selection did to the teacher data; nothing without rules."""
-    c = summary.get("compliance")
-    if not c:
-        return []
-    md = ["## Rule compliance", "",
-          "Each rule of `checks.rules`, checked on the answer text: the share of answers following it, on the test "
-          "queries it applies to (95% CIs). Teacher = its answers in teacher.jsonl (the data the student learnt from, "
-          "chosen by best-of-N when `sampling.best_of` is on) and the ceiling; teacher again = one fresh draw. "
-          "Reach = student / teacher; a rule the teacher follows at least half the time has transferred when the "
-          "reach is at least 70%.", ""]
-    rows = [[name, r["kind"], r["applies"], pct_ci(r["teacher"]), pct_ci(r["teacher_again"]), pct_ci(r["student"]),
-             pct_ci(r["base"]), pct_ci(r["retained"]), pct(r["reach"]),
-             {True: "yes", False: "**missed**", None: "not judged"}[r["transferred"]]] for name, r in c["rules"].items()]
-    md += table(["Rule", "Kind", "Applies", "Teacher", "Teacher again", "Student", "Base", "Retained", "Reach",
-                 "Transferred"], rows) + [""]
-    data = c.get("teacher_data")
-    if data:
-        md += [f"Teacher data: all {data['answers']} answers of teacher.jsonl, {data['tries_drawn']} tries drawn; "
-               f"{data['all_pass']['first_try']} first tries and {data['all_pass']['kept']} kept answers follow every "
-               "rule that applies.", ""]
-        md += table(["Rule", "Applies", "First try", "Kept"],
-                    [[n, r["applies"], pct(r["first_try"]), pct(r["kept"])] for n, r in data["rules"].items()]) + [""]
-    return md
 
 
 def judge_section(summary: dict) -> list[str]:

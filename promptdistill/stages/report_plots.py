@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..formatting import NA, finite, lookup, money, num, pct_points, tok
 from ..plots import COLORS, figure, save
+from ..verdict import tells
 
 PLOTS = ("loss.png", "quality.png", "tokens_cost.png", "latency.png")
 TURNS_PLOT = "turns.png"  # with a test split of conversations: retained against the turn
@@ -47,41 +48,68 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
 
 
 def plot_quality(summary: dict, path: Path) -> None:
-    fig, ax = figure()
+    """Quality retained, with its 95% CI, of the scores that can tell, on an axis that fits them;
+    the scores that cannot tell have no retained share to draw (its denominator is noise), so a
+    panel beside it lists their absolute values. Bars run sideways: the names stay readable
+    however many scores there are."""
     quality = summary.get("quality") or {}
-    names = list(quality)
-    lo_lim, hi_lim, clipped = -25.0, 125.0, False
-    for i, name in enumerate(names):
+    told = [name for name, q in quality.items() if tells(q)]
+    mute = [name for name in quality if name not in told]
+    fig, axes = figure(2, width_ratios=[3, 1.3]) if mute else figure()
+    ax = axes[0] if mute else axes
+    lo_lim, hi_lim = -10.0, 115.0  # base and ceiling, and their labels, always in view
+    labels = []  # (row, retained %, the right end of its bar or CI)
+    for i, name in enumerate(told):
         r = quality[name].get("retained") or {}
         mean, ci = r.get("mean"), r.get("ci95") or [None, None]
         if not finite(mean):
-            ax.text(i, 50, "n/a", ha="center", va="center", color="grey")
+            ax.text(50, i, "n/a", ha="center", va="center", color="grey")
             continue
         m = 100 * mean
         lo = 100 * ci[0] if finite(ci[0]) else m
         hi = 100 * ci[1] if finite(ci[1]) else m
-        ax.bar(i, m, width=0.5, color=COLORS["student"], alpha=0.8)
+        ax.barh(i, m, height=0.5, color=COLORS["student"], alpha=0.8)
         # The interval is drawn as it is, not as error bars around the mean: a ratio's bootstrap
         # CI need not contain its point estimate when the base's divergence is near zero.
-        ax.vlines(i, lo, hi, color="black", lw=1)
-        ax.hlines([lo, hi], i - 0.06, i + 0.06, color="black", lw=1)
-        ax.annotate(f"{m:.0f}%", (i + 0.26, m), textcoords="offset points", xytext=(2, 0), fontsize=8, va="center")
-        lo_lim, hi_lim = min(lo_lim, lo - 10, m - 10), max(hi_lim, hi + 10, m + 10)
-    if lo_lim < -300 or hi_lim > 400:
-        clipped = True
-        lo_lim, hi_lim = max(lo_lim, -300), min(hi_lim, 400)
-    ax.axhline(0, color=COLORS["base"], lw=1, ls="--")
-    ax.axhline(100, color=COLORS["teacher"], lw=1, ls="--")
-    ax.text(1.0, 0, " base 0%", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["base"])
-    ax.text(1.0, 100, " ceiling\n 100%", transform=ax.get_yaxis_transform(), va="center", fontsize=8, color=COLORS["teacher"])
-    ax.set_xticks(range(len(names)), names)
-    ax.set_xlim(-0.6, len(names) - 0.4)
-    ax.set_ylim(lo_lim, hi_lim)
-    ax.set_ylabel("quality retained (%)")
+        ax.hlines(i, lo, hi, color="black", lw=1)
+        ax.vlines([lo, hi], i - 0.1, i + 0.1, color="black", lw=1)
+        labels.append((i, m, max(m, hi)))
+        lo_lim, hi_lim = min(lo_lim, lo - 10, m - 10), max(hi_lim, hi + 25, m + 25)  # room for the value's label
+    clipped = lo_lim < -300 or hi_lim > 400  # one wide CI must not flatten the rest
+    lo_lim, hi_lim = max(lo_lim, -300), min(hi_lim, 400)
+    for i, m, right in labels:  # beside the CI's end, or inside the axis's edge when that is clipped
+        x, dx, ha = (right, 3, "left") if right + 25 <= hi_lim + 1e-6 else (hi_lim, -3, "right")
+        ax.annotate(f"{m:.0f}%", (x, i), textcoords="offset points", xytext=(dx, 4 if ha == "right" else 0), ha=ha,
+                    va="bottom" if ha == "right" else "center", fontsize=8)
+    if not told:
+        _na(ax, "no score can tell\non this run")
+    else:
+        ax.axvline(0, color=COLORS["base"], lw=1, ls="--")
+        ax.axvline(100, color=COLORS["teacher"], lw=1, ls="--")
+        ax.text(0, 1.0, "base", transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8,
+                color=COLORS["base"])
+        ax.text(100, 1.0, "ceiling", transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8,
+                color=COLORS["teacher"])
+        ax.set_yticks(range(len(told)), [n.replace("_", " ") for n in told], fontsize=8)
+        ax.set_ylim(len(told) - 0.5, -0.5)  # the first score on top
+        ax.set_xlim(lo_lim, hi_lim)
+        ax.set_xlabel("quality retained (%)")
+        ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"Quality retained, 95% CI (n={summary.get('n_test', NA)})" + (" (axis clipped)" if clipped else ""),
-                 fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
+                 fontsize=10, pad=14)
+    if mute:
+        _mute_panel(axes[1], {name: quality[name] for name in mute})
     save(fig, path)
+
+
+def _mute_panel(ax, mute: dict) -> None:
+    """The scores that cannot tell, by their means: their ceiling is within noise of their base."""
+    ax.axis("off")
+    ax.text(0.0, 1.0, "Cannot tell on this run", transform=ax.transAxes, va="bottom", ha="left", fontsize=9)
+    lines = ["(ceiling within noise", "of base): means", ""]
+    for name, q in mute.items():
+        lines += [name, *(f"  {who} {num(lookup(q, who, 'mean'), '.3f')}" for who in ("student", "base", "ceiling"))]
+    ax.text(0.0, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=7, family="monospace")
 
 
 def scored_by_turn(summary: dict) -> dict[str, dict]:

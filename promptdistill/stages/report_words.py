@@ -4,7 +4,8 @@ then one sentence of key numbers) and the headline lines. report.md opens with b
 
 from __future__ import annotations
 
-from ..formatting import NA, count, duration_ms, finite, lookup, money, num, pct, pct_ci, pct_points, tok
+from ..formatting import NA, absolute, count, duration_ms, finite, lookup, money, num, pct, pct_ci, pct_points, tok
+from ..verdict import tells
 
 
 def _retained_phrase(name: str, q: dict) -> str:
@@ -17,6 +18,12 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def mute_words(quality: dict) -> str:
+    """The scores that cannot tell, by their absolute values: 'likelihood (student 1.996, base
+    2.035, ceiling 1.930), ...'; '' when every score can tell."""
+    return ", ".join(f"{name} ({absolute(q)})" for name, q in quality.items() if not tells(q))
+
+
 def first_paragraph(summary: dict) -> str:
     """Plain words: did it work (the verdict), then one sentence with the key numbers."""
     verdict = summary.get("verdict") or "No verdict was recorded for this run."
@@ -24,9 +31,12 @@ def first_paragraph(summary: dict) -> str:
     tokens = summary.get("tokens") or {}
     n = summary.get("n_test")
     parts = []
-    if quality:
+    told = [_retained_phrase(k, v) for k, v in quality.items() if tells(v)]
+    if told:
         few = f"; with only {n} test queries the intervals are wide" if finite(n) and n < 20 else ""
-        parts.append(f"quality retained is {_join([_retained_phrase(k, v) for k, v in quality.items()])}{few}")
+        parts.append(f"quality retained is {_join(told)}{few}")
+    if mute_words(quality):
+        parts.append(f"cannot tell on this run, so shown as they are: {mute_words(quality)}")
     parts.append(f"input tokens per query drop from {tok(tokens.get('teacher_input'))} (teacher with the prompt) "
                  f"to {tok(tokens.get('student_input'))} (student without it), {pct_points(tokens.get('input_reduction_pct'))} fewer")
     cost = summary.get("cost")
@@ -60,10 +70,12 @@ def headline(summary: dict) -> list[str]:
     """A few lines of key numbers, for the terminal at the end of `distill run`."""
     lines = []
     quality = summary.get("quality") or {}
-    if quality:
-        parts = [f"{k} {pct_ci(v.get('retained'))}" for k, v in quality.items()]
+    told = [f"{k} {pct_ci(v.get('retained'))}" for k, v in quality.items() if tells(v)]
+    if told:
         lines.append(f"quality retained (0% = base model, 100% = teacher ceiling; n={summary.get('n_test', NA)}): "
-                     + ", ".join(parts))
+                     + ", ".join(told))
+    if mute_words(quality):
+        lines.append(f"cannot tell on this run (ceiling within noise of base): {mute_words(quality)}")
     t = summary.get("tokens") or {}
     lines.append(f"input tokens per query: {tok(t.get('teacher_input'))} -> {tok(t.get('student_input'))} "
                  f"(-{pct_points(t.get('input_reduction_pct'))}); input+output: -{pct_points(t.get('total_reduction_pct'))}")
