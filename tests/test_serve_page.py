@@ -8,6 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from test_serve import KEY, STUDENT, SYSTEM_PROMPT, TEACHER, served
+from chat_page import READ_COLUMNS, say
 from webdriver import ENTER, browser_binaries, headless_chromium
 
 SEED = 7  # typed into the page's seed field: the same answers every run
@@ -48,29 +49,6 @@ new MutationObserver(() => {
 }).observe(document.getElementById('columns'), {childList: true, subtree: true, characterData: true});
 """
 
-# Every column's model and turns: the user's text, the answer, the meta line's numbers.
-READ_COLUMNS = """
-return [...document.querySelectorAll('.column')].map(c => ({
-  model: c.dataset.model,
-  turns: [...c.querySelectorAll('.turn')].map(t => ({
-    user: t.querySelector('.msg.user').textContent,
-    answer: t.querySelector('.msg.assistant').textContent,
-    error: t.querySelector('.msg.assistant').classList.contains('error'),
-    promptTokens: t.querySelector('.meta').dataset.promptTokens,
-    firstTokenMs: t.querySelector('.meta').dataset.firstTokenMs,
-    meta: t.querySelector('.meta').textContent,
-  })),
-}));
-"""
-
-ANSWERED = """
-const turns = document.querySelectorAll('.turn');
-return turns.length === arguments[0] && !document.querySelector('.streaming')
-  && [...turns].every(t => t.querySelector('.meta').dataset.promptTokens !== undefined
-                           || t.querySelector('.msg.error'));
-"""
-
-
 def prompt_tokens(tokenizer, messages: list[dict]) -> int:
     from promptdistill.render import prompt_ids
 
@@ -108,9 +86,8 @@ def test_two_turns_side_by_side_in_headless_chromium(srv, tmp_path):
         browser.type("#seed", str(SEED))
 
         said = ["Tell me about the sea.", "And what about the storm?"]
-        for n, text in enumerate(said, start=1):
-            browser.type("#input", text + ENTER)
-            browser.wait_for(ANSWERED, 2 * n, what=f"turn {n} answered in both columns")
+        for text in said:
+            say(browser, text)
         columns = browser.run(READ_COLUMNS)
         seen = browser.run("return window.seenLengths")
         browser.screenshot(tmp_path / "page.png")
@@ -138,8 +115,7 @@ def test_two_turns_side_by_side_in_headless_chromium(srv, tmp_path):
         browser.click(f"#model option[value='{TEACHER}']")
         browser.wait_for("return document.querySelectorAll('.column').length === 1 "
                          "&& document.querySelectorAll('.turn').length === 0", what="a new chat with the teacher")
-        browser.type("#input", said[1] + ENTER)
-        browser.wait_for(ANSWERED, 1, what="the teacher's answer")
+        say(browser, said[1])
         [column] = browser.run(READ_COLUMNS)
         assert column["model"] == TEACHER
         alone = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": said[1]}]
