@@ -36,6 +36,7 @@ def main() -> int:
     p.add_argument("--turn", action="append", help="what to say (repeatable; default: two questions to Beethoven)")
     p.add_argument("--seed", type=int, default=7, help="typed into the page's seed field (default: 7)")
     p.add_argument("--student-only", action="store_true", help="serve without --teacher")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds a turn may take in all columns (default: 3600)")
     args = p.parse_args()
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory(prefix="page-screenshot-") as work:
@@ -51,7 +52,7 @@ def main() -> int:
                 browser.type("#seed", str(args.seed))
                 for text in args.turn or TURNS:
                     said = time.monotonic()
-                    say(browser, text, timeout=900)
+                    say(browser, text, timeout=args.timeout)
                     print(f"said {text!r}: answered in {time.monotonic() - said:.1f} s")
                 for column in browser.run(READ_COLUMNS):
                     for n, turn in enumerate(column["turns"], start=1):

@@ -29,7 +29,8 @@ return turns.length === arguments[0] && !document.querySelector('.streaming')
 
 
 def say(browser: Browser, text: str, timeout: float = 120) -> None:
-    """Type one turn (Enter sends it) and wait until every column has answered it."""
+    """Type one turn (Enter sends it, with what the box held before) and wait until every
+    column has answered it or shown its error."""
     turns = browser.run("return document.querySelectorAll('.turn').length")
     columns = browser.run("return document.querySelectorAll('.column').length")
     browser.type("#input", text + ENTER)

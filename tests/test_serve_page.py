@@ -85,21 +85,32 @@ def test_two_turns_side_by_side_in_headless_chromium(srv, tmp_path):
         browser.run(RECORD_LENGTHS)
         browser.type("#seed", str(SEED))
 
-        said = ["Tell me about the sea.", "And what about the storm?"]
-        for text in said:
+        said = ["Tell me about the sea.", "And what about the storm?", "Was it cold?"]
+        for text in said[:2]:
             say(browser, text)
-        columns = browser.run(READ_COLUMNS)
         seen = browser.run("return window.seenLengths")
         browser.screenshot(tmp_path / "page.png")
+        # a token refused in the middle of a chat: the turn fails in both columns, the page asks for
+        # the token again, and once given the chat goes on with what was said before, the text back in the box
+        browser.run("sessionStorage.setItem('promptdistill.token', 'sk-stale')")
+        say(browser, said[2])
+        assert "refused this token" in browser.run("return document.getElementById('token-message').textContent")
+        assert browser.run("return document.getElementById('input').value") == said[2]
+        browser.type("#token", KEY + ENTER)
+        browser.wait_for("return document.getElementById('token-panel').hidden", what="the token taken again")
+        say(browser, "")  # Enter sends what the box holds
+        columns = browser.run(READ_COLUMNS)
 
         assert [c["model"] for c in columns] == [STUDENT, TEACHER]
         for column in columns:
-            assert [t["user"] for t in column["turns"]] == said
-            assert not any(t["error"] for t in column["turns"]), column
+            turns = column["turns"]
+            assert [t["user"] for t in turns] == [*said, said[2]]
+            assert [t["error"] for t in turns] == [False, False, True, False], column
+            assert "refused the bearer token" in turns[2]["answer"] and turns[2]["meta"] == "not kept in the conversation"
             # The tokens each turn read are the whole conversation so far, rendered: the student's
-            # with no system prompt, the teacher's with the run's, each with its own earlier answer.
+            # with no system prompt, the teacher's with the run's, each with its own earlier answers.
             history = [{"role": "system", "content": SYSTEM_PROMPT}] if column["model"] == TEACHER else []
-            for turn in column["turns"]:
+            for turn in (t for t in turns if not t["error"]):
                 history.append({"role": "user", "content": turn["user"]})
                 assert int(turn["promptTokens"]) == prompt_tokens(tokenizer, history), (column["model"], turn)
                 assert turn["answer"] == api_answer(srv, column["model"], history)  # shown whole, as streamed

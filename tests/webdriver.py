@@ -68,14 +68,15 @@ class Browser:
 
     def wait_for(self, script: str, *args, timeout: float = 60, what: str = ""):
         """Poll `script` until it returns something truthy; that value."""
-        deadline = time.monotonic() + timeout
+        deadline, pause = time.monotonic() + timeout, 0.05
         while True:
             value = self.run(script, *args)
             if value:
                 return value
             if time.monotonic() > deadline:
                 raise WebDriverError(f"timed out after {timeout}s waiting for {what or script}")
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 1.0)  # quick for a tiny model, and not busy for minutes with a real one
 
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self._call("GET", "/screenshot")))

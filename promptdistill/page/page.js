@@ -58,14 +58,21 @@ async function connect() {
     return;
   }
   $("token-panel").hidden = true;
-  const select = $("model");
+  const select = $("model"), previous = select.value;
   select.replaceChildren(...state.models.map(
     (id) => new Option(state.prompts[id] !== undefined ? `${id} (with the system prompt)` : id, id)));
-  // A student first: that is who the page is for.
-  select.value = state.models.find((id) => state.prompts[id] === undefined) ?? state.models[0];
+  // The model chosen before a reconnect, else a student first: that is who the page is for.
+  select.value = state.models.includes(previous) ? previous
+    : state.models.find((id) => state.prompts[id] === undefined) ?? state.models[0];
   $("beside-label").hidden = !teacherModel();
   for (const id of ["model", "new-chat"]) $(id).disabled = false;
-  newChat();
+  // A token given again in the middle of a chat: the chat goes on.
+  if (state.columns.length && shownModels().join() === state.columns.map((c) => c.model).join()) {
+    $("send").disabled = state.busy;
+    setStatus("Connected");
+  } else {
+    newChat();
+  }
 }
 
 function teacherModel() { return state.models.find((id) => state.prompts[id] !== undefined); }
@@ -102,6 +109,7 @@ function newChat() {
 }
 
 // One turn of one column: POST the whole conversation, stream the answer into the page.
+// False when it failed (the error shown in place of the answer).
 async function answer(column, text) {
   column.section.querySelector(".empty")?.remove();
   const reply = el("div", { class: "msg assistant streaming" });
@@ -158,7 +166,7 @@ async function answer(column, text) {
     reply.classList.add("error");
     reply.textContent += `${reply.textContent ? "\n" : ""}Error: ${failure}`;
     meta.textContent = "not kept in the conversation";
-    return;
+    return false;
   }
   column.history.push({ role: "assistant", content: reply.textContent });
   const seconds = (performance.now() - started) / 1000;
@@ -169,6 +177,7 @@ async function answer(column, text) {
     firstToken === null ? "no text" : `first token ${(firstToken / 1000).toFixed(2)} s`,
     usage ? `wrote ${plural(usage.completion_tokens, "token")} in ${seconds.toFixed(2)} s` : `${seconds.toFixed(2)} s`,
   ].join(" · ");
+  return true;
 }
 
 async function send(event) {
@@ -179,7 +188,8 @@ async function send(event) {
   state.busy = true;
   for (const id of ["send", "model", "beside", "new-chat"]) $(id).disabled = true;
   setStatus("Answering…");
-  await Promise.all(state.columns.map((column) => answer(column, text)));
+  const answered = await Promise.all(state.columns.map((column) => answer(column, text)));
+  if (answered.includes(false) && !$("input").value) $("input").value = text;  // to send again, not type again
   state.busy = false;
   for (const id of ["model", "beside", "new-chat"]) $(id).disabled = false;
   $("send").disabled = !$("token-panel").hidden;
