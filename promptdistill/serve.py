@@ -3,7 +3,8 @@ so any OpenAI client (the official SDKs, LangChain, curl) can talk to it.
 
   POST /v1/chat/completions   JSON, or server-sent events with "stream": true
   GET  /v1/models             "<run name>-student" (and "<run name>-teacher" with --teacher)
-  GET  /                      a page to chat with them in a browser (serve_page.py)
+  GET  /                      a page to chat with them in a browser (serve_page.py); it reads the
+                              teacher's system prompt from GET /page/system_prompts (token needed)
   GET  /health                no token needed; 200 once the models are loaded, with the number
                               of requests waiting, batches decoded and the largest batch
 

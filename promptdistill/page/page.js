@@ -60,7 +60,7 @@ async function connect() {
   $("token-panel").hidden = true;
   const select = $("model"), previous = select.value;
   select.replaceChildren(...state.models.map(
-    (id) => new Option(state.prompts[id] !== undefined ? `${id} (with the system prompt)` : id, id)));
+    (id) => new Option(state.prompts[id] !== undefined ? `${id} (prompted)` : id, id)));
   // The model chosen before a reconnect, else a student first: that is who the page is for.
   select.value = state.models.includes(previous) ? previous
     : state.models.find((id) => state.prompts[id] === undefined) ?? state.models[0];
