@@ -3,6 +3,8 @@ so any OpenAI client (the official SDKs, LangChain, curl) can talk to it.
 
   POST /v1/chat/completions   JSON, or server-sent events with "stream": true
   GET  /v1/models             "<run name>-student" (and "<run name>-teacher" with --teacher)
+  GET  /                      a page to chat with them in a browser (serve_page.py); it reads the
+                              teacher's system prompt from GET /page/system_prompts (token needed)
   GET  /health                no token needed; 200 once the models are loaded, with the number
                               of requests waiting, batches decoded and the largest batch
 
@@ -50,6 +52,7 @@ from pydantic import ValidationError
 from .serve_args import SERVE_DESCRIPTION, serve_arguments
 from .serve_batcher import Batcher, Cancelled, Job
 from .serve_openai import ApiError, ChatRequest, check_supported, openai_logprobs, text_of
+from .serve_page import add_page
 from .terminal import USER_ERRORS, quiet_libraries
 
 
@@ -227,6 +230,8 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    add_page(app, {name: server.models.cfg.system_prompt for name, who in server.names.items() if who == "teacher"},
+             authorize)
     return app
 
 

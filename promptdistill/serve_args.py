@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 SERVE_DESCRIPTION = ("Serve the distilled student (and with --teacher the teacher) over an OpenAI-compatible HTTP "
-                     "API: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health.")
+                     "API: POST /v1/chat/completions (streaming too), GET /v1/models, GET /health; and a page to "
+                     "chat with them in a browser at /.")
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
