@@ -4,8 +4,8 @@
 #   make test-tinker  the opt-in Tinker tests on SkyRL's Tinker API server, on 127.0.0.1
 #                     (its own Python 3.12 venv, ~6.7 GB, set up once: tinker_server/)
 #   make test-gguf  builds llama.cpp once (~5 min), then checks an exported GGUF runs in it
-#   make test-browser  installs Debian's chromium + chromium-driver if missing, then drives
-#                      serve's page in headless Chromium
+#   make test-browser  serve's page in headless Chromium alone (Debian's chromium and
+#                      chromium-driver, which `make test` also installs when it can)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -23,7 +23,7 @@ ifdef PIP_FIND_LINKS  # wheels pip is told to look in (a local CPU torch, for on
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 endif
 
-.PHONY: setup setup-dev model demo test test-tinker test-gguf test-browser bench compare clean
+.PHONY: setup setup-dev model demo test test-tinker test-gguf test-browser browser bench compare clean
 
 # The demo needs the package alone; the tests add pytest, the Tinker SDK and what the
 # tests read back (11 s of the demo's set-up when installed with it, measured).
@@ -50,6 +50,7 @@ demo: model
 	$(DISTILL) run examples/beethoven/config.yaml
 
 test: model setup-dev
+	-@$(MAKE) --no-print-directory browser
 	$(PY) -m pytest -q
 
 test-tinker: model setup-dev
@@ -61,14 +62,17 @@ test-gguf: model setup-dev
 	$(PY) tests/build_llama_cpp.py
 	$(PY) -m pytest -q -s tests/test_export.py -k llama_cpp
 
-# serve's page in headless Chromium (tests/test_serve_page.py). Debian's chromium and
-# chromium-driver are installed once (apt-get: 59 s, 164 MB, measured); `make test` runs the
-# browser test when both are found and skips it otherwise. The test drives chromedriver over
-# plain HTTP (tests/webdriver.py): no Python package beyond the dev extra.
+# serve's page in headless Chromium (tests/test_serve_page.py) needs Debian's chromium and
+# chromium-driver, installed once (apt-get: 59 s, 164 MB, measured). `make test` installs them
+# when missing and goes on if apt cannot (no root, no apt): the browser test then skips with its
+# reason. `make test-browser` insists on them and runs that test alone. The test drives
+# chromedriver over plain HTTP (tests/webdriver.py): no Python package beyond the dev extra.
 SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
-test-browser: model setup-dev
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver; }
+
+test-browser: model setup-dev browser
 	$(PY) -m pytest -q tests/test_serve_page.py
 
 bench: model
