@@ -171,21 +171,21 @@ def compliance(rule_list: list[Rule], queries: list[str], answers: dict[str, lis
     the share of applicable rules followed, floor base, ceiling the teacher's answers in
     teacher.jsonl, i.e. the data the student learnt from, selected when best_of is on;
     per-rule figures; per query, the rules each answer breaks). With `groups` (the test
-    answers' conversations) the overall score resamples whole conversations, as every score does."""
+    answers' conversations) the scores resample whole conversations, as every score does."""
 
     m = {who: pass_matrix(rule_list, queries, texts) for who, texts in answers.items()}
     overall = summarise(*(per_query_compliance(m[who]) for who in ("student", "base", "teacher")), n_boot, groups)
     overall["ceiling_is"] = "teacher"
     per_rule = {}
     for j, r in enumerate(rule_list):
-        s = summarise(m["student"][:, j], m["base"][:, j], m["teacher"][:, j], n_boot)
+        s = summarise(m["student"][:, j], m["base"][:, j], m["teacher"][:, j], n_boot, groups)
         col = m["teacher_again"][:, j]
         mean, lo, hi = bootstrap_ci(col[~np.isnan(col)], n_boot=n_boot)
         teacher, student = s["ceiling"]["mean"], s["student"]["mean"]
         reach = student / teacher if s["n"] and teacher > 0 else None
         per_rule[r.name] = {"kind": r.kind, "applies": s["n"], "teacher": s["ceiling"],
                             "teacher_again": {"mean": mean, "ci95": [lo, hi]}, "student": s["student"],
-                            "base": s["base"], "retained": s["retained"], "reach": reach,
+                            "base": s["base"], "retained": s["retained"], "can_tell": s["can_tell"], "reach": reach,
                             # judged only where the teacher data shows the rule often enough to learn it
                             "transferred": (reach >= REACH) if s["n"] and teacher >= TEACHABLE else None}
     failures = [{who: [r.name for j, r in enumerate(rule_list) if m[who][i, j] == 0] for who in m}

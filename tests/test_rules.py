@@ -126,7 +126,8 @@ def test_compliance_in_eval_matches_a_recount(ruled_run):
     if gap:
         assert q["retained"]["mean"] == pytest.approx((means["student"] - means["base"]) / gap)
     for name, c in per.items():
-        assert set(c) >= {"teacher", "teacher_again", "student", "base", "retained", "applies", "reach", "transferred"}
+        assert set(c) >= {"teacher", "teacher_again", "student", "base", "retained", "can_tell", "applies", "reach",
+                          "transferred"}
         assert c["applies"] == sum(rules.applies(r, row["query"]) for row in rows for r in cfg.checks.rules if r.name == name)
         for who in ("teacher", "teacher_again", "student", "base"):
             lo, hi = c[who]["ci95"]
@@ -160,4 +161,6 @@ def test_the_report_shows_compliance_per_rule(ruled_run):
     for name, r in summary["compliance"]["rules"].items():
         line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
         assert report.pct_ci(r["student"]) in line and report.pct_ci(r["teacher"]) in line
+        # retained only where the rule can tell (the paired rule): never a ratio over a denominator within noise
+        assert (report.pct_ci(r["retained"]) in line) == r["can_tell"] and ("cannot tell" in line) == (not r["can_tell"])
     assert "Teacher data: all 24 answers of teacher.jsonl, 24 tries drawn" in md

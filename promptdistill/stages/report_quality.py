@@ -103,9 +103,9 @@ def compliance_section(summary: dict) -> list[str]:
           "queries it applies to (95% CIs). Teacher = its answers in teacher.jsonl (the data the student learnt from, "
           "chosen by best-of-N when `sampling.best_of` is on) and the ceiling; teacher again = one fresh draw. "
           "Reach = student / teacher; a rule the teacher follows at least half the time has transferred when the "
-          "reach is at least 70%.", ""]
+          "reach is at least 70%. Retained is shown where the rule can tell (docs/summary.md, paired rule).", ""]
     rows = [[name, r["kind"], r["applies"], pct_ci(r["teacher"]), pct_ci(r["teacher_again"]), pct_ci(r["student"]),
-             pct_ci(r["base"]), pct_ci(r["retained"]), pct(r["reach"]),
+             pct_ci(r["base"]), pct_ci(r["retained"]) if tells(r) else "cannot tell", pct(r["reach"]),
              {True: "yes", False: "**missed**", None: "not judged"}[r["transferred"]]] for name, r in c["rules"].items()]
     md += table(["Rule", "Kind", "Applies", "Teacher", "Teacher again", "Student", "Base", "Retained", "Reach",
                  "Transferred"], rows) + [""]
