@@ -1,17 +1,37 @@
-"""`distill serve RUN_DIR`: the distilled student behind an OpenAI-compatible HTTP API,
-so any OpenAI client (the official SDKs, LangChain, curl) can talk to it.
+"""`distill serve RUN_DIR [RUN_DIR...]`: the distilled students behind an OpenAI-compatible
+HTTP API, so any OpenAI client (the official SDKs, LangChain, curl) can talk to them.
 
   POST /v1/chat/completions   JSON, or server-sent events with "stream": true
-  GET  /v1/models             "<run name>-student" (and "<run name>-teacher" with --teacher)
+  GET  /v1/models             "<run name>-student" per run (and "<run name>-teacher" with --teacher)
+  GET  /metrics               per served model: requests answered and failed, prompt, completion
+                              and saved tokens, latency p50/p99/mean (request received to last
+                              token, over its last 1000 requests); batches decoded, the largest,
+                              and how many mixed students (JSON; the token as for /v1)
   GET  /health                no token needed; 200 once the models are loaded, with the number
                               of requests waiting, batches decoded and the largest batch
 
+Many runs, one base: every run must be a trained student of the same base model (and dtype,
+device); the base is loaded once, the first run's adapter with it and every other run's
+beside it, and a request's `model` picks the student. Refused at start, naming the run, before
+anything is served: another base, a missing or corrupt adapter, a run name given twice.
+One run decodes with its adapter merged into the weights; with several, every batch row goes
+through its own student's adapter (peft's mixed-batch LoRA forward), so requests for different
+students decode in one batch.
+
 The student answers WITHOUT a system prompt: the request's messages go through the
 student's chat template exactly as given (the template may add its own default system
-prompt, as in training). With --teacher, "<run name>-teacher" serves the teacher model,
-also with the messages as given, so a client sends the system prompt itself (that is what
-`distill generate` does with `teacher.backend: openai`); when teacher and student are the
-same model, the teacher is the base weights with the adapter switched off.
+prompt, as in training), except that a leading system message equal to the run's distilled
+prompt (after whitespace normalisation: clients migrating from the prompted model still send
+it) is dropped, so the student answers as trained; the response then carries the header
+`X-Promptdistill-Prompt-Dropped: 1` and `usage.prompt_tokens_saved` (the tokens the prompt
+would have cost). Any other system message is kept, and the server's log says (with its length,
+never its text) that the request is outside what the student was trained on.
+--keep-system-prompt keeps the distilled prompt too.
+With --teacher, "<run name>-teacher" (one per run, all the same model: every run's teacher must
+be the first run's) serves the teacher model, with the messages as given, so a client sends
+the system prompt itself (that is what `distill generate` does with `teacher.backend: openai`);
+when teacher and student are the same model, the teacher is the base weights with the adapters
+switched off.
 
 Sampling: temperature, top_p, max_tokens (or max_completion_tokens), seed, logprobs and top_logprobs (not with streaming) and
 repetition_penalty (a vLLM-style extension) are honoured, and so is vLLM's return_tokens_as_token_ids
@@ -19,8 +39,8 @@ repetition_penalty (a vLLM-style extension) are honoured, and so is vLLM's retur
 with); anything not given falls back to the run config's `sampling` section, and a request
 without a seed gets a random one.
 Batching: one worker thread decodes; requests that arrive while a batch decodes wait and
-form the next batch (oldest first, up to --max-batch, those with the same model and
-sampling settings together; it gathers while requests keep arriving, until none came for
+form the next batch (oldest first, up to --max-batch, those with the same sampling settings
+together, every student one model; it gathers while requests keep arriving, until none came for
 10 ms, at most 50 ms: a batch's clients come back together), so each row keeps its own settings and seed and its answer
 does not depend on its batch-mates (LocalSampler seeds every row alone). At most
 --max-queue requests wait; beyond that the server answers 503 with Retry-After.
@@ -77,9 +97,10 @@ class Server:
         # One student decodes with its adapter merged into the weights, the fastest; several
         # decode together, each row through its own adapter (Job.adapter).
         self.per_row_adapters = len(runs) > 1
-        self.samplers = {who: self.models.sampler(who) for who in set(self.names.values())}
-        if self.per_row_adapters:
-            self.samplers["student"] = LocalSampler(self.models.student, self.models.tokenizer, self.models.batch_size)
+        self.samplers = {"student": LocalSampler(self.models.student, self.models.tokenizer, self.models.batch_size)
+                         if self.per_row_adapters else self.models.sampler("student")}
+        if teacher:
+            self.samplers["teacher"] = self.models.sampler("teacher")
         self.defaults = sampling_params(cfg)
         self.keep_system_prompt = keep_system_prompt
         self.started = int(time.time())

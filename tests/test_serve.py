@@ -74,7 +74,7 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def start_server(run_dir: Path | list[Path], logs: Path, *args: str, env: dict = ENV, timeout: float = 90) -> ServerProcess:
+def start_server(run_dir: Path | list[Path], logs: Path, *args: str, env: dict = ENV, timeout: float = 180) -> ServerProcess:
     """`python -m promptdistill.serve RUN_DIR... --port P ARGS...`, returned once /health answers."""
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)

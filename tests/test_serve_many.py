@@ -12,15 +12,16 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_serve import Served, local_completion, start_server
-from tiny import save_chatty_tiny, save_tiny, trained_tiny_run
+from test_serve import RUN_NAME, SYSTEM_PROMPT, Served, local_completion, served, start_server
+from tiny import save_tiny, trained_tiny_run
 
-# Distinct adapters: other prompts, steps, learning rates and seeds, so a row decoded through
-# another student's adapter would show in its answer.
-RUNS = {"pirate": ("You are a pirate. Talk like one.", {"steps": 3, "lr": 3e-2, "seed": 0}),
-        "poet": ("You are a poet. Answer in rhyme.", {"steps": 5, "lr": 5e-2, "seed": 1}),
-        "robot": ("You are a robot. Beep before every sentence.", {"steps": 4, "lr": 4e-2, "seed": 2})}
-STUDENTS = [f"{name}-student" for name in RUNS]
+# The first run is test_serve's (its tiny model is the base of all three); the other two are
+# trained here with other prompts, steps, learning rates and seeds, so that a row decoded
+# through another student's adapter would show in its answer.
+TRAINED_HERE = {"poet": ("You are a poet. Answer in rhyme.", {"steps": 5, "lr": 5e-2, "seed": 1}),
+                "robot": ("You are a robot. Beep before every sentence.", {"steps": 4, "lr": 4e-2, "seed": 2})}
+PROMPTS = {RUN_NAME: SYSTEM_PROMPT} | {name: prompt for name, (prompt, _) in TRAINED_HERE.items()}
+STUDENTS = [f"{name}-student" for name in PROMPTS]
 
 
 def tiny_run(root: Path, model: Path, name: str, system_prompt: str, train: dict) -> Path:
@@ -35,8 +36,10 @@ def tiny_run(root: Path, model: Path, name: str, system_prompt: str, train: dict
 @pytest.fixture(scope="module")
 def many(tmp_path_factory, pytestconfig) -> dict:
     root = tmp_path_factory.mktemp("many")
-    model = save_chatty_tiny(root / "tiny-chatty")
-    runs = {name: tiny_run(root, model, name, prompt, train) for name, (prompt, train) in RUNS.items()}
+    shared = served(tmp_path_factory, pytestconfig)
+    model = shared.model
+    runs = {RUN_NAME: shared.run} | {name: tiny_run(root, model, name, prompt, train)
+                                     for name, (prompt, train) in TRAINED_HERE.items()}
     server = start_server(list(runs.values()), root / "logs", "--teacher")
     pytestconfig.add_cleanup(server.stop)
     return {"server": server, "model": model, "runs": runs, "root": root}
@@ -55,10 +58,10 @@ def local(many, name: str, messages: list[dict], seed: int, max_tokens: int = 12
 
 
 def test_each_student_answers_with_its_own_adapter(many, client):
-    assert [m.id for m in client.models.list().data] == STUDENTS + [f"{n}-teacher" for n in RUNS]
+    assert [m.id for m in client.models.list().data] == STUDENTS + [f"{n}-teacher" for n in PROMPTS]
     messages = [{"role": "user", "content": "Where is the gold?"}]
     texts = {}
-    for name in RUNS:
+    for name in PROMPTS:
         for seed in (1, 2):
             r = client.chat.completions.create(model=f"{name}-student", messages=messages, temperature=1.0, top_p=1.0,
                                                max_tokens=12, seed=seed)
@@ -66,7 +69,7 @@ def test_each_student_answers_with_its_own_adapter(many, client):
             assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
             texts[name, seed] = want.text
     # the adapters differ: a row decoded through another student's adapter would show
-    assert len({tuple(texts[n, s] for s in (1, 2)) for n in RUNS}) == 3, texts
+    assert len({tuple(texts[n, s] for s in (1, 2)) for n in PROMPTS}) == 3, texts
 
 
 def test_a_mixed_burst_gets_the_answers_each_request_gets_alone(many, client):
@@ -118,10 +121,10 @@ def test_the_distilled_prompt_is_dropped_and_another_is_kept_and_logged(many, cl
 
     from promptdistill.render import prompt_ids
 
-    prompt = RUNS["pirate"][0]
+    prompt = SYSTEM_PROMPT
     question = {"role": "user", "content": "Where is the gold?"}
     spaced = "  " + prompt.replace(" ", "\n ", 1) + "\t"  # the same prompt after whitespace normalisation
-    kwargs = dict(model="pirate-student", temperature=1.0, top_p=1.0, max_tokens=12, seed=7)
+    kwargs = dict(model=f"{RUN_NAME}-student", temperature=1.0, top_p=1.0, max_tokens=12, seed=7)
     bare = client.chat.completions.with_raw_response.create(messages=[question], **kwargs)
     carried = client.chat.completions.with_raw_response.create(messages=[{"role": "system", "content": spaced}, question],
                                                                **kwargs)
@@ -140,15 +143,15 @@ def test_the_distilled_prompt_is_dropped_and_another_is_kept_and_logged(many, cl
     assert chunks[-1].usage.model_extra["prompt_tokens_saved"] == streamed_saved
 
     # another run's prompt is not this student's: it goes through, answered with it, and logged
-    other = [{"role": "system", "content": RUNS["robot"][0]}, question]
+    other = [{"role": "system", "content": PROMPTS["robot"]}, question]
     r = client.chat.completions.with_raw_response.create(messages=other, **kwargs)
     assert "x-promptdistill-prompt-dropped" not in r.headers
-    want = local(many, "pirate", other, seed=7)
+    want = local(many, RUN_NAME, other, seed=7)
     assert r.parse().choices[0].message.content == want.text and r.parse().usage.prompt_tokens == want.prompt_tokens
     log = many["server"].err.read_text()
-    assert f"pirate-student: a request's system message ({len(RUNS['robot'][0])} characters) is not the prompt" in log
-    assert "outside what the student was trained on" in log and RUNS["robot"][0] not in log
-    metrics = httpx.get(f"{many['server'].url}/metrics").json()["models"]["pirate-student"]
+    assert f"{RUN_NAME}-student: a request's system message ({len(PROMPTS['robot'])} characters) is not the prompt" in log
+    assert "outside what the student was trained on" in log and PROMPTS["robot"] not in log
+    metrics = httpx.get(f"{many['server'].url}/metrics").json()["models"][f"{RUN_NAME}-student"]
     assert metrics["prompt_tokens_saved"] == saved + streamed_saved  # no other test sends this student a system message
 
 
@@ -160,9 +163,9 @@ def test_keep_system_prompt_passes_the_distilled_prompt_on(many):
     from promptdistill.serve import Server
     from promptdistill.serve_openai import ChatRequest
 
-    cfg = load_config(many["runs"]["pirate"])
-    messages = [{"role": "system", "content": RUNS["pirate"][0]}, {"role": "user", "content": "Ahoy?"}]
-    request = ChatRequest(model="pirate-student", messages=messages)
+    cfg = load_config(many["runs"][RUN_NAME])
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Ahoy?"}]
+    request = ChatRequest(model=f"{RUN_NAME}-student", messages=messages)
     for keep, sent in ((True, messages), (False, messages[1:])):
         server = Server([(cfg, RunDir(cfg.run_path))], keep_system_prompt=keep, max_batch=1)
         job, saved = server.prepare(request)
@@ -181,18 +184,18 @@ def test_runs_that_cannot_be_served_together_are_refused_at_start(many, tmp_path
     runs = many["runs"]
     other_model = save_tiny(tmp_path / "other", seed=1)
     other = tiny_run(tmp_path, other_model, "parrot", "You are a parrot.", {"steps": 1, "seed": 0})
-    err = refusal(capsys, runs["pirate"], other)
+    err = refusal(capsys, runs[RUN_NAME], other)
     assert f"run 'parrot' ({other})" in err and "one server serves students of one base model" in err
 
     missing = shutil.copytree(runs["poet"], tmp_path / "poet-missing")
     (missing / "student" / "adapter_model.safetensors").unlink()
-    err = refusal(capsys, runs["pirate"], missing)
+    err = refusal(capsys, runs[RUN_NAME], missing)
     assert f"run 'poet' ({missing})" in err and "no trained adapter" in err
 
     corrupt = shutil.copytree(runs["robot"], tmp_path / "robot-corrupt")
     weights = corrupt / "student" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    err = refusal(capsys, runs["pirate"], runs["poet"], corrupt)
+    err = refusal(capsys, runs[RUN_NAME], runs["poet"], corrupt)
     assert f"run 'robot' ({corrupt})" in err and f"the adapter file {weights} is corrupt or truncated" in err
 
     twin = shutil.copytree(runs["poet"], tmp_path / "poet-again")
