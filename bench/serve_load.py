@@ -132,7 +132,7 @@ def run_server(run_dirs: list[str], max_batch: int, clients: list[int], requests
             row["server_cpu_s_per_request"] = (cpu_seconds(proc.pid) - cpu) / max(row["ok"], 1)
             print(table_row(row), flush=True)
             rows.append(row)
-        return rows, memory_mb(proc.pid) | {"server": label}
+        return rows, memory_mb(proc.pid) | {"server": label, "run_dirs": run_dirs}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -182,7 +182,7 @@ def main() -> None:
         rows = many + one
         # every other run's one-student server, at the largest level only: memory peaks with the largest batch
         memories = [first_memory] + [run_server([d], args.max_batch, clients[-1:], requests[-1:],
-                                                logs / f"one-{i}.log", f"one student ({Path(d).name})")[1]
+                                                logs / f"one-{i}.log", "one student")[1]
                                      for i, d in enumerate(args.run_dirs[1:], 1)]
         apart = {k: sum(m[k] for m in memories) for k in ("rss_mb", "peak_rss_mb")}
         result["memory"] = {"many": many_memory, "one_student_servers": memories, "one_student_servers_total": apart}

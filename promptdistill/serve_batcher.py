@@ -80,8 +80,9 @@ class Batcher:
     """A bounded queue of jobs and the one thread that decodes them, a batch at a time.
 
     A batch is the oldest waiting job plus the next waiting jobs with the same model (every
-    student is one model: the rows choose their adapters) and sampling settings (LocalSampler.generate takes one SamplingParams per batch; seeds are
-    per row), up to `max_batch`. Jobs arriving meanwhile wait for the next batch, which
+    student is one model: the rows choose their adapters) and sampling settings
+    (LocalSampler.generate takes one SamplingParams per batch; seeds are per row), up to
+    `max_batch`. Jobs arriving meanwhile wait for the next batch, which
     gathers while jobs keep arriving (QUIET_SECONDS apart, GATHER_SECONDS at most). A client
     that goes away cancels its job: skipped if still waiting, left to finish with its batch
     otherwise (the batch stops early only when every row's client has gone)."""
