@@ -1,19 +1,39 @@
-"""`distill serve RUN_DIR`: the distilled student behind an OpenAI-compatible HTTP API,
-so any OpenAI client (the official SDKs, LangChain, curl) can talk to it.
+"""`distill serve RUN_DIR [RUN_DIR...]`: the distilled students behind an OpenAI-compatible
+HTTP API, so any OpenAI client (the official SDKs, LangChain, curl) can talk to them.
 
   POST /v1/chat/completions   JSON, or server-sent events with "stream": true
-  GET  /v1/models             "<run name>-student" (and "<run name>-teacher" with --teacher)
+  GET  /v1/models             "<run name>-student" per run (and "<run name>-teacher" with --teacher)
+  GET  /metrics               per served model: requests answered and failed, prompt, completion
+                              and saved tokens, latency p50/p99/mean (request received to last
+                              token, over its last 1000 requests); batches decoded, the largest,
+                              and how many mixed students (JSON; the token as for /v1)
   GET  /                      a page to chat with them in a browser (serve_page.py); it reads the
                               teacher's system prompt from GET /page/system_prompts (token needed)
   GET  /health                no token needed; 200 once the models are loaded, with the number
                               of requests waiting, batches decoded and the largest batch
 
+Many runs, one base: every run must be a trained student of the same base model (and dtype,
+device); the base is loaded once, the first run's adapter with it and every other run's
+beside it, and a request's `model` picks the student. Refused at start, naming the run, before
+anything is served: another base, a missing or corrupt adapter, a run name given twice.
+One run decodes with its adapter merged into the weights; with several, every batch row goes
+through its own student's adapter (peft's mixed-batch LoRA forward), so requests for different
+students decode in one batch.
+
 The student answers WITHOUT a system prompt: the request's messages go through the
 student's chat template exactly as given (the template may add its own default system
-prompt, as in training). With --teacher, "<run name>-teacher" serves the teacher model,
-also with the messages as given, so a client sends the system prompt itself (that is what
-`distill generate` does with `teacher.backend: openai`); when teacher and student are the
-same model, the teacher is the base weights with the adapter switched off.
+prompt, as in training), except that a leading system message equal to the run's distilled
+prompt (after whitespace normalisation: clients migrating from the prompted model still send
+it) is dropped, so the student answers as trained; the response then carries the header
+`X-Promptdistill-Prompt-Dropped: 1` and `usage.prompt_tokens_saved` (the tokens the prompt
+would have cost). Any other system message is kept, and the server's log says (with its length,
+never its text) that the request is outside what the student was trained on.
+--keep-system-prompt keeps the distilled prompt too.
+With --teacher, "<run name>-teacher" (one per run, all the same model: every run's teacher must
+be the first run's) serves the teacher model, with the messages as given, so a client sends
+the system prompt itself (that is what `distill generate` does with `teacher.backend: openai`);
+when teacher and student are the same model, the teacher is the base weights with the adapters
+switched off.
 
 Sampling: temperature, top_p, max_tokens (or max_completion_tokens), seed, logprobs and top_logprobs (not with streaming) and
 repetition_penalty (a vLLM-style extension) are honoured, and so is vLLM's return_tokens_as_token_ids
@@ -21,8 +41,8 @@ repetition_penalty (a vLLM-style extension) are honoured, and so is vLLM's retur
 with); anything not given falls back to the run config's `sampling` section, and a request
 without a seed gets a random one.
 Batching: one worker thread decodes; requests that arrive while a batch decodes wait and
-form the next batch (oldest first, up to --max-batch, those with the same model and
-sampling settings together; it gathers while requests keep arriving, until none came for
+form the next batch (oldest first, up to --max-batch, those with the same sampling settings
+together, every student one model; it gathers while requests keep arriving, until none came for
 10 ms, at most 50 ms: a batch's clients come back together), so each row keeps its own settings and seed and its answer
 does not depend on its batch-mates (LocalSampler seeds every row alone). At most
 --max-queue requests wait; beyond that the server answers 503 with Retry-After.
@@ -43,7 +63,6 @@ import random
 import sys
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -51,36 +70,57 @@ from pydantic import ValidationError
 
 from .serve_args import SERVE_DESCRIPTION, serve_arguments
 from .serve_batcher import Batcher, Cancelled, Job
+from .serve_metrics import Metrics
 from .serve_openai import ApiError, ChatRequest, check_supported, openai_logprobs, text_of
 from .serve_page import add_page
 from .terminal import USER_ERRORS, quiet_libraries
 
+PROMPT_DROPPED_HEADER = "X-Promptdistill-Prompt-Dropped"  # "1": the distilled prompt was dropped from the request
+
 
 class Server:
-    """The loaded models, what each served name means, and the batching worker."""
+    """The loaded models, what each served name means, and the batching worker. `runs` (config,
+    run dir) were checked by check_runs: one base, the first run's models loaded, every other
+    run's adapter added to them."""
 
-    def __init__(self, cfg, run, teacher: bool = False, max_batch: int = 16, max_queue: int = 256):
+    def __init__(self, runs: list, teacher: bool = False, max_batch: int = 16, max_queue: int = 256,
+                 keep_system_prompt: bool = False):
         from .answerers import Models, sampling_params
+        from .backends.local_sampler import LocalSampler
+        from .serve_students import load_students
 
+        cfg, run = runs[0]
         # Without --teacher, never load a separate teacher model: make Models see the student twice.
         models_cfg = cfg if teacher else cfg.model_copy(update={"teacher": cfg.student})
         self.models = Models(models_cfg, run)
-        self.names = {f"{cfg.name}-student": "student"}
+        self.students = load_students(self.models.student, runs)
+        self.names = dict.fromkeys(self.students, "student")
+        # The teacher is served under each run's name; the page sends each the system prompt of its run.
+        self.teacher_prompts = {f"{c.name}-teacher": c.system_prompt for c, _ in runs} if teacher else {}
+        self.names |= dict.fromkeys(self.teacher_prompts, "teacher")
+        # One student decodes with its adapter merged into the weights, the fastest; several
+        # decode together, each row through its own adapter (Job.adapter).
+        self.per_row_adapters = len(runs) > 1
+        self.samplers = {"student": LocalSampler(self.models.student, self.models.tokenizer, self.models.batch_size)
+                         if self.per_row_adapters else self.models.sampler("student")}
         if teacher:
-            self.names[f"{cfg.name}-teacher"] = "teacher"
-        self.samplers = {who: self.models.sampler(who) for who in self.names.values()}
+            self.samplers["teacher"] = self.models.sampler("teacher")
         self.defaults = sampling_params(cfg)
+        self.keep_system_prompt = keep_system_prompt
         self.started = int(time.time())
+        self.metrics = Metrics(list(self.names))
         self.batcher = Batcher(self.samplers, self.models, max_batch, max_queue)
 
     def context_length(self, who: str) -> int | None:
         model = self.samplers[who].model
         return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
-    def prepare(self, req: ChatRequest) -> tuple[str, list[int], Any, int]:
-        """(who, prompt ids, sampling params, seed) for a request, or an ApiError."""
+    def prepare(self, req: ChatRequest) -> tuple[Job, int | None]:
+        """The request's job, and the prompt tokens saved when the distilled prompt was dropped
+        from it (None when nothing was dropped), or an ApiError."""
         from .backends.base import SamplingParams
         from .render import prompt_ids
+        from .serve_students import without_distilled_prompt
 
         who = self.names.get(req.model)
         if who is None:
@@ -89,11 +129,27 @@ class Server:
         check_supported(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m)} for m in req.messages]
         tokenizer = self.samplers[who].tokenizer
-        try:
-            ids = prompt_ids(tokenizer, messages)
-        except Exception as e:  # noqa: BLE001  RenderError, or the template's own raise_exception (jinja2)
-            raise ApiError(400, f"cannot render these messages with the model's chat template: {e}", param="messages") from None
-        d = self.defaults
+
+        def render(messages: list[dict]) -> list[int]:
+            try:
+                return prompt_ids(tokenizer, messages)
+            except Exception as e:  # noqa: BLE001  RenderError, or the template's own raise_exception (jinja2)
+                raise ApiError(400, f"cannot render these messages with the model's chat template: {e}",
+                               param="messages") from None
+
+        ids, saved = render(messages), None
+        student = self.students.get(req.model)
+        if student is not None:
+            bare = None if self.keep_system_prompt else without_distilled_prompt(messages, student.cfg.system_prompt)
+            if bare is not None:  # answered as trained: without the prompt it was distilled from
+                bare_ids = render(bare)
+                ids, saved, messages = bare_ids, len(ids) - len(bare_ids), bare
+            system = [m for m in messages if m["role"] == "system"]
+            if system:  # the length only: a system prompt may be confidential
+                print(f"{req.model}: a request's system message ({len(system[0]['content'])} characters) is not the "
+                      f"prompt this student was distilled from: answered with it, outside what the student was "
+                      f"trained on", file=sys.stderr, flush=True)
+        d = self.defaults if student is None else student.defaults
         max_tokens = req.max_completion_tokens or req.max_tokens or d.max_tokens
         limit = self.context_length(who)
         if limit is not None and len(ids) + max_tokens > limit:
@@ -109,7 +165,8 @@ class Server:
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         seed = random.getrandbits(63) if req.seed is None else req.seed % 2**63
-        return who, ids, params, seed
+        adapter = student.adapter if student is not None and self.per_row_adapters else None
+        return Job(who, ids, params, seed, adapter=adapter), saved
 
 
 def build_app(server: Server, token: str | None = None) -> FastAPI:
@@ -149,6 +206,13 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
             raise ApiError(404, f"The model {name!r} does not exist", code="model_not_found", param="model")
         return model_card(name)
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        authorize(request)
+        b = server.batcher
+        return server.metrics.snapshot() | {"batches": {"decoded": len(b.batch_sizes), "largest": max(b.batch_sizes, default=0),
+                                                        "mixing_students": b.mixed_batches}}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
@@ -161,27 +225,38 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
         except ValidationError as e:  # name the field and the problem; never echo the values
             problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
             raise ApiError(400, f"invalid request: {problems}") from None
-        who, ids, params, seed = server.prepare(req)
+        received = time.perf_counter()
+        job, saved = server.prepare(req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         loop = asyncio.get_running_loop()
+        dropped = {} if saved is None else {PROMPT_DROPPED_HEADER: "1"}
 
         def usage(done) -> dict:
-            n = len(done.token_ids)
-            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+            n, read = len(done.token_ids), len(job.ids)
+            return {"prompt_tokens": read, "completion_tokens": n, "total_tokens": read + n} | (
+                {} if saved is None else {"prompt_tokens_saved": saved})
+
+        def answered(done) -> None:
+            server.metrics.answered(req.model, time.perf_counter() - received, len(job.ids), len(done.token_ids),
+                                    saved or 0)
 
         if not req.stream:
-            job = server.batcher.submit(Job(who, ids, params, seed))
+            server.batcher.submit(job)
             try:
                 done = await asyncio.wrap_future(job.future)
             except asyncio.CancelledError:
                 job.cancel.set()  # the client went away: do not decode for nobody
                 raise
-            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                    "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "logprobs": openai_logprobs(done.logprobs, req.return_tokens_as_token_ids),
-                                 "finish_reason": done.finish_reason}],
-                    "usage": usage(done)}
+            except Exception:
+                server.metrics.failed(req.model)
+                raise
+            answered(done)
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                                 "system_fingerprint": None,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                                              "logprobs": openai_logprobs(done.logprobs, req.return_tokens_as_token_ids),
+                                              "finish_reason": done.finish_reason}],
+                                 "usage": usage(done)}, headers=dropped)
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         queue: asyncio.Queue = asyncio.Queue()
@@ -194,7 +269,8 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
             if not isinstance(e, Cancelled):
                 put(("done", future.result()) if e is None else ("error", e))
 
-        job = server.batcher.submit(Job(who, ids, params, seed, on_text=lambda d: put(("text", d))))
+        job.on_text = lambda d: put(("text", d))
+        server.batcher.submit(job)
         job.future.add_done_callback(finished)
 
         def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -213,10 +289,12 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
                     if kind == "text":
                         yield chunk({"content": value})
                     elif kind == "error":
+                        server.metrics.failed(req.model)
                         err = ApiError(500, f"generation failed: {type(value).__name__}", kind="server_error")
                         yield f"data: {json.dumps(err.body())}\n\n"
                         break
                     else:
+                        answered(value)
                         yield chunk({}, value.finish_reason)
                         if include_usage:
                             body = {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -228,36 +306,43 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
                 job.cancel.set()  # no-op when finished; if the client left, its row is no longer decoded for it
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | dropped)
 
-    add_page(app, {name: server.models.cfg.system_prompt for name, who in server.names.items() if who == "teacher"},
-             authorize)
+    add_page(app, server.teacher_prompts, authorize)
     return app
 
 
-def serve(run_dir: str, teacher: bool = False, host: str = "127.0.0.1", port: int = 8000,
-          token_env: str | None = None, max_batch: int = 16, max_queue: int = 256) -> int:
-    """Load the run's models and serve them until Ctrl-C. User errors (a missing token
-    variable, an untrained run, an API teacher with --teacher) raise the CLI's user errors."""
+def serve(run_dirs: list[str], teacher: bool = False, host: str = "127.0.0.1", port: int = 8000,
+          token_env: str | None = None, max_batch: int = 16, max_queue: int = 256,
+          keep_system_prompt: bool = False) -> int:
+    """Load the runs' models and serve them until Ctrl-C. User errors (a missing token
+    variable, an untrained run, runs that cannot share one base, an API teacher with
+    --teacher) raise the CLI's user errors before anything is loaded or served."""
     import uvicorn
 
     from .config_errors import ConfigError
 
     from .config_file import load_config
     from .rundir import RunDir
+    from .serve_students import check_runs
 
     token = None
     if token_env:
         token = os.environ.get(token_env)
         if not token:
             raise ConfigError(f"--token-env {token_env}: that environment variable is not set or empty")
-    cfg = load_config(run_dir)
-    if teacher and cfg.teacher.backend != "local":
-        raise ConfigError(f"--teacher: the teacher {cfg.teacher.served_name!r} is served by {cfg.teacher.base_url} "
-                          f"already (backend {cfg.teacher.backend}); serve the student alone")
     if max_batch < 1 or max_queue < 0:
         raise ConfigError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
-    server = Server(cfg, RunDir(cfg.run_path), teacher=teacher, max_batch=max_batch, max_queue=max_queue)
+    runs = []
+    for run_dir in run_dirs:
+        cfg = load_config(run_dir)
+        if teacher and cfg.teacher.backend != "local":
+            raise ConfigError(f"--teacher: run {cfg.name!r}'s teacher {cfg.teacher.served_name!r} is served by "
+                              f"{cfg.teacher.base_url} already (backend {cfg.teacher.backend}); serve the student alone")
+        runs.append((cfg, RunDir(cfg.run_path)))
+    check_runs(runs, teacher)
+    server = Server(runs, teacher=teacher, max_batch=max_batch, max_queue=max_queue,
+                    keep_system_prompt=keep_system_prompt)
     app = build_app(server, token)
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"warning: listening on {host} without --token-env: anyone who can reach this machine can use the model",
@@ -275,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     args = serve_arguments(argparse.ArgumentParser(prog="distill serve", description=SERVE_DESCRIPTION)).parse_args(argv)
     try:
         quiet_libraries()
-        return serve(args.run_dir, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env,
-                     max_batch=args.max_batch, max_queue=args.max_queue)
+        return serve(args.run_dirs, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env,
+                     max_batch=args.max_batch, max_queue=args.max_queue, keep_system_prompt=args.keep_system_prompt)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,6 +71,7 @@ class Job:
     params: Any
     seed: int
     on_text: Callable[[str], None] | None = None
+    adapter: str | None = None  # the student's LoRA adapter, when one model holds several (decoded per row)
     cancel: threading.Event = field(default_factory=threading.Event)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
@@ -78,9 +79,10 @@ class Job:
 class Batcher:
     """A bounded queue of jobs and the one thread that decodes them, a batch at a time.
 
-    A batch is the oldest waiting job plus the next waiting jobs with the same model and
-    sampling settings (LocalSampler.generate takes one SamplingParams per batch; seeds are
-    per row), up to `max_batch`. Jobs arriving meanwhile wait for the next batch, which
+    A batch is the oldest waiting job plus the next waiting jobs with the same model (every
+    student is one model: the rows choose their adapters) and sampling settings
+    (LocalSampler.generate takes one SamplingParams per batch; seeds are per row), up to
+    `max_batch`. Jobs arriving meanwhile wait for the next batch, which
     gathers while jobs keep arriving (QUIET_SECONDS apart, GATHER_SECONDS at most). A client
     that goes away cancels its job: skipped if still waiting, left to finish with its batch
     otherwise (the batch stops early only when every row's client has gone)."""
@@ -93,6 +95,7 @@ class Batcher:
         self.ready = threading.Condition()
         self.batch_seconds = 1.0  # the last batch's wall time: the Retry-After estimate
         self.batch_sizes: list[int] = []  # every batch's size, in order (/health reports them)
+        self.mixed_batches = 0  # batches whose rows went through more than one student's adapter
         threading.Thread(target=self._work, name="promptdistill-batcher", daemon=True).start()
 
     def submit(self, job: Job) -> Job:
@@ -148,6 +151,7 @@ class Batcher:
                     _settle(job.future, completion)
             self.batch_seconds = time.monotonic() - started
             self.batch_sizes.append(len(batch))
+            self.mixed_batches += len({j.adapter for j in batch}) > 1
 
     def _decode(self, batch: list[Job]) -> list:
         sampler = self.samplers[batch[0].who]
@@ -163,7 +167,9 @@ class Batcher:
                     job.on_text(delta)
 
         with self.models.context(batch[0].who):
-            done = sampler.generate([j.ids for j in batch], batch[0].params, [j.seed for j in batch], on_token=on_token)
+            adapters = None if batch[0].adapter is None else [j.adapter for j in batch]
+            done = sampler.generate([j.ids for j in batch], batch[0].params, [j.seed for j in batch], on_token=on_token,
+                                    adapters=adapters)
         for job, d, completion in zip(batch, deltas, done):
             rest = d.finish(completion.text) if job.on_text is not None else ""
             if rest:

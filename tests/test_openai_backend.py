@@ -312,8 +312,8 @@ def test_a_key_in_the_config_is_refused_without_echoing_it(srv, tmp_path):
         load_config(config, ["teacher.base_url=null"])
     from promptdistill.serve import serve
 
-    with pytest.raises(ConfigError, match=f"--teacher: the teacher '{TEACHER}' is served by {srv.server.url}/v1 already"):
-        serve(str(config), teacher=True)  # refused before any model is loaded
+    with pytest.raises(ConfigError, match=f"--teacher: run .*'s teacher '{TEACHER}' is served by {srv.server.url}/v1 already"):
+        serve([str(config)], teacher=True)  # refused before any model is loaded
 
 
 def test_retry_helpers():

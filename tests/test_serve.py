@@ -74,13 +74,14 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def start_server(run_dir: Path, logs: Path, *args: str, env: dict = ENV, timeout: float = 90) -> ServerProcess:
-    """`python -m promptdistill.serve RUN_DIR --port P ARGS...`, returned once /health answers."""
+def start_server(run_dir: Path | list[Path], logs: Path, *args: str, env: dict = ENV, timeout: float = 180) -> ServerProcess:
+    """`python -m promptdistill.serve RUN_DIR... --port P ARGS...`, returned once /health answers."""
     port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     out, err = logs / f"serve-{port}.out", logs / f"serve-{port}.err"
+    run_dirs = [str(r) for r in (run_dir if isinstance(run_dir, list) else [run_dir])]
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "promptdistill.serve", str(run_dir), "--port", str(port), *args],
+        proc = subprocess.Popen([sys.executable, "-m", "promptdistill.serve", *run_dirs, "--port", str(port), *args],
                                 cwd=REPO, env=env, stdout=o, stderr=e)
     server = ServerProcess(proc, port, out, err)
     deadline = time.monotonic() + timeout

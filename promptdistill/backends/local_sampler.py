@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..render import Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams
 from .local_attention import MIN_SHARED_PREFIX, common_prefix_len, new_cache, prefix_kv, use_shared_prefix_attention
-from .local_model import DecoderAndHead, load_causal_lm, lora_merged
+from .local_model import DecoderAndHead, adapters_per_row, load_causal_lm, lora_merged
 
 class LocalSampler:
     def __init__(self, model, tokenizer, batch_size: int = 16, merge_lora: bool = False):
@@ -24,7 +24,8 @@ class LocalSampler:
         self.device = next(model.parameters()).device
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self._prefix: tuple[tuple[int, ...], list] | None = None  # (tokens, per-layer keys and values)
+        # (adapter, tokens) and the prefix's per-layer keys and values
+        self._prefix: tuple[tuple[str | None, tuple[int, ...]], list] | None = None
         self.shares_prefix = use_shared_prefix_attention(model)
         self.parts = DecoderAndHead(model)
 
@@ -66,20 +67,43 @@ class LocalSampler:
     def forget_prefix(self) -> None:
         self._prefix = None
 
-    def _prefix_kv(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The prefix's keys and values, reused while batches share the prefix."""
-        if self._prefix is None or self._prefix[0] != tuple(prefix):
-            self._prefix = (tuple(prefix), prefix_kv(self.parts.decoder, prefix, self.device))
+    def _prefix_kv(self, prefix: list[int], live_adapters: list[str] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix's keys and values, reused while batches share the prefix (and adapter).
+        With per-row adapters every row has the same one here: the prefix is one row."""
+        adapter = None if live_adapters is None else live_adapters[0]
+        key = (adapter, tuple(prefix))
+        if self._prefix is None or self._prefix[0] != key:
+            rows = None if live_adapters is None else live_adapters[:]
+            if rows is not None:
+                live_adapters[:] = rows[:1]
+            try:
+                self._prefix = (key, prefix_kv(self.parts.decoder, prefix, self.device))
+            finally:
+                if rows is not None:
+                    live_adapters[:] = rows
         return self._prefix[1]
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_token=None) -> list[Completion]:
-        """Decode a batch. `on_token(row, token_id)` is called as tokens are produced (streaming)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_token=None,
+                 adapters: list[str] | None = None) -> list[Completion]:
+        """Decode a batch. `on_token(row, token_id)` is called as tokens are produced (streaming).
+        `adapters` names each row's LoRA adapter (the model holds several: `distill serve` with
+        many runs), so rows of different students decode together; none: the active adapter."""
+        if adapters is None:
+            return self._generate(prompts, params, seeds, on_token, None)
+        live = list(adapters)  # each live row's adapter, kept in step as finished rows leave
+        with adapters_per_row(self.model, live):
+            return self._generate(prompts, params, seeds, on_token, live)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_token,
+                  live_adapters: list[str] | None) -> list[Completion]:
         self.model.eval()
         batch = len(prompts)
         shared = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-        if shared >= MIN_SHARED_PREFIX and self.shares_prefix:
-            prefix = {"shared_prefix": self._prefix_kv(prompts[0][:shared])}
+        # The prefix's keys and values depend on the adapter: rows of several students share none.
+        one_adapter = live_adapters is None or len(set(live_adapters)) == 1
+        if shared >= MIN_SHARED_PREFIX and self.shares_prefix and one_adapter:
+            prefix = {"shared_prefix": self._prefix_kv(prompts[0][:shared], live_adapters)}
         else:
             shared, prefix = 0, {}
         cache = new_cache()  # holds each row's own tokens only; the prefix lives once in `prefix`
@@ -121,6 +145,8 @@ class LocalSampler:
                 keep = (~done).nonzero().flatten()
                 cache.batch_select_indices(keep)
                 rows = [rows[i] for i in keep.tolist()]
+                if live_adapters is not None:
+                    live_adapters[:] = [live_adapters[i] for i in keep.tolist()]
                 tokens, attention, next_pos, seen = tokens[keep], attention[keep], next_pos[keep], seen[keep]
             seen[torch.arange(len(rows)), tokens] = True
             attention = torch.cat([attention, attention.new_ones((len(rows), 1))], 1)

@@ -75,7 +75,12 @@ async function connect() {
   }
 }
 
-function teacherModel() { return state.models.find((id) => state.prompts[id] !== undefined); }
+// The teacher beside a student: its own run's ("<run>-student" -> "<run>-teacher", prompted with
+// that run's system prompt), else the first prompted model served.
+function teacherModel(chosen = $("model").value) {
+  const own = chosen.replace(/-student$/, "-teacher");
+  return state.prompts[own] !== undefined ? own : state.models.find((id) => state.prompts[id] !== undefined);
+}
 
 function shownModels() {
   const chosen = $("model").value, teacher = teacherModel();
