@@ -14,6 +14,9 @@ import openai
 import pytest
 from test_serve import RUN_NAME, SYSTEM_PROMPT, Served, local_completion, served, start_server
 from tiny import save_tiny, trained_tiny_run
+from chat_page import READ_COLUMNS, say
+from test_serve_page import needs_browser
+from webdriver import headless_chromium
 
 # The first run is test_serve's (its tiny model is the base of all three); the other two are
 # trained here with other prompts, steps, learning rates and seeds, so that a row decoded
@@ -201,3 +204,44 @@ def test_runs_that_cannot_be_served_together_are_refused_at_start(many, tmp_path
     twin = shutil.copytree(runs["poet"], tmp_path / "poet-again")
     err = refusal(capsys, runs["poet"], twin)
     assert f"run 'poet' ({twin}): a run named 'poet' is already served from {runs['poet']}" in err
+
+
+@needs_browser
+def test_the_page_switches_student_each_beside_its_own_runs_teacher(many, tmp_path):
+    """In headless Chromium: every student is offered; each chosen student talks two turns beside
+    its own run's teacher, prompted with that run's system prompt; the answers are the server's."""
+    from transformers import AutoTokenizer
+
+    from promptdistill.render import prompt_ids
+
+    tokenizer, url = AutoTokenizer.from_pretrained(many["model"]), many["server"].url
+
+    def unstreamed(model: str, messages: list[dict]) -> str:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"model": model, "messages": messages, "seed": 7})
+        return r.json()["choices"][0]["message"]["content"]
+
+    with headless_chromium(tmp_path / "chromium") as browser:
+        browser.open(f"{url}/")
+        browser.wait_for("return document.querySelectorAll('.column').length === 2", what="two columns")
+        offered = browser.run("return [...document.querySelectorAll('#model option')].map(o => o.value)")
+        assert offered == STUDENTS + [f"{n}-teacher" for n in PROMPTS]
+        browser.type("#seed", "7")
+        said = ["Where is the gold?", "And who hid it?"]
+        for name in ("poet", "robot"):
+            pair = [f"{name}-student", f"{name}-teacher"]
+            browser.click(f"#model option[value='{pair[0]}']")
+            browser.wait_for("return document.querySelectorAll('.turn').length === 0 && [...document.querySelectorAll("
+                             "'.column')].map(c => c.dataset.model).join() === arguments[0]", ",".join(pair),
+                             what=f"a new chat with {pair}")
+            for text in said:
+                say(browser, text)
+            columns = browser.run(READ_COLUMNS)
+            assert [c["model"] for c in columns] == pair
+            for column in columns:
+                history = [{"role": "system", "content": PROMPTS[name]}] if column["model"] == pair[1] else []
+                for turn in column["turns"]:
+                    history.append({"role": "user", "content": turn["user"]})
+                    assert int(turn["promptTokens"]) == len(prompt_ids(tokenizer, history)), (column["model"], turn)
+                    assert turn["answer"] == unstreamed(column["model"], history)
+                    history.append({"role": "assistant", "content": turn["answer"]})
+        assert browser.screenshot(tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
