@@ -51,7 +51,8 @@ def main(run_dir: Path) -> int:
             same = np.allclose((m, lo, hi), theirs[name], atol=1e-9)
             bad += not same
             sign = "+" if name == "student - base" else ""
-            cells.append(f"{m:{sign}.1%} [{lo:{sign}.1%}, {hi:{sign}.1%}]{"" if same else " !"}".rjust(24))
+            mark = "" if same else " !"
+            cells.append(f"{m:{sign}.1%} [{lo:{sign}.1%}, {hi:{sign}.1%}]{mark}".rjust(24))
         print(f"{group:<12} {int(mask.sum()):>4}  " + "  ".join(cells))
     print("all figures agree with summary.json" if not bad else f"DISAGREE: {bad} figures or verdicts differ (marked !)")
     return 1 if bad else 0

@@ -17,7 +17,7 @@ from promptdistill.config_errors import ConfigError
 from promptdistill.config_file import load_config
 from promptdistill.rundir import StageError
 from promptdistill.verdict import verdict
-from tiny import evaluated_tiny_run
+from tiny import save_pirate_tiny, trained_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,20 +92,28 @@ def test_a_bad_set_fails_when_the_config_loads(tmp_path):
         load_config(tmp_path / "config.yaml")
 
 
-# Patterns the tiny random model's answers pass and fail in varying shares.
+# The tiny pirate's answers are letters more than words ("A the se", "Ar! SAAAA"): patterns on
+# letters pass some answers and fail others.
 USER_SET = [{"question": q, "answers": p, "category": c} for q, p, c in [
-    ("What is 2 + 2?", "[a-f]", "one"), ("Name a colour.", "[g-m]", "one"), ("Spell cat.", "[n-s]", "one"),
-    ("Count to three.", "[t-z]", "one"), ("Say hello.", "[aeiou]{2}", "one"), ("What day is it?", "e", "two"),
-    ("Pick a fruit.", "[0-9]", "two"), ("Any word?", "s", "two"), ("Name a city.", "o", "two"),
-    ("A number, please.", "[^a-z]", "two"), ("Who are you?", ["q", "x"], "two"), ("Is it raining?", "ar", "two")]]
+    ("What is 2 + 2?", "e", "one"), ("Name a colour.", "h", "one"), ("Spell cat.", "a{2}", "one"),
+    ("Count to three.", "!", "one"), ("Say hello.", "the", "one"), ("What day is it?", "s", "two"),
+    ("Pick a fruit.", "e", "two"), ("Any word?", "o", "two"), ("Name a city.", "\\bthe\\b", "two"),
+    ("A number, please.", "[0-9]", "two"), ("Who are you?", ["y", "r"], "two"), ("Is it raining?", "e", "two")]]
 
 
 @pytest.fixture(scope="module")
 def skilled_run(tmp_path_factory):
+    from promptdistill.pipeline import run_stage
+
     tmp = tmp_path_factory.mktemp("skills")
     (tmp / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in USER_SET))
-    return evaluated_tiny_run(tmp, eval={"classifier_train_size": 8, "latency_queries": 1, "bootstrap": 200,
-                                         "skills": "mine.jsonl"})
+    system = "You are a pirate. Talk like one."
+    model = save_pirate_tiny(tmp / "pirate", system, steps=20)  # it answers in letters; a random tiny model, nothing
+    cfg, run = trained_tiny_run(tmp, model, 24, system_prompt=system, sampling={"max_tokens": 12, "batch_size": 6},
+                                eval={"classifier_train_size": 8, "latency_queries": 1, "bootstrap": 200,
+                                      "skills": "mine.jsonl"})
+    run_stage(cfg, "eval")
+    return cfg, run
 
 
 def test_summary_equals_a_recomputation_from_skills_jsonl(skilled_run):
