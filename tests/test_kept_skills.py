@@ -186,3 +186,15 @@ def test_verdict_warns_when_the_student_lost_skills():
     assert not kept["kept_skills"]["lost"] and "Warning" not in verdict(kept)
     better = summary_with([1] * 40, [0] * 40)
     assert "Warning" not in verdict(better)
+
+
+def test_distill_compare_shows_kept_skills_per_run():
+    from promptdistill.compare import skills_rows
+
+    with_skills = {"summary": summary_with([1] * 20 + [0] * 14 + [1] * 6, [1] * 40)}
+    rows = {r[0]: r[1:] for r in skills_rows([with_skills, {"summary": {}}])}
+    assert rows["all student"][0].startswith("65% [") and rows["all student"][1] == ""
+    assert rows["all base"] == ["100% [100%, 100%]", ""]
+    assert rows["words lost"] == ["yes", ""] and rows["maths lost"] == ["no", ""]
+    assert rows["words student - base"][0].startswith("-70% [")
+    assert skills_rows([{"summary": {}}]) == []
