@@ -28,7 +28,9 @@ from .scores import bootstrap_ci
 
 BUILTIN = Path(__file__).with_name("kept_skills.jsonl")
 ANSWERERS = ("base", "student", "teacher")  # base and student WITHOUT the prompt, the teacher WITH it
-MAX_TOKENS = 32  # a short answer's room: the questions ask for a number or a word
+# A short answer's room: the questions ask for a number or a word. On the shipped set the base model
+# scored 46.9% at 32 tokens and 46.2% with its answers cut at 24, which decode 14% fewer tokens.
+MAX_TOKENS = 24
 
 
 @dataclass(frozen=True)
