@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from tqdm import tqdm
 
 from . import teacher
-from .backends.base import Sampler, SamplingParams
+from .backends.base import Completion, Sampler, SamplingParams
 from .backends.local_model import load_causal_lm
 from .backends.local_sampler import LocalSampler
 from .backends.local_scorer import AnswerScorer
@@ -103,6 +104,20 @@ class Models:
     def answerer(self, who: str) -> Sampler:
         """What answers as `who`: its local sampler, or the remote teacher's endpoint."""
         return self.teacher.sampler() if who == "teacher" else self.sampler(who)
+
+    def answer_all(self, who: str, conversations: list[list[dict]], params: SamplingParams, seeds: list[int],
+                   desc: str) -> list[Completion]:
+        """`who`'s answers to `conversations` (the teacher's WITH its prompt, as given), batch by
+        batch with a progress bar; a row an endpoint gave up on after its retries fails the stage."""
+        sampler, out = self.answerer(who), []
+        with self.context(who):
+            for start in tqdm(range(0, len(conversations), self.batch_size), desc=desc, unit="batch", leave=False):
+                out += sampler.sample(conversations[start:start + self.batch_size], params,
+                                      seeds[start:start + self.batch_size])
+        failed = [c.error for c in out if c.finish_reason == "error"]
+        if failed:
+            raise StageError(f"{desc}: {len(failed)} of {len(out)} answers failed after retries (first: {failed[0]}); re-run eval")
+        return out
 
     def context(self, who: str):
         if who == "teacher":

@@ -126,6 +126,22 @@ def turn_rows(runs: list[dict]) -> list[list[str]]:
     return rows
 
 
+def skills_rows(runs: list[dict]) -> list[list[str]]:
+    """Kept skills (summary["kept_skills"]), overall and per category: base, student and teacher
+    accuracy, student - base (mean [95% CI], paired) and whether the student lost them."""
+    sections = [r["summary"].get("kept_skills") or {} for r in runs]
+    groups = ["all", *dict.fromkeys(c for ks in sections for c in ks.get("per_category", {}))]
+    rows = []
+    for group in groups:
+        at = [ks if group == "all" else ks.get("per_category", {}).get(group) for ks in sections]
+        for who in ("base", "student", "teacher"):
+            rows.append([f"{group} {who}"] + [pct_ci({"mean": s[who]["accuracy"], "ci95": s[who]["ci95"]}) if s else ""
+                                              for s in at])
+        rows.append([f"{group} student - base"] + [pct_ci(s["student_minus_base"]) if s else "" for s in at])
+        rows.append([f"{group} lost"] + [("yes" if s["lost"] else "no") if s else "" for s in at])
+    return rows if any(sections) else []
+
+
 def numbers(run: dict) -> dict:
     """The run's other headline numbers, flattened: summary sections, train loss, stage seconds."""
     s = run["summary"]
@@ -160,6 +176,8 @@ def build(runs: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
         ("Runs", head, [["path"] + [str(r["path"]) for r in runs]]),
         (QUALITY, head, quality_rows(runs)),
         *([("By turn of the conversation", head, by_turn)] if by_turn else []),
+        *([("Kept skills (accuracy WITHOUT the prompt, the teacher WITH it; mean [95% CI])", head, skills)]
+          if (skills := skills_rows(runs)) else []),
         ("Tokens, cost, latency, training, seconds per stage", head, _rows([numbers(r) for r in runs])),
         ("Config fields that differ", head, config_diff(runs) or [["(none)"] + [""] * len(runs)]),
         ("Verdicts", ["run", "verdict"], [[n, r["summary"].get("verdict", "")] for n, r in zip(labels(runs), runs)]),

@@ -288,6 +288,8 @@ class EvalConfig(Strict):
     latency_queries: int = Field(12, ge=1, description="test queries timed one by one for latency")
     bootstrap: int = Field(2000, ge=100)
     judge: JudgeConfig | None = Field(None, description="an LLM judge comparing answers pairwise (optional)")
+    skills: str = Field("builtin", min_length=1, description="kept skills (kept_skills.py): `builtin` (the shipped "
+                        "questions), `none`, or a .jsonl/.csv file of question, answers (regex patterns), category")
 
 
 class ChecksConfig(Strict):

@@ -121,11 +121,15 @@ def train_values(row: dict) -> dict[str, float]:
 
 def eval_values(summary: dict) -> dict[str, float]:
     """The headline numbers of summary.json: per score its retained, student, base and ceiling
-    means (whatever scores there are), then every number of the tokens, latency and cost sections."""
+    means (whatever scores there are), the kept skills' accuracies, then every number of the tokens,
+    latency and cost sections."""
     values = {}
     for name, q in (summary.get("quality") or {}).items():
         for part in ("retained", "student", "base", "ceiling"):
             values[f"eval/{name}/{part}"] = (q.get(part) or {}).get("mean")
+    ks = summary.get("kept_skills") or {}
+    values |= {f"eval/kept_skills/{who}": (ks.get(who) or {}).get("accuracy") for who in ("base", "student", "teacher")}
+    values["eval/kept_skills/student_minus_base"] = (ks.get("student_minus_base") or {}).get("mean")
     for section in EVAL_SECTIONS:
         values |= {f"eval/{section}/{k.replace('.', '/')}": v for k, v in flatten(summary.get(section) or {}).items()}
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -43,9 +43,30 @@ def by_turn_words(q: dict) -> str:
     return f"; by turn: {', '.join(f'{t} {v:.0%}' for t, v in by.items())}, weakest at turn {min(by, key=by.get)}"
 
 
+def skills_warning(summary: dict) -> str:
+    """' Warning: ...' when the student lost skills the base had (kept_skills: the paired CI of
+    student - base wholly below 0, overall or in a category), naming the categories; else ''."""
+    ks = summary.get("kept_skills")
+    if not ks:
+        return ""
+    lost = [c for c, s in ks.get("per_category", {}).items() if s["lost"]]
+    if not ks["lost"] and not lost:
+        return ""
+    d = ks["student_minus_base"]
+    return (f" Warning: the student lost skills the base model had: kept-skills accuracy {ks['student']['accuracy']:.0%} "
+            f"against the base's {ks['base']['accuracy']:.0%}, student - base {d['mean']:+.0%} (95% CI "
+            f"{d['ci95'][0]:+.0%} to {d['ci95'][1]:+.0%})"
+            + (f"; lost in {', '.join(lost)}" if lost else "") + ".")
+
+
 def verdict(summary: dict) -> str:
     """One plain sentence on whether it worked, led by the primary score, counting only the
-    scores that can tell on this run; the others are named as such."""
+    scores that can tell on this run; the others are named as such; then a warning when the
+    student lost skills the base had (skills_warning)."""
+    return _quality_verdict(summary) + skills_warning(summary)
+
+
+def _quality_verdict(summary: dict) -> str:
     quality = summary["quality"]
     told = [n for n in PRIMARY if n in quality and quality[n]["can_tell"]]
     told += [n for n in quality if quality[n]["can_tell"] and n not in told]

@@ -57,7 +57,7 @@ def project(root: Path, base_url: str, student: Path) -> Path:
               "lora": {"rank": 4, "alpha": 8},
               "train": {"phases": [{"objective": "sft", "steps": 2}, {"objective": "kl", "steps": 2}], "lr": 1e-2,
                         "batch_size": 4, "eval_every": 2},
-              "eval": {"classifier_train_size": 8, "latency_queries": 2, "bootstrap": 100}}
+              "eval": {"classifier_train_size": 8, "latency_queries": 2, "bootstrap": 100, "skills": "none"}}
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return root / "config.yaml"
 

@@ -46,7 +46,7 @@ def write_project(root: Path, srv, base_url: str, n: int = 10, overrides: dict |
               "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 10, "batch_size": 4},
               "lora": {"rank": 4, "alpha": 8},
               "train": {"steps": 2, "batch_size": 4, "eval_every": 2},
-              "eval": {"classifier_train_size": 8, "latency_queries": 2, "bootstrap": 100}}
+              "eval": {"classifier_train_size": 8, "latency_queries": 2, "bootstrap": 100, "skills": "none"}}
     for section, values in (overrides or {}).items():
         config[section] = config[section] | values
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

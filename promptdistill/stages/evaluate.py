@@ -30,9 +30,8 @@ import statistics
 import time
 
 import numpy as np
-from tqdm import tqdm
 
-from .. import best_of, judge, rules, scores, tracking
+from .. import best_of, judge, kept_skills, rules, scores, tracking
 from ..answerers import Models, answer_settings, sampling_params
 from ..backends.base import Completion, SamplingParams
 from ..config import RunConfig
@@ -40,6 +39,7 @@ from ..render import prompt_ids
 from ..rundir import (RunDir, StageError, Timer, atomic_write_json, atomic_write_text, fingerprint, fmt_seconds,
                       json_safe, read_jsonl, sha256_file)
 from ..verdict import verdict
+from . import evaluate_skills
 from .evaluate_chats import own_history_kl
 from .evaluate_fidelity import divergent_tokens, fidelity_skipped, on_policy_kl, teacher_forced, teacher_topk, topk_k
 from .generate import row_seeds
@@ -49,18 +49,10 @@ from .train import load_split
 def answer(cfg: RunConfig, models: Models, who: str, rows: list[dict], seed_offset: int) -> list[Completion]:
     """Sample answers for `rows` as `who` (teacher: with the prompt; student/base: without),
     each from its teacher row's seed + `seed_offset`; a teacher behind an endpoint answers there."""
-    sampler, params = models.answerer(who), sampling_params(cfg)
+    params = sampling_params(cfg)
     convs = [r["messages"] if who == "teacher" else r["prompt"] for r in rows]
     seeds = row_seeds(cfg, [r["identity"] for r in rows], params.seed + seed_offset)
-    out: list[Completion] = []
-    with models.context(who):
-        for start in tqdm(range(0, len(rows), models.batch_size), desc=f"eval: {who} answers", unit="batch", leave=False):
-            out += sampler.sample(convs[start:start + models.batch_size], params, seeds[start:start + models.batch_size])
-    failed = [c.error for c in out if c.finish_reason == "error"]  # an endpoint that gave up on a row after retries
-    if failed:
-        raise StageError(f"eval: {len(failed)} of {len(rows)} {who} answers failed after retries (first: {failed[0]}); "
-                         f"re-run eval")
-    return out
+    return models.answer_all(who, convs, params, seeds, desc=f"eval: {who} answers")
 
 
 def latency(models: Models, who: str, rows: list[dict], params: SamplingParams) -> dict:
@@ -174,6 +166,7 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     return {"adapter": sha256_file(adapter)[:16] if adapter.exists() else None,
             "eval": cfg.eval.model_dump(exclude_none=True), "sampling": answer_settings(cfg),
             **({"rules": fingerprint([r.model_dump() for r in cfg.checks.rules])} if cfg.checks.rules else {}),
+            **({"skills": fingerprint(text)} if (text := kept_skills.fingerprint_source(cfg.eval.skills)) else {}),
             "pricing": cfg.pricing.model_dump() if cfg.pricing else None}
 
 
@@ -188,6 +181,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         if len(test) < 2:
             raise StageError(f"only {len(test)} usable test answers; eval needs a test split (queries.test > 0)")
         train_rows = splits["train"][: cfg.eval.classifier_train_size]
+        skill_items = kept_skills.load(cfg.eval.skills)  # a bad row fails here, before any model is loaded
         models = Models(cfg, run)
         params = sampling_params(cfg)
 
@@ -316,6 +310,11 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         }
         if cfg.checks.rules:
             summary["compliance"] = {"rules": compliance, "teacher_data": best_of.selection_summary(cfg.checks.rules, run)}
+        if skill_items:
+            with Timer() as skills_time:
+                summary["kept_skills"] = evaluate_skills.run(models, run, skill_items, cfg.eval.bootstrap)
+            print(f"eval: kept skills, {len(skill_items)} questions x 3 answerers, in {fmt_seconds(skills_time.seconds)}",
+                  flush=True)
         if cfg.eval.judge:
             summary["judge"] = judge.run(cfg, run, test, texts)
         summary["notes"] = notes

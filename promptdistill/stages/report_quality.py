@@ -117,3 +117,27 @@ def compliance_section(summary: dict) -> list[str]:
         md += table(["Rule", "Applies", "First try", "Kept"],
                     [[n, r["applies"], pct(r["first_try"]), pct(r["kept"])] for n, r in data["rules"].items()]) + [""]
     return md
+
+
+def skills_section(summary: dict) -> list[str]:
+    """Kept skills (kept_skills.py): accuracy on short checkable questions of base and student
+    WITHOUT the prompt and the teacher WITH it, overall and per category; nothing without them."""
+    ks = summary.get("kept_skills")
+    if not ks:
+        return []
+    md = ["## Kept skills", "",
+          f"{ks['n']} short questions with checkable answers (arithmetic, facts, spelling, unit conversions, simple "
+          "reasoning, or the set `eval.skills` names), answered greedily: base and student WITHOUT the prompt, the "
+          "teacher WITH it (a reference, not a ceiling). Accuracy with bootstrap 95% CIs; student - base is the mean "
+          "of the per-question differences (paired). **Lost** when its CI lies wholly below 0: training cost the "
+          "student a skill the base model had. Every answer is in skills.jsonl.", ""]
+    rows = [[name, s["n"], pct_ci(_acc(s["base"])), pct_ci(_acc(s["student"])), pct_ci(_acc(s["teacher"])),
+             pct_ci(s["student_minus_base"]), "**lost**" if s["lost"] else "kept"]
+            for name, s in [("all", ks), *ks.get("per_category", {}).items()]]
+    return md + table(["Category", "n", "Base", "Student", "Teacher (with the prompt)", "Student - base", "Verdict"],
+                      rows) + [""]
+
+
+def _acc(answerer: dict) -> dict:
+    """An answerer's accuracy in pct_ci's shape."""
+    return {"mean": answerer["accuracy"], "ci95": answerer["ci95"]}
