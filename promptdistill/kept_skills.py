@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .rundir import StageError
+from .rundir import StageError, iter_jsonl
 from .scores import bootstrap_ci
 
 BUILTIN = Path(__file__).with_name("kept_skills.jsonl")
@@ -63,28 +62,13 @@ def load(spec: str) -> list[Item]:
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(path, text)
     elif path.suffix.lower() == ".jsonl":
-        rows = _jsonl_rows(path, text)
+        rows = list(iter_jsonl(path))
     else:
         raise StageError(f"eval.skills: {path}: expected a .jsonl or .csv file")
     items = [_item(path, line, row) for line, row in rows]
     if not items:
         raise StageError(f"eval.skills: {path} holds no questions (use `none` to skip kept skills)")
     return items
-
-
-def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    rows = []
-    for line, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}:{line}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise StageError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
-        rows.append((line, row))
-    return rows
 
 
 def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
