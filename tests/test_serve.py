@@ -318,6 +318,31 @@ def test_serve_refuses_a_token_env_that_is_not_set(srv, tmp_path):
     assert r.returncode == 2 and f"--token-env {TOKEN_ENV}: that environment variable is not set" in r.stderr
 
 
+def ask(client, request: tuple[dict, bool]) -> tuple:
+    """One chat request (kwargs, stream?): its text, finish reasons and rounded logprobs."""
+    kwargs, stream = request
+    if stream:
+        chunks = client.chat.completions.create(**kwargs, stream=True)
+        pieces = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in chunks if c.choices]
+        return "".join(t for t, _ in pieces), [f for _, f in pieces if f], None
+    r = client.chat.completions.create(**kwargs)
+    lp = r.choices[0].logprobs
+    return (r.choices[0].message.content, [r.choices[0].finish_reason],
+            None if lp is None else [(t.token, round(t.logprob, 4)) for t in lp.content])
+
+
+def ask_all_at_once(client, requests: list[tuple[dict, bool]]) -> list[tuple]:
+    """Every request from its own thread, released together by a barrier: one burst."""
+    start = threading.Barrier(len(requests))
+
+    def ask_together(request) -> tuple:
+        start.wait()
+        return ask(client, request)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(ask_together, requests))
+
+
 def test_concurrent_requests_get_the_answers_they_get_alone(srv, client):
     """Batching is invisible in the answers: each of a burst of concurrent requests (varied
     models, seeds, temperatures, top_p, max_tokens, logprobs, streaming) gets exactly the
@@ -332,27 +357,9 @@ def test_concurrent_requests_get_the_answers_they_get_alone(srv, client):
                       seed=100 + i, **settings[i % 4])
         requests.append((kwargs, i % 8 == 1))  # some greedy ones stream
 
-    def ask(request) -> tuple:
-        kwargs, stream = request
-        if stream:
-            chunks = client.chat.completions.create(**kwargs, stream=True)
-            pieces = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in chunks if c.choices]
-            return "".join(t for t, _ in pieces), [f for _, f in pieces if f], None
-        r = client.chat.completions.create(**kwargs)
-        lp = r.choices[0].logprobs
-        return (r.choices[0].message.content, [r.choices[0].finish_reason],
-                None if lp is None else [(t.token, round(t.logprob, 4)) for t in lp.content])
-
-    alone = [ask(r) for r in requests]  # one at a time: every request is a batch of one
+    alone = [ask(client, r) for r in requests]  # one at a time: every request is a batch of one
     before = httpx.get(f"{srv.server.url}/health").json()
-    start = threading.Barrier(len(requests))
-
-    def ask_together(request) -> tuple:
-        start.wait()
-        return ask(request)
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(ask_together, requests))
+    together = ask_all_at_once(client, requests)
     after = httpx.get(f"{srv.server.url}/health").json()
     assert together == alone
     texts = [text for text, _, _ in alone]

@@ -5,14 +5,13 @@ requests that still carry it, and the runs refused at start."""
 from __future__ import annotations
 
 import shutil
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from test_serve import RUN_NAME, SYSTEM_PROMPT, Served, local_completion, served, start_server
+from test_serve import (RUN_NAME, SYSTEM_PROMPT, Served, ask, ask_all_at_once, local_completion, served,
+                        start_server)
 from tiny import save_tiny, trained_tiny_run
 from chat_page import READ_COLUMNS, say
 from test_serve_page import needs_browser
@@ -89,27 +88,9 @@ def test_a_mixed_burst_gets_the_answers_each_request_gets_alone(many, client):
                       seed=200 + i, **settings[i // 4 % 3])
         requests.append((kwargs, "logprobs" not in kwargs and i % 3 == 0))
 
-    def ask(request) -> tuple:
-        kwargs, stream = request
-        if stream:
-            chunks = client.chat.completions.create(**kwargs, stream=True)
-            pieces = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in chunks if c.choices]
-            return "".join(t for t, _ in pieces), [f for _, f in pieces if f], None
-        r = client.chat.completions.create(**kwargs)
-        lp = r.choices[0].logprobs
-        return (r.choices[0].message.content, [r.choices[0].finish_reason],
-                None if lp is None else [(t.token, round(t.logprob, 4)) for t in lp.content])
-
-    alone = [ask(r) for r in requests]
+    alone = [ask(client, r) for r in requests]
     before = httpx.get(f"{many['server'].url}/metrics").json()
-    start = threading.Barrier(len(requests))
-
-    def ask_together(request) -> tuple:
-        start.wait()
-        return ask(request)
-
-    with ThreadPoolExecutor(len(requests)) as pool:
-        together = list(pool.map(ask_together, requests))
+    together = ask_all_at_once(client, requests)
     after = httpx.get(f"{many['server'].url}/metrics").json()
     assert together == alone
     assert len({text for text, _, _ in alone}) >= 12 and sum(s for _, s in requests) >= 4
