@@ -14,10 +14,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from . import kept_skills
 from .config import HUB_PREFIX, RunConfig
 from .config_errors import ConfigError, explain
-from .rundir import StageError
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -87,10 +85,6 @@ def resolve_config(cfg: RunConfig, base: Path) -> RunConfig:
         judge["rubric_file"] = str((base / judge["rubric_file"]).resolve())
     if cfg.eval.skills not in ("builtin", "none"):
         data["eval"]["skills"] = str((base / cfg.eval.skills).resolve())
-        try:  # checked now: a bad row found at eval would come after generate and train
-            kept_skills.load(data["eval"]["skills"])
-        except StageError as e:
-            raise ConfigError(str(e)) from None
     if not data["system_prompt"].strip():
         raise ConfigError("system_prompt: the system prompt is empty; there is nothing to distill")
     data["queries"]["files"] = [f if f.startswith(HUB_PREFIX) else str((base / f).resolve()) for f in cfg.queries.files]

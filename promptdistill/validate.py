@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 
-from . import rules
+from . import kept_skills, rules
 from .config import ModelConfig, RunConfig
 from .models import resolve_model
 from .render import prompt_ids, render_example, render_text, student_view
@@ -340,8 +340,18 @@ def rule_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
 # --------------------------------------------------------------------------- entry points
 
 
+def skills_problems(cfg: RunConfig) -> list[Problem]:
+    """A user's kept-skills set (eval.skills), read whole now: a bad row found by eval would come
+    after generate and train."""
+    try:
+        kept_skills.load(cfg.eval.skills)
+    except StageError as e:
+        return [Problem("error", "eval.skills", str(e).removeprefix("eval.skills: "))]
+    return []
+
+
 def before_generate(cfg: RunConfig, run: RunDir) -> Report:
-    """The cheap checks: templates, queries, leakage across splits, context."""
+    """The cheap checks: templates, queries, leakage across splits, context, a user's kept-skills set."""
     report = Report()
     toks = load_tokenizers(cfg, report)
     report.problems += template_problems(cfg, toks)
@@ -349,6 +359,7 @@ def before_generate(cfg: RunConfig, run: RunDir) -> Report:
     report.problems += query_problems(rows)
     report.problems += leakage_problems(rows, cfg.queries.dedup_threshold)
     report.problems += context_problems(cfg, rows, toks)
+    report.problems += skills_problems(cfg)
     return report
 
 

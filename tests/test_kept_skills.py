@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from promptdistill import kept_skills
-from promptdistill.config_errors import ConfigError
 from promptdistill.config_file import load_config
 from promptdistill.rundir import StageError
 from promptdistill.verdict import verdict
@@ -79,17 +78,21 @@ def test_each_bad_row_names_file_and_line(tmp_path, name, text, line, what):
         kept_skills.load(str(path))
 
 
-def test_a_bad_set_fails_when_the_config_loads(tmp_path):
-    """Checked before any model work: `distill run` would otherwise find it after generate and train."""
+def test_a_bad_set_is_an_error_before_generate(tmp_path):
+    """Checked by validate before generate (`distill run` stops there), not first found by eval
+    after generate and train."""
+    from promptdistill import validate
+
     (tmp_path / "skills.csv").write_text("question,answers\nq?,(x\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "name": "t", "system_prompt": "Be brief.", "teacher": {"model": "m"}, "student": {"model": "m"},
         "queries": {"files": ["q.jsonl"]}, "train": {"steps": 3}, "eval": {"skills": "skills.csv"}}))
-    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'skills.csv'}:2: ")):
-        load_config(tmp_path / "config.yaml")
+    [problem] = validate.skills_problems(load_config(tmp_path / "config.yaml"))
+    assert problem.severity == "error" and str(problem).startswith(f"eval.skills: {tmp_path / 'skills.csv'}:2: ")
     (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text().replace("skills.csv", "nope.jsonl"))
-    with pytest.raises(ConfigError, match="nope.jsonl not found"):
-        load_config(tmp_path / "config.yaml")
+    [problem] = validate.skills_problems(load_config(tmp_path / "config.yaml"))
+    assert problem.severity == "error" and "nope.jsonl not found" in str(problem)
+    assert validate.skills_problems(load_config(tmp_path / "config.yaml", ["eval.skills=builtin"])) == []
 
 
 # The tiny pirate's answers are letters more than words ("A the se", "Ar! SAAAA"): patterns on
