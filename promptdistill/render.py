@@ -108,10 +108,18 @@ def _end_of_turn(tokenizer, tail: str, example_id: str) -> str:
 def _answer_span(tokenizer, prompt: list[Message], answer: str, example_id: str) -> tuple[str, int, int, int]:
     """Render; return (full text, where the answer turn starts, where its text starts,
     where its end-of-turn token ends)."""
+    full = render_text(tokenizer, prompt + [{"role": "assistant", "content": answer}], generation_prompt=False)
+    return (full, *_turn_span(tokenizer, full, prompt, answer, True, example_id))
+
+
+def _turn_span(tokenizer, full: str, before: list[Message], answer: str, with_end: bool,
+               example_id: str) -> tuple[int, int, int]:
+    """In the rendering `full`, the assistant turn that follows the messages `before`: where the
+    turn starts (after its generation prompt), where its text starts, and where the trained span
+    ends (after its end-of-turn token, or after its text)."""
     if not answer.strip():
         raise RenderError(f"example {example_id}: the answer is empty")
-    head = render_text(tokenizer, prompt, generation_prompt=True)
-    full = render_text(tokenizer, prompt + [{"role": "assistant", "content": answer}], generation_prompt=False)
+    head = render_text(tokenizer, before, generation_prompt=True)
     if not full.startswith(head):
         raise RenderError(
             f"example {example_id}: the chat template renders the conversation differently from its generation "
@@ -121,37 +129,57 @@ def _answer_span(tokenizer, prompt: list[Message], answer: str, example_id: str)
     start = full.find(content, len(head))
     if start < 0 or full[len(head):start].strip():
         raise RenderError(f"example {example_id}: the answer text does not follow the generation prompt in the rendering")
-    content_end = start + len(content)
-    marker = _end_of_turn(tokenizer, full[content_end:], example_id)
-    end = full.index(marker, content_end) + len(marker)
-    return full, len(head), start, end
+    end = start + len(content)
+    if with_end:
+        marker = _end_of_turn(tokenizer, full[end:], example_id)
+        end = full.index(marker, end) + len(marker)
+    return len(head), start, end
 
 
 def render_example(tokenizer, prompt: list[Message], answer: str, example_id: str) -> Example:
     """Render prompt + answer and mask everything but the answer and its end-of-turn token."""
-    full, answer_start, content_start, end = _answer_span(tokenizer, prompt, answer, example_id)
+    return render_conversation(tokenizer, prompt + [{"role": "assistant", "content": answer}], {len(prompt): True},
+                               example_id)
+
+
+def render_conversation(tokenizer, messages: list[Message], trained: dict[int, bool], example_id: str) -> Example:
+    """Render a whole conversation and mask everything but its trained assistant turns: `trained`
+    maps a message's index to whether its end-of-turn token is trained too (an answer cut off at
+    max_tokens did not end itself; the template's end-of-turn after it is not the teacher's)."""
+    full = render_text(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, with_end in sorted(trained.items()):
+        if messages[i]["role"] != "assistant":
+            raise RenderError(f"example {example_id}: message {i} is trained but is a {messages[i]['role']} turn")
+        spans.append(_turn_span(tokenizer, full, messages[:i], messages[i]["content"], with_end, example_id))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     tokens, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = [int(a >= answer_start and b <= end and b > a) for a, b in offsets]
+    mask = [int(b > a and any(turn <= a and b <= end for turn, _, end in spans)) for a, b in offsets]
     example = Example(example_id, tokens, mask)
-    check_mask(example, offsets, answer_start, content_start, end)
+    check_mask(example, offsets, spans)
     return example
 
 
-def check_mask(example: Example, offsets: list[tuple[int, int]], answer_start: int, content_start: int, end: int) -> None:
-    """The mask must be one contiguous run of tokens that lies inside the answer turn and
-    covers the answer from its first character through the end-of-turn token."""
+def check_mask(example: Example, offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]]) -> None:
+    """Each trained turn's tokens must be one contiguous run that lies inside that assistant turn
+    and covers its text from the first character through the span's end (its end-of-turn token,
+    where that is trained); no token outside the turns may be trained. `spans`: per trained turn,
+    (where the turn starts, where its text starts, where the trained span ends)."""
     if example.n_trainable == 0:
         raise RenderError(f"example {example.id}: the loss mask has no trainable token")
     marked = [i for i, m in enumerate(example.mask) if m]
-    first, last = marked[0], marked[-1]
-    if offsets[first][0] < answer_start or offsets[last][1] > end:
-        raise RenderError(f"example {example.id}: trainable tokens outside the answer (characters {offsets[first][0]}..{offsets[last][1]})")
-    if len(marked) != last - first + 1 or offsets[first][0] > content_start or offsets[last][1] != end:
-        raise RenderError(
-            f"example {example.id}: trainable tokens do not cover the whole answer and its end-of-turn token "
-            f"(in this template a token may straddle the prompt/answer boundary)"
-        )
+    for i in marked:
+        a, b = offsets[i]
+        if not any(turn <= a and b <= end for turn, _, end in spans):
+            raise RenderError(f"example {example.id}: trainable tokens outside the answer (characters {a}..{b})")
+    for turn, content_start, end in spans:
+        run = [i for i in marked if offsets[i][0] >= turn and offsets[i][1] <= end]
+        if (not run or len(run) != run[-1] - run[0] + 1 or offsets[run[0]][0] > content_start
+                or offsets[run[-1]][1] != end):
+            raise RenderError(
+                f"example {example.id}: trainable tokens do not cover the whole answer and its end-of-turn token "
+                f"(in this template a token may straddle the prompt/answer boundary)"
+            )
 
 
 def to_datum(example: Example, weight: float = 1.0) -> Datum:

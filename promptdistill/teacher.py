@@ -30,7 +30,7 @@ from .backends.local_sampler import LocalSampler
 from .backends.local_scorer import AnswerScorer
 from .config import RunConfig
 from .models import resolve_model
-from .render import Datum, RenderError, render_example, sampled_datum, to_datum
+from .render import Datum, RenderError, render_conversation, sampled_datum, to_datum
 from .rundir import StageError
 
 
@@ -77,10 +77,12 @@ class LocalTeacher(Teacher):
     def context(self):
         return self.model.disable_adapter() if self.base_of_adapter else contextlib.nullcontext()
 
-    def rendered(self, conversation: list[dict], answer: str, example_id: str) -> Datum:
-        """The answer's text rendered after the conversation WITH the prompt (as the student's examples are)."""
+    def rendered(self, messages: list[dict], trained: dict[int, bool], example_id: str) -> Datum:
+        """A training example's conversation rendered WITH the prompt, its trained turns weighted as
+        the student's example weighs them (`trained`: their indices in `messages`, as render_conversation)."""
         try:
-            return to_datum(render_example(self.tokenizer, self.with_prompt(conversation), answer, example_id))
+            shifted = {i + 1: with_end for i, with_end in trained.items()}  # past the system message
+            return to_datum(render_conversation(self.tokenizer, self.with_prompt(messages), shifted, example_id))
         except RenderError as err:
             raise StageError(str(err)) from None
 

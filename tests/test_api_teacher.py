@@ -172,7 +172,7 @@ def test_kl_targets_from_recorded_log_probabilities_end_where_the_tokens_part(tm
     top = [[[None, t, -0.1], [None, t + 7, -2.5], [None, t + 9, -3.0]] for t in sampled]
     append_jsonl(run.teacher, [{"key": "k1", "logprobs": [{"token": None, "id": t, "logprob": -0.1, "top": tp}
                                                           for t, tp in zip(sampled, top)]}])
-    ctx = StepContext(cfg, run, trainer=None, rows={"q1": {"key": "k1"}})
+    ctx = StepContext(cfg, run, trainer=None, rows={"q1": {"keys": ["k1"]}})
     ids, logprobs = recorded_targets(ctx, [e])["q1"]
     assert ids.shape == logprobs.shape == (len(trained), 2)
     assert ids[:3].tolist() == [[t, t + 7] for t in sampled[:3]]  # the third's context is still the sampled one
@@ -180,7 +180,7 @@ def test_kl_targets_from_recorded_log_probabilities_end_where_the_tokens_part(tm
     assert ids[3:, 0].tolist() == trained[3:] and torch.softmax(logprobs[3:], -1)[:, 0].tolist() == [1.0] * (len(trained) - 3)
 
     append_jsonl(run.teacher, [{"key": "k2", "logprobs": [{"token": "Arr", "id": None, "logprob": -0.1, "top": []}]}])
-    ctx.rows["q1"]["key"] = "k2"  # token text only, as an OpenAI-style server answers without logprob_token_ids
-    with pytest.raises(StageError, match=r"answer to 'q1' in teacher.jsonl carries no top-k log-probabilities with "
+    ctx.rows["q1"]["keys"] = ["k2"]  # token text only, as an OpenAI-style server answers without logprob_token_ids
+    with pytest.raises(StageError, match=r"answer 'k2' of example 'q1' in teacher.jsonl carries no top-k log-probabilities with "
                                          r"token ids; set sampling.top_logprobs \(and teacher.logprob_token_ids"):
         recorded_targets(ctx, [e])

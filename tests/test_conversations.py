@@ -174,26 +174,49 @@ def test_generate_killed_mid_conversation_answers_each_turn_exactly_once(project
     assert {r["id"]: r for r in rows} == {r["id"]: r for r in rows_of(generated / "teacher.jsonl")}
 
 
-def test_every_answered_turn_is_a_training_example_after_its_history(project, generated, tmp_path):
-    """The student learns each turn WITHOUT the prompt, after the conversation so far."""
+def test_a_conversation_is_one_training_example_with_the_loss_on_every_answer(project, generated, tmp_path):
+    """The student learns each turn WITHOUT the prompt, after the conversation so far, as the teacher
+    wrote it: one example per conversation, every answer the teacher gave trained (but an empty one), its end-of-turn
+    only where the teacher ended it; the last answer trimmed to its last full sentence and ended."""
     import shutil
 
     from promptdistill.config_file import load_config
+    from promptdistill.render import render_conversation
     from promptdistill.rundir import RunDir
-    from promptdistill.stages.train import load_split
+    from promptdistill.stages.train import load_split, training_answer, whole_conversations
+    from promptdistill.objectives.step import trained_runs
+    from transformers import AutoTokenizer
 
     run = tmp_path / "run"
     shutil.copytree(generated, run)
     cfg = load_config(project, [f"run_dir={run}"])
     splits = load_split(cfg, RunDir(run))
     rows = [r for s in ("train", "val", "test") for r in splits[s]]
-    # a turn whose answer ends mid-sentence at max_tokens is not learnt from (it is still the next turn's history)
-    assert len(rows) + len(splits["dropped"]) == N_TURNS and len(rows) > N_TURNS / 3 and not splits["missing"]
-    by_id = {r["id"]: r for r in rows_of(run / "teacher.jsonl")}
-    for r in rows:
-        assert r["prompt"] == by_id[r["id"]]["messages"][1:]  # the teacher's conversation without the prompt
-        assert r["prompt"][-1] == {"role": "user", "content": r["query"]}
-    assert {r["turn"] for r in rows} == {1, 2, 3}
+    assert len(rows) + len(splits["dropped"]) == N_TURNS and not splits["missing"]
+    teacher = {r["id"]: r for r in rows_of(run / "teacher.jsonl")}
+    for r in rows:  # eval's rows: one per answered turn, after the teacher's conversation without the prompt
+        assert r["prompt"] == teacher[r["id"]]["messages"][1:] and r["prompt"][-1] == {"role": "user", "content": r["query"]}
+    queries = [q for q in rows_of(run / "queries.jsonl") if q["split"] == "train"]
+    examples = {e["conversation"]: e for e in whole_conversations(
+        splits["train"] + [r for r in splits["dropped"] if r["split"] == "train"])}
+    tok = AutoTokenizer.from_pretrained(cfg.student.model)
+    end = tok.convert_ids_to_tokens(tok.eos_token_id)
+    several = 0
+    for q in queries:
+        turns = [teacher[q["id"] if t == 0 else f"{q['id']}#{t + 1}"] for t in range(len(q.get("turns", [q["query"]])))]
+        last = training_answer(turns[-1])
+        if len(turns) == 1 and last is None:
+            assert q["id"] not in examples  # a query asked alone with nothing to learn as an ended answer
+            continue
+        e = examples[q["id"]]
+        assert e["messages"][:-1] == turns[-1]["messages"][1:]  # the history holds the teacher's own answers as written
+        expected = [t["completion"].strip() + (end if t["finish_reason"] == "stop" else "") for t in turns[:-1]
+                    if t["completion"].strip()]  # an empty answer has no text to learn
+        expected.append(last + end if last is not None else turns[-1]["completion"].strip())
+        example = render_conversation(tok, e["messages"], e["trained"], e["id"])
+        assert [tok.decode(run_) for run_ in trained_runs(example)] == expected
+        several += len(turns) > 1
+    assert several >= 3 and len(examples) <= len(queries)
     for objective in ("sft", "kl"):
         assert main(["train", str(project), "--set", f"run_dir={run}", "--set", f"train.objective={objective}",
                      "--force"]) == 0

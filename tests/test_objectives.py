@@ -126,7 +126,9 @@ def test_kl_over_the_whole_vocabulary_is_forward_kl_to_the_prompted_teacher(tmp_
                                                                                   "sft_weight": sft_weight, "steps": 1}})
     teacher_model, teacher_tok = load_causal_lm(teacher_dir, "cpu")
     e = example(trainer)
-    ctx = StepContext(cfg, None, trainer, rows={"q1": {"prompt": [{"role": "user", "content": "Where is the treasure?"}]}},
+    ctx = StepContext(cfg, None, trainer, rows={"q1": {"messages": [{"role": "user", "content": "Where is the treasure?"},
+                                                        {"role": "assistant", "content": "Under the palm, matey."}],
+                                           "trained": {1: True}}},
                       teacher=LocalTeacher(cfg, teacher_model, teacher_tok, base_of_adapter=False))
     kl_objective.prepare(ctx, [e])
     (batch,), total = step_datums(ctx, kl_objective, [e], 0)  # as the training loop builds a step
@@ -143,6 +145,43 @@ def test_kl_over_the_whole_vocabulary_is_forward_kl_to_the_prompted_teacher(tmp_
     target = (1 - sft_weight) * t.exp() + sft_weight * torch.nn.functional.one_hot(torch.tensor(answer), t.shape[-1])
     expected = (target * (target.clamp_min(1e-300).log() - m)).sum() / total
     assert got == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("objective,topk", [("kl", None), ("kl", 8), ("sft", None)])
+def test_a_conversation_in_one_pass_is_the_sum_of_its_turns(tmp_path, model_dir, objective, topk):
+    """One example per conversation, the teacher scoring all its turns in one pass WITH the prompt,
+    gives the loss the same turns give as examples of their own (each after the same history):
+    the causal model sees the same tokens before every trained position."""
+    from promptdistill.backends.local_model import load_causal_lm
+    from promptdistill.config import RunConfig
+    from promptdistill.objectives import sft
+    from promptdistill.objectives.step import StepContext
+    from promptdistill.render import render_conversation
+    from promptdistill.rundir import RunDir
+    from promptdistill.teacher import LocalTeacher
+
+    teacher_dir = save_tiny(tmp_path / "teacher", seed=1)
+    trainer = new_trainer(model_dir)
+    cfg = RunConfig.model_validate({"name": "t", "system_prompt": SYSTEM, "queries": {"files": ["q.jsonl"]},
+                                    "teacher": {"model": str(teacher_dir)}, "student": {"model": str(model_dir)},
+                                    "train": {"objective": objective, "topk": topk, "steps": 1}})
+    messages = [{"role": "user", "content": "Where is the treasure?"}, {"role": "assistant", "content": "Under the palm, mat"},
+                {"role": "user", "content": "And the map?"}, {"role": "assistant", "content": "Burnt, arr."}]
+    rows = {"conv": {"messages": messages, "trained": {1: False, 3: True}, "keys": ["k1", "k2"]},
+            "t1": {"messages": messages[:2], "trained": {1: False}, "keys": ["k1"]},
+            "t2": {"messages": messages, "trained": {3: True}, "keys": ["k2"]}}
+    examples = [render_conversation(trainer.tokenizer, r["messages"], r["trained"], i) for i, r in rows.items()]
+    teacher_model, teacher_tok = load_causal_lm(teacher_dir, "cpu")
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    ctx = StepContext(cfg, run, trainer, rows=rows, teacher=LocalTeacher(cfg, teacher_model, teacher_tok, base_of_adapter=False))
+    module = kl_objective if objective == "kl" else sft
+    if hasattr(module, "prepare"):
+        module.prepare(ctx, examples)
+    loss = module.loss(ctx)
+    whole, first, second = (trainer.forward(module.datums(ctx, [e], 0), loss).loss for e in examples)
+    assert examples[0].n_trainable == examples[1].n_trainable + examples[2].n_trainable
+    assert whole == pytest.approx(first + second, rel=1e-5)
 
 
 def reverse_kl_to_teacher(cfg, run, adapter: bool) -> float:

@@ -10,6 +10,7 @@ from promptdistill.render import (
     _answer_span,
     check_mask,
     prompt_ids,
+    render_conversation,
     render_example,
     render_text,
     stop_token_ids,
@@ -179,6 +180,52 @@ def test_earlier_assistant_turns_with_the_same_text_are_not_trained(tok, family)
     assert ex.mask.index(1) == len(prompt_ids(tok, prompt))
 
 
+def trained_runs_text(tok, ex: Example) -> list[str]:
+    """The text of each contiguous run of trainable tokens, in order."""
+    runs, previous = [], 0
+    for t, m in zip(ex.tokens, ex.mask):
+        if m and not previous:
+            runs.append([])
+        if m:
+            runs[-1].append(t)
+        previous = m
+    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+
+
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_a_whole_conversation_trains_exactly_its_trained_assistant_turns(tok, family, system):
+    """One example per conversation: each trained answer is its own run of trainable tokens, its
+    end-of-turn token trained only where asked (an answer cut off at max_tokens did not end
+    itself); user turns, role headers, an untrained answer and the system prompt are not trained."""
+    messages = conversation(query="Say hello", system=system) + [
+        {"role": "assistant", "content": "hello, cut off mid"},
+        {"role": "user", "content": "Again: say hello"},
+        {"role": "assistant", "content": "  hello again.  "},
+        {"role": "user", "content": "And a third time?"},
+        {"role": "assistant", "content": "not trained"},
+        {"role": "user", "content": "Last one"},
+        {"role": "assistant", "content": "hello, the last."},
+    ]
+    first = 1 if system is None else 2
+    trained = {first: False, first + 2: True, first + 6: True}
+    ex = render_conversation(tok, messages, trained, "conv-1")
+    eot = END_OF_TURN[family]
+    assert trained_runs_text(tok, ex) == ["hello, cut off mid", expected_answer(family, "  hello again.  ") + eot,
+                                          "hello, the last." + eot]
+    assert tok.decode(ex.tokens, skip_special_tokens=False) == render_text(tok, messages, generation_prompt=False)
+    # each run starts exactly where the generation prompt after its history ends
+    starts = [i for i, m in enumerate(ex.mask) if m and (i == 0 or not ex.mask[i - 1])]
+    assert starts == [len(prompt_ids(tok, messages[:i])) for i in sorted(trained)]
+    # one turn alone renders as render_example does
+    single = render_conversation(tok, messages[:first + 1], {first: True}, "one")
+    assert single == render_example(tok, messages[:first], messages[first]["content"], "one")
+
+
+def test_a_trained_message_that_is_not_an_answer_is_an_error(tok):
+    with pytest.raises(RenderError, match="conv-2: message 0 is trained but is a user turn"):
+        render_conversation(tok, conversation(system=None) + [{"role": "assistant", "content": "Hi."}], {0: True}, "conv-2")
+
+
 def test_gemma_merges_the_system_prompt_into_the_user_turn_and_does_not_train_it():
     tok = tiny_tokenizer("gemma")
     ex = render_example(tok, conversation(query="Hi"), "Hello!", "ex-g")
@@ -345,13 +392,13 @@ def with_mask(ex, mask):
 
 def test_check_mask_accepts_the_rendered_mask(tok):
     good, offsets, a, c, e = rendered(tok)
-    check_mask(good, offsets, a, c, e)  # no error
+    check_mask(good, offsets, [(a, c, e)])  # no error
 
 
 def test_check_mask_rejects_an_all_zero_mask(tok):
     good, offsets, a, c, e = rendered(tok)
     with pytest.raises(RenderError, match="no trainable token"):
-        check_mask(with_mask(good, [0] * len(good.mask)), offsets, a, c, e)
+        check_mask(with_mask(good, [0] * len(good.mask)), offsets, [(a, c, e)])
 
 
 def test_check_mask_rejects_a_marked_prompt_token(tok):
@@ -360,11 +407,11 @@ def test_check_mask_rejects_a_marked_prompt_token(tok):
     mask = list(good.mask)
     mask[first - 1] = 1  # the last token of the generation prompt
     with pytest.raises(RenderError, match="outside the answer"):
-        check_mask(with_mask(good, mask), offsets, a, c, e)
+        check_mask(with_mask(good, mask), offsets, [(a, c, e)])
     mask = list(good.mask)
     mask[0] = 1  # a token far into the prompt (a gap, too)
     with pytest.raises(RenderError, match="outside the answer"):
-        check_mask(with_mask(good, mask), offsets, a, c, e)
+        check_mask(with_mask(good, mask), offsets, [(a, c, e)])
 
 
 def test_check_mask_rejects_a_gap(tok):
@@ -374,7 +421,7 @@ def test_check_mask_rejects_a_gap(tok):
     mask = list(good.mask)
     mask[marked[2]] = 0
     with pytest.raises(RenderError, match="do not cover the whole answer"):
-        check_mask(with_mask(good, mask), offsets, a, c, e)
+        check_mask(with_mask(good, mask), offsets, [(a, c, e)])
 
 
 def test_check_mask_rejects_a_mask_missing_the_start_or_the_end_of_turn(tok):
@@ -383,11 +430,11 @@ def test_check_mask_rejects_a_mask_missing_the_start_or_the_end_of_turn(tok):
     no_eot = list(good.mask)
     no_eot[marked[-1]] = 0
     with pytest.raises(RenderError, match="do not cover"):
-        check_mask(with_mask(good, no_eot), offsets, a, c, e)
+        check_mask(with_mask(good, no_eot), offsets, [(a, c, e)])
     no_first = list(good.mask)
     no_first[marked[0]] = 0
     with pytest.raises(RenderError, match="do not cover"):
-        check_mask(with_mask(good, no_first), offsets, a, c, e)
+        check_mask(with_mask(good, no_first), offsets, [(a, c, e)])
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if AFTER_END_OF_TURN[f]])
@@ -398,7 +445,7 @@ def test_check_mask_rejects_the_token_after_end_of_turn(family):
     mask = list(good.mask)
     mask[mask.index(1) + good.n_trainable] = 1  # the "\n" after the marker
     with pytest.raises(RenderError, match="outside the answer"):
-        check_mask(with_mask(good, mask), offsets, a, c, e)
+        check_mask(with_mask(good, mask), offsets, [(a, c, e)])
 
 
 # --- save_tiny / tiny_model -------------------------------------------------------------

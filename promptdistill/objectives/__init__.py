@@ -12,6 +12,9 @@ An objective is one module here that turns a step's examples into what its loss 
     TEACHER                                        True when it asks the teacher during training
     JUDGES_SAMPLES                                 True when the teacher judges the student's own samples
     Options                                        optional: a pydantic model of its `train.<name>` options
+    on_turns(cfg) -> bool                          optional: True when it learns one answered turn at a time
+                                                   (it samples the student's answer to each); without it, an
+                                                   example is a whole conversation, the loss on every answer
 
 The loop owns the rest of the step: the data-parallel share, the token weights, the
 micro-batches, forward_backward and optim_step.

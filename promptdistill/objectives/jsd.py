@@ -59,6 +59,11 @@ class GeneralizedJSD(Loss):
         return (per_token * out.weight).sum(), per_token.detach()
 
 
+def on_turns(cfg) -> bool:
+    """On the student's own samples it learns one turn at a time, as on_policy does; else whole conversations."""
+    return cfg.train.options("jsd").on_policy
+
+
 def loss(ctx: StepContext) -> Loss:
     return GeneralizedJSD(ctx.cfg.train.options("jsd").beta)
 

@@ -32,7 +32,7 @@ from ..answerers import recorded_positions, recorded_topk
 from ..loss import CROSS_ENTROPY, Loss, teacher_logprobs
 from ..render import Datum, Example
 from ..rundir import StageError, read_jsonl, sha256_text
-from .step import StepContext, answer_tokens, check_shared_vocabulary
+from .step import StepContext, answer_tokens, check_shared_vocabulary, trained_runs
 
 TEACHER = True
 JUDGES_SAMPLES = False
@@ -74,7 +74,18 @@ def loss(ctx: StepContext) -> Loss:
 
 
 def target_key(row: dict, k: int, teacher: str) -> str:
-    return sha256_text(repr((row["key"], row["answer"], k, teacher)))[:24]
+    return sha256_text(repr((row["keys"], row["messages"], sorted(row["trained"].items()), k, teacher)))[:24]
+
+
+def teacher_logits(ctx: StepContext, batch: list[Example]) -> list[torch.Tensor]:
+    """The local prompted teacher's logits at every trained token of `batch`: each example's
+    conversation rendered WITH the prompt (its keys and values computed once for the batch)."""
+    datums = [ctx.teacher.rendered(ctx.rows[e.id]["messages"], ctx.rows[e.id]["trained"], e.id) for e in batch]
+    for e, d in zip(batch, datums):
+        if [t for t, w in zip(d.target_tokens, d.weights) if w > 0] != answer_tokens(e):
+            raise StageError(f"train.objective kl: example {e.id}: the teacher tokenizes the answer differently "
+                             f"from the student; soft labels need teacher and student to share a tokenizer")
+    return ctx.teacher.logits(datums)
 
 
 def load_targets(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -129,12 +140,8 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     started = time.perf_counter()
     for batch in tqdm([todo[i:i + size] for i in range(0, len(todo), size)], desc=f"train: teacher top-{t.topk} targets",
                       unit="batch", leave=False):
-        datums = [ctx.teacher.rendered(ctx.rows[e.id]["prompt"], ctx.rows[e.id]["answer"], e.id) for e in batch]
         found = {}
-        for e, d, logits in zip(batch, datums, ctx.teacher.logits(datums)):
-            if [t for t, w in zip(d.target_tokens, d.weights) if w > 0] != answer_tokens(e):
-                raise StageError(f"train.objective kl: example {e.id}: the teacher tokenizes the answer differently "
-                                 f"from the student; soft labels need teacher and student to share a tokenizer")
+        for e, logits in zip(batch, teacher_logits(ctx, batch)):
             top_lp, top_ids = torch.log_softmax(logits, -1).topk(t.topk, -1)
             found[keys[e.id]] = (top_ids, top_lp)
         save_targets(root, found)
@@ -157,26 +164,28 @@ def recorded_targets(ctx: StepContext, examples: list[Example]) -> dict[str, tup
     by_key = {r["key"]: r for r in read_jsonl(ctx.run.teacher)}
     recorded = {}
     for e in examples:
-        top = recorded_topk(by_key[ctx.rows[e.id]["key"]])
-        if top is None:
+        keys = ctx.rows[e.id]["keys"]  # one per trained turn, in order
+        recorded[e.id] = [recorded_topk(by_key[key]) for key in keys]
+        if None in recorded[e.id]:
             raise StageError(
                 f"train.objective kl: teacher {cfg.teacher.model!r} is not a local model, so its top-k distributions "
-                f"cannot be computed here, and its answer to {e.id!r} in teacher.jsonl carries no top-k "
-                f"log-probabilities with token ids; set sampling.top_logprobs (and teacher.logprob_token_ids: true "
-                f"for vLLM or distill serve) and re-generate, or use the sft objective")
-        recorded[e.id] = top
-    k = min(cfg.train.topk, *(top[0].shape[1] for top in recorded.values()))
+                f"cannot be computed here, and its answer {keys[recorded[e.id].index(None)]!r} of example {e.id!r} in "
+                f"teacher.jsonl carries no top-k log-probabilities with token ids; set sampling.top_logprobs (and "
+                f"teacher.logprob_token_ids: true for vLLM or distill serve) and re-generate, or use the sft objective")
+    k = min(cfg.train.topk, *(top[0].shape[1] for tops in recorded.values() for top in tops))
     out, hard, positions = {}, 0, 0
     for e in examples:
-        ids, logprobs, sampled = recorded[e.id]
-        trained = torch.tensor(answer_tokens(e))
-        n = recorded_positions(sampled, trained)
-        rest = trained[n:]
-        one_hot = torch.full((len(rest), k), float("-inf"))
-        one_hot[:, 0] = 0.0  # the trained token, with all the probability
-        out[e.id] = (torch.cat([ids[:n, :k], rest[:, None].expand(-1, k)]), torch.cat([logprobs[:n, :k], one_hot]))
-        hard += len(rest)
-        positions += len(trained)
+        parts = []
+        for (ids, logprobs, sampled), trained in zip(recorded[e.id], trained_runs(e), strict=True):
+            trained = torch.tensor(trained)
+            n = recorded_positions(sampled, trained)
+            rest = trained[n:]
+            one_hot = torch.full((len(rest), k), float("-inf"))
+            one_hot[:, 0] = 0.0  # the trained token, with all the probability
+            parts.append((torch.cat([ids[:n, :k], rest[:, None].expand(-1, k)]), torch.cat([logprobs[:n, :k], one_hot])))
+            hard += len(rest)
+            positions += len(trained)
+        out[e.id] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     if distributed.is_main():
         print(f"train: kl soft targets: the top-{k} log-probabilities {cfg.teacher.served_name} returned with its answers "
               f"(teacher.jsonl), {positions - hard} of {positions} answer positions"
@@ -219,8 +228,8 @@ def full_datums(ctx: StepContext, batch: list[Example], sft_weight: float) -> li
     keys and values shared), and each datum carries its whole next-token distribution, mixed
     with the sampled token by sft_weight: the loss is then forward KL(target || student)."""
     s, out = sft_weight, []
-    answers = [answer_tokens(e) for e in batch]
-    for e, answer, target in zip(batch, answers, ctx.teacher.distributions([ctx.rows[e.id]["prompt"] for e in batch], answers)):
+    for e, logits in zip(batch, teacher_logits(ctx, batch)):
+        target, answer = torch.log_softmax(logits, -1), answer_tokens(e)
         if s > 0:  # log((1 - s) p + s one_hot), in log space: a token the teacher rules out stays at -inf, not nan
             sampled = torch.full_like(target, float("-inf"))
             sampled.scatter_(-1, torch.tensor(answer)[:, None], 0.0)

@@ -90,6 +90,11 @@ def prepare(ctx: StepContext, examples: list[Example]) -> None:
     check_shared_vocabulary(ctx, "on_policy: the teacher scores the student's own tokens")
 
 
+def on_turns(cfg) -> bool:
+    """It learns one turn at a time: the student answers each turn after the conversation so far."""
+    return True
+
+
 def exact(ctx: StepContext) -> bool:
     """The exact form needs the teacher's whole distribution and a trainer that takes it."""
     return ctx.trainer.takes(REVERSE_KL) and ctx.teacher.whole_distribution

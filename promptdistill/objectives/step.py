@@ -31,6 +31,19 @@ def answer_tokens(e: Example) -> list[int]:
     return [t for t, m in zip(e.tokens[1:], e.mask[1:]) if m]
 
 
+def trained_runs(e: Example) -> list[list[int]]:
+    """The tokens an example is trained to predict, one list per trained turn (a conversation's
+    turns are apart: a user turn lies between any two)."""
+    runs, previous = [], 0
+    for t, m in zip(e.tokens[1:], e.mask[1:]):
+        if m and not previous:
+            runs.append([])
+        if m:
+            runs[-1].append(t)
+        previous = m
+    return runs
+
+
 def check_shared_vocabulary(ctx: StepContext, why: str) -> None:
     """The distribution-level objectives compare teacher and student token by token."""
     if ctx.teacher.tokenizer.get_vocab() != ctx.trainer.tokenizer.get_vocab():

@@ -35,7 +35,7 @@ from ..backends import make_trainer
 from ..config import RunConfig, TrainConfig
 from ..loss import CROSS_ENTROPY
 from ..objectives.step import StepContext
-from ..render import Datum, Example, RenderError, render_example, student_view, to_datum
+from ..render import Datum, Example, RenderError, render_conversation, student_view, to_datum
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
                       read_jsonl, sha256_text)
 from ..conversations import answered_turns, turn_id, turn_identity
@@ -118,7 +118,10 @@ def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
 def load_split(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
     """Teacher rows of the current queries, by split, one per answered turn: its id, the user
     turn ("query"), the conversation the student answers it after ("prompt": the teacher's
-    without the system prompt), the answer to learn, and what seeds its answers ("identity")."""
+    without the system prompt), the answer to learn, what seeds its answers ("identity"), and
+    that turn as an example ("messages" ending with the answer, "trained": the answer's index, its
+    end-of-turn trained). A turn whose answer has nothing to learn as an ended answer (cut off
+    before a full sentence) is in "dropped"."""
     queries = read_jsonl(run.queries)
     by_key = {r["key"]: r for r in read_jsonl(run.teacher)}
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": [], "missing": [], "dropped": []}
@@ -129,22 +132,55 @@ def load_split(cfg: RunConfig, run: RunDir) -> dict[str, list[dict]]:
             if row is None:
                 splits["missing"].append({"id": turn_id(q, turn)})
                 continue
-            answer = training_answer(row)
-            if answer is None:
-                splits["dropped"].append(row)
-                continue
-            splits[q["split"]].append({"id": turn_id(q, turn), "query": row["messages"][-1]["content"],
-                                       "prompt": row["messages"][1:],
-                                       "answer": answer, "key": row["key"], "turn": turn + 1, "identity": identity,
-                                       "conversation": q["id"]})
+            answer, prompt = training_answer(row), row["messages"][1:]
+            splits[q["split"] if answer is not None else "dropped"].append(
+                {"id": turn_id(q, turn), "query": prompt[-1]["content"], "prompt": prompt, "answer": answer,
+                 "key": row["key"], "turn": turn + 1, "identity": identity, "conversation": q["id"],
+                 "split": q["split"], "written": row["completion"], "ended": row.get("finish_reason") != "length",
+                 "messages": prompt + [{"role": "assistant", "content": answer}], "trained": {len(prompt): True},
+                 "keys": [row["key"]]})
     return splits
+
+
+def whole_conversations(turns: list[dict]) -> list[dict]:
+    """One training example per conversation, the loss on every answer the teacher gave in it, so
+    a conversation's history is read once, not once per later turn. The history holds the teacher's
+    answers as it wrote them, as generate gave them to it, and each is learnt as written, its
+    end-of-turn only where the teacher ended it (a cut answer's end-of-turn is the template's). Where
+    nothing follows, the last answer is learnt as a single query's is: trimmed to its last full
+    sentence and ended, or, with no full sentence to trim to, as written. A query asked alone is its
+    turn's example, and a turn answered after logged answers (only the last is the teacher's) too.
+    `turns`: a split's rows of load_split, its dropped ones among them."""
+    by_conversation: dict[str, list[dict]] = {}
+    for r in turns:
+        by_conversation.setdefault(r["conversation"], []).append(r)
+    examples = []
+    for rows in by_conversation.values():
+        rows.sort(key=lambda r: r["turn"])
+        last = rows[-1]
+        if len(rows) == 1:
+            if last["answer"] is not None:
+                examples.append(last)
+            continue
+        earlier = [i for i, m in enumerate(last["prompt"]) if m["role"] == "assistant"]
+        assert len(earlier) == len(rows) - 1, f"{last['id']}: {len(earlier)} earlier answers for {len(rows)} turns"
+        ends_last = last["answer"] is not None
+        messages = last["prompt"] + [{"role": "assistant", "content": last["answer"] if ends_last else last["written"]}]
+        trained = {i: r["ended"] for i, r in zip(earlier, rows) if last["prompt"][i]["content"].strip()}
+        if messages[-1]["content"].strip():
+            trained[len(last["prompt"])] = ends_last
+        if not trained:
+            continue
+        examples.append({"id": f"{last['conversation']}#1-{last['turn']}", "conversation": last["conversation"],
+                         "messages": messages, "trained": trained, "keys": [r["key"] for r in rows]})
+    return examples
 
 
 def render_all(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Example], int]:
     examples, too_long = [], 0
     for r in rows:
         try:
-            ex = render_example(tokenizer, r["prompt"], r["answer"], r["id"])
+            ex = render_conversation(tokenizer, r["messages"], r["trained"], r["id"])
         except RenderError as e:
             raise StageError(str(e)) from None
         if len(ex.tokens) > max_len:
@@ -176,6 +212,12 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     if cfg.student.backend != "local":  # only then, so the runs trained locally keep their fingerprint
         inputs["student_backend"] = f"{cfg.student.backend}:{cfg.student.served_name}"
     return inputs
+
+
+def trains_on_turns(objective, cfg: RunConfig) -> bool:
+    """Whether an objective learns one answered turn at a time (it samples the student's own answer
+    to each), not whole conversations."""
+    return hasattr(objective, "on_turns") and objective.on_turns(cfg)
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
@@ -233,25 +275,30 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          f"{t.batch_size * t.grad_accum} examples; raise train.batch_size or start fewer processes")
     trainer = make_trainer(cfg.student, cfg.lora, t, cfg.sampling.batch_size)
     print("student sees (no system prompt given): " + repr(student_view(trainer.tokenizer)))
-    train, too_long = render_all(trainer.tokenizer, splits["train"], t.max_seq_len)
-    val, val_too_long = render_all(trainer.tokenizer, splits["val"], t.max_seq_len)
-    if not train:
-        cut = sum(r.get("split") == "train" for r in splits["dropped"])
+    used = {name: registry.load(name) for name in sorted(t.objectives())}
+    whole = {name: whole_conversations(splits[name] + [r for r in splits["dropped"] if r["split"] == name])
+             for name in ("train", "val")}
+    train, too_long = render_all(trainer.tokenizer, whole["train"], t.max_seq_len)
+    val, val_too_long = render_all(trainer.tokenizer, whole["val"], t.max_seq_len)
+    on_turns = {name for name, objective in used.items() if trains_on_turns(objective, cfg)}
+    turns, _ = render_all(trainer.tokenizer, splits["train"], t.max_seq_len) if on_turns else ([], 0)
+    examples = {name: turns if name in on_turns else train for name in used}
+    if not all(examples.values()):
+        cut = sum(r["split"] == "train" for r in splits["dropped"])
         raise StageError(
             f"no training examples: of the train split's answers in {run.teacher}, {cut} were cut off at "
             f"sampling.max_tokens={cfg.sampling.max_tokens} before a full sentence and {too_long} are longer than "
             f"train.max_seq_len={t.max_seq_len}; raise those (a new sampling.max_tokens needs `distill generate --force`)"
         )
-    steps = total_steps(cfg, len(train))
-    ctx = StepContext(cfg, run, trainer, rows={r["id"]: r for r in splits["train"]}, steps=steps,
-                      my_examples_at=lambda s: distributed.my_share(step_examples(train, s, t)))
-    used = {name: registry.load(name) for name in sorted(t.objectives())}
+    steps = total_steps(cfg, len(examples[t.objective_at(0)]))
+    ctx = StepContext(cfg, run, trainer, rows={r["id"]: r for r in splits["train"] + whole["train"]}, steps=steps,
+                      my_examples_at=lambda s: distributed.my_share(step_examples(examples[t.objective_at(s)], s, t)))
     named = asks_teacher(t)  # then each metrics row names its objective
     if named:
         ctx.teacher = teacher.for_training(cfg, trainer, judges_samples=any(o.JUDGES_SAMPLES for o in used.values()))
-    for objective in used.values():
+    for name, objective in used.items():
         if hasattr(objective, "prepare"):
-            objective.prepare(ctx, train)
+            objective.prepare(ctx, examples[name])
     start = 0
     resume = last_checkpoint(run, trainer)
     if resume is not None:
@@ -279,7 +326,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             for step in bar:
                 objective = used[t.objective_at(step)]
                 loss = objective.loss(ctx)
-                batches, total = step_datums(ctx, objective, step_examples(train, step, t), step)
+                batches, total = step_datums(ctx, objective, step_examples(examples[t.objective_at(step)], step, t), step)
                 # Every forward_backward and the optim_step are submitted before any result is
                 # read: a remote trainer (Tinker) runs them back to back, with no round trip between.
                 pending = [trainer.forward_backward(batch, loss) for batch in batches]
@@ -311,9 +358,12 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     metrics = read_jsonl(run.metrics)
     vals = [r["val_loss"] for r in metrics if "val_loss" in r]
     val_text = f"val loss {vals[0]:.3f} -> {vals[-1]:.3f} (step 0 = untrained)" if vals else "no val split"
-    dropped = len(splits["dropped"])
-    return (f"train: {steps - start} steps on {len(train)} examples in {fmt_seconds(timer.seconds)}, {val_text}; "
-            f"{dropped} truncated answers dropped, {too_long + val_too_long} over max_seq_len")
+    answers = len(splits["train"]) + len(splits["val"]) + sum(r["split"] != "test" for r in splits["dropped"])
+    dropped = answers - sum(len(r["trained"]) for r in whole["train"] + whole["val"])
+    several = sum(len(r["trained"]) > 1 for r in whole["train"])
+    return (f"train: {steps - start} steps on {len(train)} examples ({several} conversations of several answers) in "
+            f"{fmt_seconds(timer.seconds)}, {val_text}; {dropped} truncated answers dropped, "
+            f"{too_long + val_too_long} over max_seq_len")
 
 
 def save_checkpoint(trainer, run: RunDir, step: int, keep: int) -> None:
