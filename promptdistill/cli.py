@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve
 
             return serve(args.run_dirs, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env,
-                         max_batch=args.max_batch, max_queue=args.max_queue, keep_system_prompt=args.keep_system_prompt)
+                         max_batch=args.max_batch, max_queue=args.max_queue, keep_system_prompt=args.keep_system_prompt,
+                         allow_runtime_students=args.allow_runtime_students)
         if args.verb == "validate":
             from .validate import validate
 

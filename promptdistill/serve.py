@@ -11,14 +11,16 @@ HTTP API, so any OpenAI client (the official SDKs, LangChain, curl) can talk to 
                               teacher's system prompt from GET /page/system_prompts (token needed)
   GET  /health                no token needed; 200 once the models are loaded, with the number
                               of requests waiting, batches decoded and the largest batch
+  POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with --allow-runtime-students: a run's
+                              student added or removed while serving (serve_runtime.py)
 
 Many runs, one base: every run must be a trained student of the same base model (and dtype,
 device); the base is loaded once, the first run's adapter with it and every other run's
 beside it, and a request's `model` picks the student. Refused at start, naming the run, before
 anything is served: another base, a missing or corrupt adapter, a run name given twice.
-One run decodes with its adapter merged into the weights; with several, every batch row goes
-through its own student's adapter (peft's mixed-batch LoRA forward), so requests for different
-students decode in one batch.
+One student decodes through its adapter (peft's LoRA forward); with several, every batch row
+goes through its own student's adapter (peft's mixed-batch LoRA forward), so requests for
+different students decode in one batch.
 
 The student answers WITHOUT a system prompt: the request's messages go through the
 student's chat template exactly as given (the template may add its own default system
@@ -66,13 +68,13 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 
 from .serve_args import SERVE_DESCRIPTION, serve_arguments
 from .serve_batcher import Batcher, Cancelled, Job
 from .serve_metrics import Metrics
-from .serve_openai import ApiError, ChatRequest, check_supported, openai_logprobs, text_of
+from .serve_openai import ApiError, ChatRequest, check_supported, openai_logprobs, parse_body, text_of
 from .serve_page import add_page
+from .serve_runtime import add_runtime_students
 from .terminal import USER_ERRORS, quiet_libraries
 
 PROMPT_DROPPED_HEADER = "X-Promptdistill-Prompt-Dropped"  # "1": the distilled prompt was dropped from the request
@@ -80,36 +82,41 @@ PROMPT_DROPPED_HEADER = "X-Promptdistill-Prompt-Dropped"  # "1": the distilled p
 
 class Server:
     """The loaded models, what each served name means, and the batching worker. `runs` (config,
-    run dir) were checked by check_runs: one base, the first run's models loaded, every other
-    run's adapter added to them."""
+    run dir) are checked by check_runs before anything loads (one base; the first run's models
+    loaded, every other run's adapter added to them). serve_runtime.py adds and removes students
+    while serving."""
 
     def __init__(self, runs: list, teacher: bool = False, max_batch: int = 16, max_queue: int = 256,
                  keep_system_prompt: bool = False):
         from .answerers import Models, sampling_params
         from .backends.local_sampler import LocalSampler
-        from .serve_students import load_students
+        from .serve_students import adapter_memory, check_runs, load_students
 
+        self.shared, self.teacher = check_runs(runs, teacher), teacher
         cfg, run = runs[0]
         # Without --teacher, never load a separate teacher model: make Models see the student twice.
         models_cfg = cfg if teacher else cfg.model_copy(update={"teacher": cfg.student})
         self.models = Models(models_cfg, run)
         self.students = load_students(self.models.student, runs)
+        self.adapters_made = len(runs)  # every adapter gets a new name: the prefix cache is keyed by it
         self.names = dict.fromkeys(self.students, "student")
         # The teacher is served under each run's name; the page sends each the system prompt of its run.
         self.teacher_prompts = {f"{c.name}-teacher": c.system_prompt for c, _ in runs} if teacher else {}
         self.names |= dict.fromkeys(self.teacher_prompts, "teacher")
-        # One student decodes with its adapter merged into the weights, the fastest; several
-        # decode together, each row through its own adapter (Job.adapter).
-        self.per_row_adapters = len(runs) > 1
-        self.samplers = {"student": LocalSampler(self.models.student, self.models.tokenizer, self.models.batch_size)
-                         if self.per_row_adapters else self.models.sampler("student")}
+        self.samplers = {"student": LocalSampler(self.models.student, self.models.tokenizer, self.models.batch_size)}
         if teacher:
             self.samplers["teacher"] = self.models.sampler("teacher")
         self.defaults = sampling_params(cfg)
         self.keep_system_prompt = keep_system_prompt
         self.started = int(time.time())
         self.metrics = Metrics(list(self.names))
-        self.batcher = Batcher(self.samplers, self.models, max_batch, max_queue)
+        self.adapters = adapter_memory(self.models.student)  # /metrics; updated by the decoding thread
+        # One student decodes through its adapter, the active one; several decode together, each
+        # row through its own adapter (Job.adapter).
+        self.batcher = Batcher(self.samplers, self.models, max_batch, max_queue, per_row_adapters=len(runs) > 1)
+
+    def model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "promptdistill"}
 
     def context_length(self, who: str) -> int | None:
         model = self.samplers[who].model
@@ -165,11 +172,11 @@ class Server:
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         seed = random.getrandbits(63) if req.seed is None else req.seed % 2**63
-        adapter = student.adapter if student is not None and self.per_row_adapters else None
-        return Job(who, ids, params, seed, adapter=adapter), saved
+        # The caller submits the job before it next awaits: a student unloaded meanwhile waits for it.
+        return Job(who, ids, params, seed, adapter=None if student is None else student.adapter), saved
 
 
-def build_app(server: Server, token: str | None = None) -> FastAPI:
+def build_app(server: Server, token: str | None = None, runtime_students: bool = False) -> FastAPI:
     app = FastAPI(title="promptdistill", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -185,9 +192,6 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
             # Never echo what was sent: a mistyped key is still mostly a key.
             raise ApiError(401, "missing or invalid bearer token (Authorization: Bearer <token>)", code="invalid_api_key")
 
-    def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": server.started, "owned_by": "promptdistill"}
-
     @app.get("/health")
     async def health():
         b = server.batcher
@@ -197,34 +201,26 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card(n) for n in server.names]}
+        return {"object": "list", "data": [server.model_card(n) for n in server.names]}
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str, request: Request):
         authorize(request)
         if name not in server.names:
             raise ApiError(404, f"The model {name!r} does not exist", code="model_not_found", param="model")
-        return model_card(name)
+        return server.model_card(name)
 
     @app.get("/metrics")
     async def metrics(request: Request):
         authorize(request)
         b = server.batcher
         return server.metrics.snapshot() | {"batches": {"decoded": len(b.batch_sizes), "largest": max(b.batch_sizes, default=0),
-                                                        "mixing_students": b.mixed_batches}}
+                                                        "mixing_students": b.mixed_batches}, "adapters": server.adapters}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        try:
-            payload = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        try:
-            req = ChatRequest.model_validate(payload)
-        except ValidationError as e:  # name the field and the problem; never echo the values
-            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
-            raise ApiError(400, f"invalid request: {problems}") from None
+        req = parse_body(await request.body(), ChatRequest)
         received = time.perf_counter()
         job, saved = server.prepare(req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -309,22 +305,21 @@ def build_app(server: Server, token: str | None = None) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} | dropped)
 
     add_page(app, server.teacher_prompts, authorize)
+    add_runtime_students(app, server, authorize, runtime_students)
     return app
 
 
 def serve(run_dirs: list[str], teacher: bool = False, host: str = "127.0.0.1", port: int = 8000,
           token_env: str | None = None, max_batch: int = 16, max_queue: int = 256,
-          keep_system_prompt: bool = False) -> int:
+          keep_system_prompt: bool = False, allow_runtime_students: bool = False) -> int:
     """Load the runs' models and serve them until Ctrl-C. User errors (a missing token
     variable, an untrained run, runs that cannot share one base, an API teacher with
     --teacher) raise the CLI's user errors before anything is loaded or served."""
     import uvicorn
 
     from .config_errors import ConfigError
-
     from .config_file import load_config
     from .rundir import RunDir
-    from .serve_students import check_runs
 
     token = None
     if token_env:
@@ -333,20 +328,13 @@ def serve(run_dirs: list[str], teacher: bool = False, host: str = "127.0.0.1", p
             raise ConfigError(f"--token-env {token_env}: that environment variable is not set or empty")
     if max_batch < 1 or max_queue < 0:
         raise ConfigError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
-    runs = []
-    for run_dir in run_dirs:
-        cfg = load_config(run_dir)
-        if teacher and cfg.teacher.backend != "local":
-            raise ConfigError(f"--teacher: run {cfg.name!r}'s teacher {cfg.teacher.served_name!r} is served by "
-                              f"{cfg.teacher.base_url} already (backend {cfg.teacher.backend}); serve the student alone")
-        runs.append((cfg, RunDir(cfg.run_path)))
-    check_runs(runs, teacher)
+    runs = [(cfg, RunDir(cfg.run_path)) for cfg in map(load_config, run_dirs)]
     server = Server(runs, teacher=teacher, max_batch=max_batch, max_queue=max_queue,
                     keep_system_prompt=keep_system_prompt)
-    app = build_app(server, token)
+    app = build_app(server, token, allow_runtime_students)
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        print(f"warning: listening on {host} without --token-env: anyone who can reach this machine can use the model",
-              file=sys.stderr)
+        print(f"warning: listening on {host} without --token-env: anyone who can reach this machine can use the model"
+              f"{' and load any run dir this process can read' if allow_runtime_students else ''}", file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {', '.join(server.names)} at http://{shown}:{port}/v1"
           f"{' (bearer token required)' if token else ''}, batches of up to {max_batch}, {max_queue} may wait; "
@@ -361,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quiet_libraries()
         return serve(args.run_dirs, teacher=args.teacher, host=args.host, port=args.port, token_env=args.token_env,
-                     max_batch=args.max_batch, max_queue=args.max_queue, keep_system_prompt=args.keep_system_prompt)
+                     max_batch=args.max_batch, max_queue=args.max_queue, keep_system_prompt=args.keep_system_prompt,
+                     allow_runtime_students=args.allow_runtime_students)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,11 @@ def serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--keep-system-prompt", action="store_true",
                    help="pass a request's system message to the student even when it is the run's distilled "
                         "prompt (by default that prompt is dropped: the student was trained without it)")
+    p.add_argument("--allow-runtime-students", action="store_true",
+                   help="let clients load a run's student (POST /v1/load_lora_adapter with the run dir) and unload "
+                        "one (POST /v1/unload_lora_adapter) while serving, like vLLM's "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING; off by default: a client could make the server read any "
+                        "run dir it can")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--token-env", metavar="NAME",

@@ -71,8 +71,17 @@ class Job:
     params: Any
     seed: int
     on_text: Callable[[str], None] | None = None
-    adapter: str | None = None  # the student's LoRA adapter, when one model holds several (decoded per row)
+    adapter: str | None = None  # the student's LoRA adapter (None: the teacher)
     cancel: threading.Event = field(default_factory=threading.Event)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(eq=False)
+class _Task:
+    """Work for the decoding thread between batches (Batcher.between_batches)."""
+
+    run: Callable[[], Any]
+    after: Callable[[Job], bool] | None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -85,13 +94,21 @@ class Batcher:
     `max_batch`. Jobs arriving meanwhile wait for the next batch, which
     gathers while jobs keep arriving (QUIET_SECONDS apart, GATHER_SECONDS at most). A client
     that goes away cancels its job: skipped if still waiting, left to finish with its batch
-    otherwise (the batch stops early only when every row's client has gone)."""
+    otherwise (the batch stops early only when every row's client has gone).
 
-    def __init__(self, samplers: dict[str, LocalSampler], models: Models, max_batch: int, max_queue: int):
+    The thread is the only one that runs the models, so whatever changes them (a student
+    loaded or unloaded while serving) is handed to it (`between_batches`) and runs between two
+    batches. With `per_row_adapters` every student row decodes through its own adapter; without
+    (one adapter in the model) through the model's active adapter, the plain LoRA forward."""
+
+    def __init__(self, samplers: dict[str, LocalSampler], models: Models, max_batch: int, max_queue: int,
+                 per_row_adapters: bool = False):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.samplers, self.models, self.max_batch, self.max_queue = samplers, models, max_batch, max_queue
+        self.per_row_adapters = per_row_adapters  # read and set on the decoding thread only
         self.waiting: deque[Job] = deque()
+        self.tasks: list[_Task] = []
         self.ready = threading.Condition()
         self.batch_seconds = 1.0  # the last batch's wall time: the Retry-After estimate
         self.batch_sizes: list[int] = []  # every batch's size, in order (/health reports them)
@@ -108,9 +125,36 @@ class Batcher:
             self.ready.notify()
         return job
 
+    def between_batches(self, task: Callable[[], Any], after: Callable[[Job], bool] | None = None,
+                        ) -> concurrent.futures.Future:
+        """Run `task` on the decoding thread between two batches, once no job `after` picks is
+        waiting any longer (those are decoded first; jobs whose clients left do not count).
+        The future holds its result or its exception."""
+        t = _Task(task, after)
+        with self.ready:
+            self.tasks.append(t)
+            self.ready.notify()
+        return t.future
+
+    def _run_due_tasks(self) -> None:
+        with self.ready:
+            due = [t for t in self.tasks if t.after is None
+                   or not any(t.after(j) and not j.cancel.is_set() for j in self.waiting)]
+            self.tasks = [t for t in self.tasks if t not in due]
+        for t in due:
+            try:
+                result = t.run()
+            except Exception as e:  # noqa: BLE001  (the caller gets the error; the worker lives on)
+                _settle(t.future, error=e)
+            else:
+                _settle(t.future, result)
+
     def _next_batch(self) -> list[Job]:
+        """The next batch, or [] when a task is due and no job waits (the worker runs it first)."""
         with self.ready:
             while not self.waiting:
+                if self.tasks:  # with nothing waiting, every task is due
+                    return []
                 self.ready.wait()
             # A batch's clients get their answers together and send their next requests within
             # milliseconds. Starting at the first arrival would decode it alone and keep the rest
@@ -124,12 +168,10 @@ class Batcher:
                 self.ready.wait(left)
                 if len(self.waiting) == seen:
                     break
-            while True:
-                while self.waiting and self.waiting[0].cancel.is_set():
-                    _settle(self.waiting.popleft().future, error=Cancelled())
-                if self.waiting:
-                    break
-                self.ready.wait()
+            while self.waiting and self.waiting[0].cancel.is_set():
+                _settle(self.waiting.popleft().future, error=Cancelled())
+            if not self.waiting:
+                return []
             first = self.waiting[0]
             batch = [j for j in self.waiting if (j.who, j.params) == (first.who, first.params)
                      and not j.cancel.is_set()][:self.max_batch]
@@ -139,7 +181,10 @@ class Batcher:
 
     def _work(self) -> None:
         while True:
+            self._run_due_tasks()
             batch = self._next_batch()
+            if not batch:
+                continue
             started = time.monotonic()
             try:
                 done = self._decode(batch)
@@ -167,7 +212,7 @@ class Batcher:
                     job.on_text(delta)
 
         with self.models.context(batch[0].who):
-            adapters = None if batch[0].adapter is None else [j.adapter for j in batch]
+            adapters = [j.adapter for j in batch] if self.per_row_adapters and batch[0].adapter is not None else None
             done = sampler.generate([j.ids for j in batch], batch[0].params, [j.seed for j in batch], on_token=on_token,
                                     adapters=adapters)
         for job, d, completion in zip(batch, deltas, done):

@@ -8,18 +8,27 @@ from collections import deque
 import numpy as np
 
 LATENCY_WINDOW = 1000  # latency percentiles are over each model's last this many answered requests
+COUNTED = ("requests", "failed", "prompt_tokens", "completion_tokens", "prompt_tokens_saved")
 
 
 class Metrics:
     """Per served model name: requests answered and failed, tokens read, written and saved
     (the distilled prompt dropped), and latency (request received to last token) percentiles.
-    Counted from the event loop and read by /metrics, hence the lock."""
+    Counted from the event loop and read by /metrics, hence the lock. A student unloaded while
+    serving keeps its counts: they are what this process served."""
 
     def __init__(self, names: list[str]):
         self.lock = threading.Lock()
-        self.counts = {n: {"requests": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                           "prompt_tokens_saved": 0} for n in names}
-        self.latencies = {n: deque(maxlen=LATENCY_WINDOW) for n in names}
+        self.counts: dict[str, dict[str, int]] = {}
+        self.latencies: dict[str, deque] = {}
+        for name in names:
+            self.add(name)
+
+    def add(self, name: str) -> None:
+        """Count `name` too (a student loaded while serving); a name served before keeps its counts."""
+        with self.lock:
+            self.counts.setdefault(name, {k: 0 for k in COUNTED})
+            self.latencies.setdefault(name, deque(maxlen=LATENCY_WINDOW))
 
     def answered(self, name: str, seconds: float, prompt_tokens: int, completion_tokens: int, saved: int) -> None:
         with self.lock:

@@ -3,9 +3,10 @@ it refuses, errors in OpenAI's shape, and per-token log-probabilities as OpenAI 
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .backends.openai import TOKEN_ID_PREFIX
 
@@ -51,6 +52,22 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def parse_body(raw: bytes, shape: type[Body]) -> Body:
+    """A request body as `shape`, or a 400 naming each bad field and its problem (never its value)."""
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    try:
+        return shape.model_validate(payload)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+        raise ApiError(400, f"invalid request: {problems}") from None
 
 
 def text_of(message: ChatMessage) -> str:

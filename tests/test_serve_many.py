@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_serve import (RUN_NAME, SYSTEM_PROMPT, Served, ask, ask_all_at_once, local_completion, served,
-                        start_server)
+from test_serve import (KEY, RUN_NAME, SYSTEM_PROMPT, TOKEN_ENV, Served, ask, ask_all_at_once, local_completion,
+                        served, start_server)
 from tiny import save_tiny, trained_tiny_run
 from chat_page import READ_COLUMNS, say
 from test_serve_page import needs_browser
@@ -45,6 +45,13 @@ def many(tmp_path_factory, pytestconfig) -> dict:
     server = start_server(list(runs.values()), root / "logs", "--teacher")
     pytestconfig.add_cleanup(server.stop)
     return {"server": server, "model": model, "runs": runs, "root": root}
+
+
+@pytest.fixture(scope="module")
+def other_base_run(many) -> Path:
+    """A run like the others but trained on another tiny model (another seed's weights)."""
+    other_model = save_tiny(many["root"] / "other", seed=1)
+    return tiny_run(many["root"], other_model, "parrot", "You are a parrot.", {"steps": 1, "seed": 0})
 
 
 @pytest.fixture
@@ -164,10 +171,8 @@ def refusal(capsys, *run_dirs: Path) -> str:
     return capsys.readouterr().err
 
 
-def test_runs_that_cannot_be_served_together_are_refused_at_start(many, tmp_path, capsys):
-    runs = many["runs"]
-    other_model = save_tiny(tmp_path / "other", seed=1)
-    other = tiny_run(tmp_path, other_model, "parrot", "You are a parrot.", {"steps": 1, "seed": 0})
+def test_runs_that_cannot_be_served_together_are_refused_at_start(many, other_base_run, tmp_path, capsys):
+    runs, other = many["runs"], other_base_run
     err = refusal(capsys, runs[RUN_NAME], other)
     assert f"run 'parrot' ({other})" in err and "one server serves students of one base model" in err
 
@@ -226,3 +231,121 @@ def test_the_page_switches_student_each_beside_its_own_runs_teacher(many, tmp_pa
                     assert turn["answer"] == unstreamed(column["model"], history)
                     history.append({"role": "assistant", "content": turn["answer"]})
         assert browser.screenshot(tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- students loaded and unloaded while serving (--allow-runtime-students) ------------------
+
+
+@pytest.fixture(scope="module")
+def hot(many, pytestconfig) -> dict:
+    """A server started with the first run alone, behind the bearer token, that loads and
+    unloads students while serving; every test leaves it serving that run alone again."""
+    server = start_server([many["runs"][RUN_NAME]], many["root"] / "hot-logs", "--teacher", "--token-env", TOKEN_ENV,
+                          "--allow-runtime-students")
+    pytestconfig.add_cleanup(server.stop)
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+        yield {"server": server, "client": c}
+
+
+def change(hot, verb: str, body: dict, key: str = KEY) -> httpx.Response:
+    """POST /v1/{verb}_lora_adapter."""
+    return httpx.post(f"{hot['server'].url}/v1/{verb}_lora_adapter", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {key}"})
+
+
+def served_now(hot) -> dict:
+    """What the server serves: the models it lists, the page's prompts, its adapters and metrics."""
+    def get(path: str) -> dict:
+        return httpx.get(f"{hot['server'].url}{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+
+    metrics = get("/metrics")
+    return {"models": [m["id"] for m in get("/v1/models")["data"]], "prompts": get("/page/system_prompts"),
+            "adapters": metrics["adapters"], "metrics": metrics}
+
+
+def test_runtime_students_are_off_unless_allowed(many):
+    r = httpx.post(f"{many['server'].url}/v1/load_lora_adapter", json={"lora_path": str(many["runs"]["poet"])})
+    assert r.status_code == 404 and "--allow-runtime-students" in r.json()["error"]["message"]
+    assert [m["id"] for m in httpx.get(f"{many['server'].url}/v1/models").json()["data"]] == \
+        STUDENTS + [f"{n}-teacher" for n in PROMPTS]
+
+
+def test_a_student_loaded_while_serving_answers_as_if_served_from_the_start(many, hot, client):
+    """poet loaded into a server started with the first run alone: listed (its teacher too, and
+    its prompt on the page), counted, its distilled prompt dropped, and every answer the one the
+    server started with all three runs gives; unloaded, it is a 404 and its adapter's memory is
+    given back; loaded again, the same answers."""
+    before = served_now(hot)
+    assert before["models"] == [f"{RUN_NAME}-student", f"{RUN_NAME}-teacher"] and before["adapters"]["loaded"] == 1
+    requests = [(dict(model=f"poet-{who}", messages=[{"role": "user", "content": question}], seed=seed, **settings),
+                 stream)
+                for who in ("student", "teacher")
+                for seed, question, settings, stream in (
+                    (1, "Where is the gold?", dict(temperature=1.0, top_p=1.0, max_tokens=12), False),
+                    (2, "Tell me about the storm.", dict(temperature=0.8, top_p=0.9, max_tokens=10), True),
+                    (3, "Who is your captain?", dict(temperature=0.0, max_tokens=8, logprobs=True, top_logprobs=2),
+                     False))]
+    from_the_start = [ask(client, r) for r in requests]
+    assert len({text for text, _, _ in from_the_start}) >= 4, from_the_start
+    carrying = dict(model="poet-student", seed=1, temperature=1.0, top_p=1.0, max_tokens=12,
+                    messages=[{"role": "system", "content": PROMPTS["poet"]}, {"role": "user", "content": "Where is the gold?"}])
+
+    for attempt in range(2):
+        r = change(hot, "load", {"lora_path": str(many["runs"]["poet"]), "lora_name": "poet-student"})
+        assert r.status_code == 200, r.text
+        assert [m["id"] for m in r.json()["data"]] == ["poet-student", "poet-teacher"]
+        now = served_now(hot)
+        assert now["models"] == before["models"] + ["poet-student", "poet-teacher"]
+        assert now["prompts"] == before["prompts"] | {"poet-teacher": PROMPTS["poet"]}
+        assert now["adapters"]["loaded"] == 2 and now["adapters"]["bytes"] > before["adapters"]["bytes"]
+        assert {"poet-student", "poet-teacher"} <= set(now["metrics"]["models"])
+        assert [ask(hot["client"], r) for r in requests] == from_the_start, attempt
+        dropped = hot["client"].chat.completions.with_raw_response.create(**carrying)
+        assert dropped.headers["x-promptdistill-prompt-dropped"] == "1"
+        assert dropped.parse().choices[0].message.content == from_the_start[0][0]
+
+        r = change(hot, "unload", {"lora_name": "poet-student"})
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["poet-student", "poet-teacher"]
+        after = served_now(hot)
+        assert {k: after[k] for k in ("models", "prompts", "adapters")} == \
+            {k: before[k] for k in ("models", "prompts", "adapters")}  # the adapter's bytes given back
+        for who in ("student", "teacher"):
+            with pytest.raises(openai.NotFoundError, match="does not exist"):
+                hot["client"].chat.completions.create(model=f"poet-{who}", messages=requests[0][0]["messages"])
+        assert after["metrics"]["models"]["poet-student"]["requests"] == 4 * (attempt + 1)  # its counts stay
+
+
+def test_a_load_that_cannot_be_served_is_refused_and_nothing_changes(many, hot, other_base_run, tmp_path):
+    runs = many["runs"]
+    before = served_now(hot)
+    missing = shutil.copytree(runs["poet"], tmp_path / "poet-missing")
+    (missing / "student" / "adapter_model.safetensors").unlink()
+    corrupt = shutil.copytree(runs["robot"], tmp_path / "robot-corrupt")
+    weights = corrupt / "student" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    refused = [
+        ({"lora_path": str(other_base_run)}, 400, [f"run 'parrot' ({other_base_run})",
+                                                   "one server serves students of one base model"]),
+        ({"lora_path": str(missing)}, 400, [f"run 'poet' ({missing})", "no trained adapter"]),
+        ({"lora_path": str(corrupt)}, 400, [f"run 'robot' ({corrupt})", f"the adapter file {weights} is corrupt"]),
+        ({"lora_path": str(runs[RUN_NAME])}, 400, [f"a run named '{RUN_NAME}' is already served from {runs[RUN_NAME]}"]),
+        ({"lora_path": str(runs["poet"]), "lora_name": "bard-student"}, 400,
+         [f"run 'poet' ({runs['poet']}) is served as 'poet-student', not 'bard-student'"]),
+        ({"lora_path": str(tmp_path / "nowhere")}, 400, [f"{tmp_path / 'nowhere'}", "config file not found"]),
+        ({"lora_name": "poet-student"}, 400, ["lora_path: Field required"]),
+    ]
+    for body, status, said in refused:
+        r = change(hot, "load", body)
+        assert r.status_code == status and all(s in r.json()["error"]["message"] for s in said), (body, r.text)
+    for body, status, said in (({"lora_name": "poet-student"}, 404, ["no student 'poet-student' is served"]),
+                               ({"lora_name": f"{RUN_NAME}-teacher"}, 400, ["is a run's teacher"]),
+                               ({"lora_name": f"{RUN_NAME}-student"}, 400, ["is the last student served"])):
+        r = change(hot, "unload", body)
+        assert r.status_code == status and all(s in r.json()["error"]["message"] for s in said), (body, r.text)
+    for verb in ("load", "unload"):  # behind the bearer token like /v1
+        r = change(hot, verb, {"lora_path": str(runs["poet"]), "lora_name": "poet-student"}, key="sk-wrong")
+        assert r.status_code == 401 and "sk-wrong" not in r.text
+    after = served_now(hot)
+    assert {k: after[k] for k in ("models", "prompts", "adapters")} == {k: before[k] for k in ("models", "prompts", "adapters")}
+    assert hot["client"].chat.completions.create(model=f"{RUN_NAME}-student", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2).usage.completion_tokens <= 2
