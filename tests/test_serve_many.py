@@ -5,6 +5,9 @@ requests that still carry it, and the runs refused at start."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -349,3 +352,81 @@ def test_a_load_that_cannot_be_served_is_refused_and_nothing_changes(many, hot, 
     assert {k: after[k] for k in ("models", "prompts", "adapters")} == {k: before[k] for k in ("models", "prompts", "adapters")}
     assert hot["client"].chat.completions.create(model=f"{RUN_NAME}-student", messages=[{"role": "user", "content": "hi"}],
                                                  max_tokens=2).usage.completion_tokens <= 2
+
+
+def wait_until(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def streamed(first, stream) -> tuple:
+    """What `ask` returns for a streamed request, from its first chunk (already read) and the rest."""
+    pieces = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in [first, *stream] if c.choices]
+    return "".join(t for t, _ in pieces), [f for _, f in pieces if f], None
+
+
+def test_a_student_under_load_is_untouched_while_another_is_loaded_and_unloaded(many, hot, client):
+    """8 clients keep asking the first run's student (each sends its request again once
+    answered) while robot is loaded, asked four streamed requests at once (decoded in the same
+    batches as the first run's), and unloaded while those streams are open: 0 errors, every
+    answer the one its request gets alone; robot's streams finish with the answers of the
+    server started with all three runs, and after the unload robot is a 404."""
+    settings = [dict(temperature=1.0, top_p=1.0, max_tokens=12), dict(temperature=0.0, max_tokens=10)]
+    questions = ["Where is the gold?", "Tell me about the storm.", "Who is your captain?", "Do you like parrots?"]
+
+    def request(model: str, i: int, stream: bool) -> tuple[dict, bool]:
+        return dict(model=model, messages=[{"role": "user", "content": questions[i % 4]}], seed=300 + i,
+                    **settings[i % 2]), stream
+
+    first_run = [request(f"{RUN_NAME}-student", i, i % 3 == 0) for i in range(8)]
+    robot = [request("robot-student", i, True) for i in range(4)]
+    before = served_now(hot)
+    alone = [ask(hot["client"], r) for r in first_run]
+    robot_want = [ask(client, r) for r in robot]
+    assert len({text for text, _, _ in alone + robot_want}) >= 6, (alone, robot_want)
+
+    stop, answers, errors = threading.Event(), [], []
+
+    def keep_asking(i: int) -> None:
+        while not stop.is_set():
+            try:
+                answers.append((i, ask(hot["client"], first_run[i]), time.monotonic()))
+            except Exception as e:  # noqa: BLE001  every error is a failure, counted below
+                errors.append((i, repr(e)))
+
+    def open_stream(r: tuple[dict, bool]) -> tuple:
+        stream = hot["client"].chat.completions.create(**r[0], stream=True)
+        return next(stream), stream  # the first chunk: the request is in the server's queue
+
+    with ThreadPoolExecutor(8 + len(robot)) as pool:
+        load = [pool.submit(keep_asking, i) for i in range(8)]
+        wait_until(lambda: len(answers) >= 8, "the first answers under load")
+        r = change(hot, "load", {"lora_path": str(many["runs"]["robot"])})
+        assert r.status_code == 200, r.text
+        loaded = time.monotonic()
+        mixed_before = served_now(hot)["metrics"]["batches"]["mixing_students"]
+        streams = list(pool.map(open_stream, robot))
+        # robot's requests are in the queue, behind the first run's batches: the unload comes before
+        # they are answered (measured: none of the 4 had been), so it must let them finish first
+        assert served_now(hot)["metrics"]["models"]["robot-student"]["requests"] < len(robot)
+        r = change(hot, "unload", {"lora_name": "robot-student"})
+        unloaded = time.monotonic()
+        assert r.status_code == 200, r.text
+        robot_got = [streamed(first, stream) for first, stream in streams]
+        wait_until(lambda: sum(t > unloaded for _, _, t in answers) >= 8, "answers after the unload")
+        stop.set()
+        for f in load:
+            f.result()
+    after = served_now(hot)
+
+    assert errors == [] and len(answers) >= 24
+    assert [a for i, a, _ in answers if a != alone[i]] == []
+    assert robot_got == robot_want
+    assert sum(loaded < t < unloaded for _, _, t in answers) >= 1  # the load went on while robot was served
+    assert after["metrics"]["batches"]["mixing_students"] > mixed_before  # robot's rows decoded beside the first run's
+    assert after["metrics"]["models"]["robot-student"]["requests"] == len(robot)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        hot["client"].chat.completions.create(**robot[0][0])
+    assert {k: after[k] for k in ("models", "prompts", "adapters")} == {k: before[k] for k in ("models", "prompts", "adapters")}
