@@ -4,6 +4,7 @@ requests that still carry it, and the runs refused at start."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -326,7 +327,12 @@ def test_a_load_that_cannot_be_served_is_refused_and_nothing_changes(many, hot, 
     corrupt = shutil.copytree(runs["robot"], tmp_path / "robot-corrupt")
     weights = corrupt / "student" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # whole files that do not fit together: peft fails half-way through adding it to the model
+    misfit = shutil.copytree(runs["robot"], tmp_path / "robot-misfit")
+    config = json.loads((misfit / "student" / "adapter_config.json").read_text())
+    (misfit / "student" / "adapter_config.json").write_text(json.dumps(config | {"r": config["r"] * 2}))
     refused = [
+        ({"lora_path": str(misfit)}, 400, [f"run 'robot' ({misfit}): cannot load its adapter", "size mismatch"]),
         ({"lora_path": str(other_base_run)}, 400, [f"run 'parrot' ({other_base_run})",
                                                    "one server serves students of one base model"]),
         ({"lora_path": str(missing)}, 400, [f"run 'poet' ({missing})", "no trained adapter"]),
