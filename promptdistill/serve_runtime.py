@@ -22,6 +22,7 @@ between two batches (Batcher.between_batches). One change is made at a time.
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Callable
 
 from fastapi import FastAPI, Request
@@ -81,6 +82,7 @@ class RuntimeStudents:
             s.teacher_prompts |= {n: cfg.system_prompt for n in added[1:]}
             for n in added:
                 s.metrics.add(n)
+        print(f"loaded {', '.join(added)} from {run.root}", file=sys.stderr, flush=True)
         return added
 
     async def unload(self, req: UnloadRequest) -> list[str]:
@@ -104,6 +106,7 @@ class RuntimeStudents:
             del s.students[name]
             await asyncio.wrap_future(s.batcher.between_batches(lambda: self._delete(student),
                                                                 after=lambda job: job.adapter == student.adapter))
+        print(f"unloaded {', '.join(removed)} (run {student.run.root})", file=sys.stderr, flush=True)
         return removed
 
     # --- on the decoding thread, between batches -------------------------------------------

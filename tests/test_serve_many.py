@@ -317,6 +317,9 @@ def test_a_student_loaded_while_serving_answers_as_if_served_from_the_start(many
             with pytest.raises(openai.NotFoundError, match="does not exist"):
                 hot["client"].chat.completions.create(model=f"poet-{who}", messages=requests[0][0]["messages"])
         assert after["metrics"]["models"]["poet-student"]["requests"] == 4 * (attempt + 1)  # its counts stay
+    log = hot["server"].err.read_text()
+    assert log.count(f"loaded poet-student, poet-teacher from {many['runs']['poet']}") == 2
+    assert log.count(f"unloaded poet-student, poet-teacher (run {many['runs']['poet']})") == 2
 
 
 def test_a_load_that_cannot_be_served_is_refused_and_nothing_changes(many, hot, other_base_run, tmp_path):
