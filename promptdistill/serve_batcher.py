@@ -136,10 +136,14 @@ class Batcher:
             self.ready.notify()
         return t.future
 
+    def waiting_for(self, pick: Callable[[Job], bool]) -> int:
+        """How many of the waiting jobs `pick` picks (not counting those whose clients left)."""
+        with self.ready:
+            return sum(pick(j) and not j.cancel.is_set() for j in self.waiting)
+
     def _run_due_tasks(self) -> None:
         with self.ready:
-            due = [t for t in self.tasks if t.after is None
-                   or not any(t.after(j) and not j.cancel.is_set() for j in self.waiting)]
+            due = [t for t in self.tasks if t.after is None or not self.waiting_for(t.after)]
             self.tasks = [t for t in self.tasks if t not in due]
         for t in due:
             try:

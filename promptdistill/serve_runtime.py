@@ -104,9 +104,14 @@ class RuntimeStudents:
                 del s.names[n]
                 s.teacher_prompts.pop(n, None)
             del s.students[name]
-            await asyncio.wrap_future(s.batcher.between_batches(lambda: self._delete(student),
-                                                                after=lambda job: job.adapter == student.adapter))
-        print(f"unloaded {', '.join(removed)} (run {student.run.root})", file=sys.stderr, flush=True)
+
+            def its_own(job) -> bool:
+                return job.adapter == student.adapter
+
+            waited = s.batcher.waiting_for(its_own)
+            await asyncio.wrap_future(s.batcher.between_batches(lambda: self._delete(student), after=its_own))
+        print(f"unloaded {', '.join(removed)} (run {student.run.root}) once the {waited} requests waiting for it "
+              f"were answered", file=sys.stderr, flush=True)
         return removed
 
     # --- on the decoding thread, between batches -------------------------------------------

@@ -5,6 +5,7 @@ requests that still carry it, and the runs refused at start."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -244,8 +245,9 @@ def test_the_page_switches_student_each_beside_its_own_runs_teacher(many, tmp_pa
 def hot(many, pytestconfig) -> dict:
     """A server started with the first run alone, behind the bearer token, that loads and
     unloads students while serving; every test leaves it serving that run alone again."""
+    # batches of 4: under load, requests then wait behind the first run's batches (see the load test)
     server = start_server([many["runs"][RUN_NAME]], many["root"] / "hot-logs", "--teacher", "--token-env", TOKEN_ENV,
-                          "--allow-runtime-students")
+                          "--allow-runtime-students", "--max-batch", "4")
     pytestconfig.add_cleanup(server.stop)
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60) as c:
         yield {"server": server, "client": c}
@@ -319,7 +321,7 @@ def test_a_student_loaded_while_serving_answers_as_if_served_from_the_start(many
         assert after["metrics"]["models"]["poet-student"]["requests"] == 4 * (attempt + 1)  # its counts stay
     log = hot["server"].err.read_text()
     assert log.count(f"loaded poet-student, poet-teacher from {many['runs']['poet']}") == 2
-    assert log.count(f"unloaded poet-student, poet-teacher (run {many['runs']['poet']})") == 2
+    assert log.count(f"unloaded poet-student, poet-teacher (run {many['runs']['poet']}) once the 0 requests waiting") == 2
 
 
 def test_a_load_that_cannot_be_served_is_refused_and_nothing_changes(many, hot, other_base_run, tmp_path):
@@ -363,6 +365,37 @@ def test_a_load_that_cannot_be_served_is_refused_and_nothing_changes(many, hot, 
                                                  max_tokens=2).usage.completion_tokens <= 2
 
 
+def test_the_first_run_unloaded_hands_the_model_to_the_next(many, hot, client):
+    """The first run's adapter is peft's `default`, the active one, through which a one-student
+    server decodes. Unloaded while poet is served, poet is the one student left, decoded through
+    its adapter made active, and answers the same question (whose prefix the first run's answers
+    left cached) as the server started with all three runs; the first run loaded again answers
+    as it did."""
+    first = f"{RUN_NAME}-student"
+
+    def requests(model: str) -> list[tuple[dict, bool]]:
+        return [(dict(model=model, messages=[{"role": "user", "content": "Where is the gold?"}], seed=seed,
+                      temperature=1.0, top_p=1.0, max_tokens=12), seed == 2) for seed in (1, 2, 3)]
+
+    before = served_now(hot)
+    first_alone = [ask(hot["client"], r) for r in requests(first)]
+    poet_want = [ask(client, r) for r in requests("poet-student")]
+    assert change(hot, "load", {"lora_path": str(many["runs"]["poet"])}).status_code == 200
+    r = change(hot, "unload", {"lora_name": first})
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [first, f"{RUN_NAME}-teacher"]
+    now = served_now(hot)
+    assert now["models"] == ["poet-student", "poet-teacher"] and now["adapters"]["loaded"] == 1
+    assert [ask(hot["client"], r) for r in requests("poet-student")] == poet_want
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        hot["client"].chat.completions.create(**requests(first)[0][0])
+
+    assert change(hot, "load", {"lora_path": str(many["runs"][RUN_NAME])}).status_code == 200
+    assert [ask(hot["client"], r) for r in requests(first)] == first_alone
+    assert change(hot, "unload", {"lora_name": "poet-student"}).status_code == 200
+    after = served_now(hot)
+    assert {k: after[k] for k in ("models", "prompts", "adapters")} == {k: before[k] for k in ("models", "prompts", "adapters")}
+
+
 def wait_until(condition, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -378,10 +411,11 @@ def streamed(first, stream) -> tuple:
 
 def test_a_student_under_load_is_untouched_while_another_is_loaded_and_unloaded(many, hot, client):
     """8 clients keep asking the first run's student (each sends its request again once
-    answered) while robot is loaded, asked four streamed requests at once (decoded in the same
-    batches as the first run's), and unloaded while those streams are open: 0 errors, every
-    answer the one its request gets alone; robot's streams finish with the answers of the
-    server started with all three runs, and after the unload robot is a 404."""
+    answered) while robot is loaded, asked four streamed requests at once (two with the first
+    run's settings, decoded in the same batches; two with settings of their own, waiting behind
+    the first run's batches), and unloaded while those streams are open: 0 errors, every answer
+    the one its request gets alone; robot's streams finish with the answers of the server
+    started with all three runs, and after the unload robot is a 404."""
     settings = [dict(temperature=1.0, top_p=1.0, max_tokens=12), dict(temperature=0.0, max_tokens=10)]
     questions = ["Where is the gold?", "Tell me about the storm.", "Who is your captain?", "Do you like parrots?"]
 
@@ -390,7 +424,9 @@ def test_a_student_under_load_is_untouched_while_another_is_loaded_and_unloaded(
                     **settings[i % 2]), stream
 
     first_run = [request(f"{RUN_NAME}-student", i, i % 3 == 0) for i in range(8)]
-    robot = [request("robot-student", i, True) for i in range(4)]
+    robot = [request("robot-student", i, True) for i in range(2)]
+    robot += [(dict(model="robot-student", messages=[{"role": "user", "content": q}], seed=310 + i, temperature=0.7,
+                    top_p=0.95, max_tokens=12), True) for i, q in enumerate(questions[2:])]
     before = served_now(hot)
     alone = [ask(hot["client"], r) for r in first_run]
     robot_want = [ask(client, r) for r in robot]
@@ -417,9 +453,6 @@ def test_a_student_under_load_is_untouched_while_another_is_loaded_and_unloaded(
         loaded = time.monotonic()
         mixed_before = served_now(hot)["metrics"]["batches"]["mixing_students"]
         streams = list(pool.map(open_stream, robot))
-        # robot's requests are in the queue, behind the first run's batches: the unload comes before
-        # they are answered (measured: none of the 4 had been), so it must let them finish first
-        assert served_now(hot)["metrics"]["models"]["robot-student"]["requests"] < len(robot)
         r = change(hot, "unload", {"lora_name": "robot-student"})
         unloaded = time.monotonic()
         assert r.status_code == 200, r.text
@@ -436,6 +469,11 @@ def test_a_student_under_load_is_untouched_while_another_is_loaded_and_unloaded(
     assert sum(loaded < t < unloaded for _, _, t in answers) >= 1  # the load went on while robot was served
     assert after["metrics"]["batches"]["mixing_students"] > mixed_before  # robot's rows decoded beside the first run's
     assert after["metrics"]["models"]["robot-student"]["requests"] == len(robot)
+    # the unload came while some of robot's requests were still waiting (batches of 4, the first
+    # run's 8 clients ahead of them): those were answered first, through robot's adapter
+    waited = re.search(r"unloaded robot-student, robot-teacher \(run .*\) once the (\d+) requests waiting",
+                       hot["server"].err.read_text())
+    assert waited and int(waited[1]) >= 1, hot["server"].err.read_text()
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         hot["client"].chat.completions.create(**robot[0][0])
     assert {k: after[k] for k in ("models", "prompts", "adapters")} == {k: before[k] for k in ("models", "prompts", "adapters")}
