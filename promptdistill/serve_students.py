@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config_errors import ConfigError
 from .models import ADAPTER_FILES, AdapterError, check_adapter, resolve_model
 from .rundir import RunDir
 
@@ -58,7 +59,7 @@ def check_runs(runs: list[tuple[RunConfig, RunDir]], teacher: bool, shared: Shar
                                f"every run needs its own name (its students are '<run name>-student')")
         seen[cfg.name] = run.root
         if teacher and cfg.teacher.backend != "local":
-            raise AdapterError(f"--teacher: run {cfg.name!r}'s teacher {cfg.teacher.served_name!r} is served by "
+            raise ConfigError(f"--teacher: run {cfg.name!r}'s teacher {cfg.teacher.served_name!r} is served by "
                                f"{cfg.teacher.base_url} already (backend {cfg.teacher.backend}); serve the student alone")
         try:
             base = check_adapter(run.student, cfg.student.model)
