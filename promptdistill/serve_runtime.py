@@ -71,8 +71,8 @@ class RuntimeStudents:
                                         f"(a student is served under its run's name)", param="lora_name")
                 served = {st.cfg.name: st.run.root for st in s.students.values()}
                 await asyncio.to_thread(check_runs, [(cfg, run)], s.teacher, s.shared, served)
+                adapter = f"student{s.adapters_made}"
                 s.adapters_made += 1
-                adapter = f"student{s.adapters_made - 1}"
                 student = await asyncio.wrap_future(s.batcher.between_batches(lambda: self._add(cfg, run, adapter)))
             except USER_ERRORS as e:
                 raise ApiError(400, f"cannot load {req.lora_path!r}: {e}", param="lora_path") from None
@@ -98,7 +98,8 @@ class RuntimeStudents:
             if len(s.students) == 1:
                 raise ApiError(400, f"{name!r} is the last student served; a server with none serves nothing: stop "
                                     f"it instead", param="lora_name")
-            removed = [name] + [n for n in (f"{student.cfg.name}-teacher",) if n in s.teacher_prompts]
+            its_teacher = f"{student.cfg.name}-teacher"
+            removed = [name] + ([its_teacher] if its_teacher in s.teacher_prompts else [])
             # From here on a request for it is refused; the ones already submitted are decoded first.
             for n in removed:
                 del s.names[n]
