@@ -4,7 +4,8 @@ again (plain `re` on the config's checks.labels pattern, the last match; the pro
 not imported), the teacher's from its teacher.jsonl row, and each answerer's agreement with it,
 its parse failures, student - base, ceiling - base and retained, with their 95% CIs (percentile
 bootstrap of the test inputs, the config's eval.bootstrap resamples, numpy seed 0, the same
-resamples for every figure), are recomputed and set beside the summary's. When the config's
+resamples for every figure), are recomputed and set beside the summary's; then agreement where the
+teacher's label is not its commonest (what copying its bias cannot win). When the config's
 queries files carry each input's true label (`--truth-field`, default `label`), it also prints
 each answerer's accuracy against it: an extra line, not the score.
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,17 @@ def main(run_dir: Path, truth_field: str) -> int:
         bad += not same
         print(f"  {name:<24} {m:7.1%} [{lo:7.1%}, {hi:7.1%}]   summary.json {stored[0]:7.1%} "
               f"[{stored[1]:7.1%}, {stored[2]:7.1%}]" + ("" if same else " !"))
+
+    # Agreement where the teacher gave other than its commonest label: a student that learnt the
+    # format and the teacher's bias alone agrees on none of these, one that learnt its judgement does.
+    commonest = Counter(t for t in teacher if t is not None).most_common(1)
+    rare = np.array([t is not None and t != commonest[0][0] for t in teacher])[keep] if commonest else keep[:0]
+    if rare.any():
+        print(f"\nagreement where the teacher's label is not its commonest ({commonest[0][0]}), n={int(rare.sum())} "
+              "(not the score):")
+        for who in WHO:
+            m, lo, hi = ci(agree[who][rare], n_boot)
+            print(f"  {who:<14} {m:6.1%} [{lo:6.1%}, {hi:6.1%}]")
 
     truths = truth(config, truth_field)
     if truths and all(r["id"] in truths for r in rows):
