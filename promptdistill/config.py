@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from . import registry
+from .labels import LabelCheck
 from .rules import Rule
 
 
@@ -308,6 +309,8 @@ class ChecksConfig(Strict):
     rules: list[Rule] = Field([], description="what the prompt demands of an answer, checked on its text (rules.py)")
     min_rule_share: float = Field(0.5, ge=0, le=1, description="warn when the teacher's answers follow a rule less "
                                   "often than this (the student cannot learn what it rarely sees)")
+    labels: LabelCheck | None = Field(None, description="a task prompt's answer label: pattern (one capture group) and "
+                                      "allowed labels; eval scores label agreement with the teacher (labels.py)")
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> "ChecksConfig":

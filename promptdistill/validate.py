@@ -302,7 +302,7 @@ def answer_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
                                     f"{'...' * (start > 0)}{text[start:refusal.end() + 30]!r}..."))
     if not total:
         return problems
-    problems += rule_problems(cfg, run)
+    problems += rule_problems(cfg, run) + label_problems(cfg, run)
     if cut:
         problems.append(Problem("warning", str(run.teacher),
                                 f"{len(cut)} of {total} answers ({len(cut) / total:.0%}) hit sampling.max_tokens="
@@ -335,6 +335,21 @@ def rule_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
                     "the student cannot learn what it rarely sees (raise sampling.best_of, or make the rule one the "
                     "teacher can follow)")
             for name, r in rates.items() if r["applies"] and r["pass_rate"] < cfg.checks.min_rule_share]
+
+
+def label_problems(cfg: RunConfig, run: RunDir) -> list[Problem]:
+    """A warning when fewer of the teacher's answers than checks.min_rule_share give a label
+    checks.labels can read: label agreement is over those only, and the student learns the rest."""
+    if not cfg.checks.labels:
+        return []
+    parsed = [cfg.checks.labels.parse(str(r.get("completion", "")))[0] for r in read_jsonl(run.teacher)]
+    given = sum(p is not None for p in parsed)
+    if not parsed or given / len(parsed) >= cfg.checks.min_rule_share:
+        return []
+    return [Problem("warning", "checks.labels", f"{given} of the teacher's {len(parsed)} answers give a label the pattern "
+                    f"reads ({given / len(parsed):.0%}), less than checks.min_rule_share={cfg.checks.min_rule_share:g}: "
+                    "label agreement counts only those, and the student learns the unlabelled rest (make the "
+                    "format easier for the teacher, or the pattern match what it writes)")]
 
 
 # --------------------------------------------------------------------------- entry points

@@ -10,7 +10,8 @@ import numpy as np
 # The score the verdict leads with, first available and able to tell: fidelity asks the
 # product's own question (does the student, without the prompt, predict what the prompted
 # teacher predicts?); the others are evidence about parts of that behaviour.
-PRIMARY = ("fidelity", "on_policy_fidelity", "own_history_fidelity", "compliance", "likelihood", "persona", "similarity")
+PRIMARY = ("fidelity", "on_policy_fidelity", "own_history_fidelity", "label_agreement", "compliance", "likelihood", "persona",
+           "similarity")
 MEANING = {
     "fidelity": "without the prompt, its next-token distributions on the teacher's answers are that far of the way "
                 "from the base model's to the prompted teacher's",
@@ -18,6 +19,8 @@ MEANING = {
                           "model's to the prompted teacher's",
     "own_history_fidelity": "carrying a conversation itself, its own earlier answers as the history, its next-token "
                             "distributions are that far of the way from the base model's to the prompted teacher's",
+    "label_agreement": "it gives the prompted teacher's label (right or wrong) that far of the way from the base model "
+                       "to the teacher answering again",
     "compliance": "it follows the prompt's checkable rules that far of the way from the base model to the teacher",
     "likelihood": "it predicts the teacher's sampled answers that far of the way from the base model to the "
                   "prompted model",

@@ -318,8 +318,10 @@ def test_empty_train_split_when_every_answer_was_cut_off(tiny, tmp_path, capsys)
     queries_done(capsys, config)
     cfg = load_config(config)
     queries = [json.loads(line) for line in (tmp_path / "run" / "queries.jsonl").read_text().splitlines()]
-    rows = [{"id": q["id"], "key": row_key(cfg, q["query"]), "split": q["split"], "completion": "Arr, the sea and the",
-             "finish_reason": "length"} for q in queries]  # cut off at max_tokens, no full sentence
+    rows = [{"id": q["id"], "key": row_key(cfg, q["query"]), "split": q["split"],
+             "messages": [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": q["query"]}],
+             "completion": "Arr, the sea and the", "finish_reason": "length"}
+            for q in queries]  # cut off at max_tokens, no full sentence
     (tmp_path / "run" / "teacher.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     fails(capsys, ["train", config], tmp_path / "run",
           f"no training examples: of the train split's answers in {tmp_path / 'run' / 'teacher.jsonl'}, "

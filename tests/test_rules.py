@@ -5,8 +5,7 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from tiny import PIRATE, evaluated_tiny_run
+from tiny import PIRATE, checks_config, evaluated_tiny_run
 
 from promptdistill import rules
 from promptdistill.config_errors import ConfigError
@@ -62,14 +61,6 @@ def test_applies_to_limits_a_rule_to_matching_queries():
     assert rules.per_query_compliance(m).tolist() == [1.0, 0.0]
 
 
-def write_config(tmp_path, rule_list) -> str:
-    cfg = {"name": "t", "system_prompt": "Be brief.", "teacher": {"model": "m"}, "student": {"model": "m"},
-           "queries": {"files": ["q.jsonl"]}, "train": {"steps": 1}, "checks": {"rules": rule_list}}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
 @pytest.mark.parametrize("bad, message", [
     ({"name": "x", "kind": "regex", "value": "(unclosed"}, "checks.rules.0: Value error, rule 'x': value is not a valid regex"),
     ({"name": "x", "kind": "contains", "value": "a", "applies_to": "[z-a]"}, "applies_to is not a valid regex"),
@@ -81,14 +72,14 @@ def write_config(tmp_path, rule_list) -> str:
 ])
 def test_a_bad_rule_is_a_config_error_naming_the_field(tmp_path, bad, message):
     with pytest.raises(ConfigError) as e:
-        load_config(write_config(tmp_path, [bad]))
+        load_config(checks_config(tmp_path, {"rules": [bad]}))
     assert message in str(e.value)
 
 
 def test_rule_names_must_be_unique(tmp_path):
     r = {"name": "x", "kind": "no_emoji"}
     with pytest.raises(ConfigError, match="'x' is used twice"):
-        load_config(write_config(tmp_path, [r, r]))
+        load_config(checks_config(tmp_path, {"rules": [r, r]}))
 
 
 RULES = [{"name": "arr", "kind": "contains", "value": ["arr", "ahoy", "aye"]},

@@ -373,6 +373,17 @@ def evaluated_tiny_run(root, **sections):
     return cfg, run
 
 
+def checks_config(root, checks: dict) -> str:
+    """A minimal config file whose `checks` section is `checks`, for tests of its config errors."""
+    import yaml
+
+    cfg = {"name": "t", "system_prompt": "Be brief.", "teacher": {"model": "m"}, "student": {"model": "m"},
+           "queries": {"files": ["q.jsonl"]}, "train": {"steps": 1}, "checks": checks}
+    path = Path(root) / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
 # --- running verbs as a test's reference -----------------------------------------------
 
 REPO = Path(__file__).parents[1]

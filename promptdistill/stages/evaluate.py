@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from .. import best_of, judge, kept_skills, rules, scores, tracking
+from .. import best_of, judge, kept_skills, labels, rules, scores, tracking
 from ..answerers import Models, answer_settings, sampling_params
 from ..backends.base import Completion, SamplingParams
 from ..config import RunConfig
@@ -166,6 +166,7 @@ def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     return {"adapter": sha256_file(adapter)[:16] if adapter.exists() else None,
             "eval": cfg.eval.model_dump(exclude_none=True), "sampling": answer_settings(cfg),
             **({"rules": fingerprint([r.model_dump() for r in cfg.checks.rules])} if cfg.checks.rules else {}),
+            **({"labels": fingerprint(cfg.checks.labels.model_dump())} if cfg.checks.labels else {}),
             **({"skills": fingerprint(text)} if (text := kept_skills.fingerprint_source(cfg.eval.skills)) else {}),
             "pricing": cfg.pricing.model_dump() if cfg.pricing else None}
 
@@ -261,6 +262,9 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         if cfg.checks.rules:
             quality["compliance"], compliance, failed = rules.compliance(
                 cfg.checks.rules, [r["query"] for r in test], {"teacher": reference, **texts}, cfg.eval.bootstrap, groups)
+        if cfg.checks.labels:
+            quality["label_agreement"], label_section, label_rows = labels.agreement(
+                cfg.checks.labels, {"teacher": reference, **texts}, cfg.eval.bootstrap, groups)
 
         student_in = [len(prompt_ids(models.tokenizer, r["prompt"])) for r in test]
         tokens = {
@@ -293,7 +297,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          "fidelity_kl": {k: _num(v[i]) for k, v in kl.items()} if kl else None,
                          "on_policy_kl": {k: _num(v[i]) for k, v in on_policy.items()} if on_policy else None,
                          "divergent_tokens": divergent_tokens(models.tokenizer, forced, i),
-                         **({"failed_checks": failed[i]} if cfg.checks.rules else {})})
+                         **({"failed_checks": failed[i]} if cfg.checks.rules else {}),
+                         **(label_rows[i] if cfg.checks.labels else {})})
         atomic_write_text(run.root / "eval.jsonl", "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in rows))
         metrics = read_jsonl(run.metrics)
         vals = [m["val_loss"] for m in metrics if "val_loss" in m]
@@ -310,6 +315,8 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         }
         if cfg.checks.rules:
             summary["compliance"] = {"rules": compliance, "teacher_data": best_of.selection_summary(cfg.checks.rules, run)}
+        if cfg.checks.labels:
+            summary["labels"] = label_section
         if skill_items:
             with Timer() as skills_time:
                 summary["kept_skills"] = evaluate_skills.run(models, run, skill_items, cfg.eval.bootstrap)

@@ -22,7 +22,7 @@ from ..formatting import (NA, cell, count, duration_ms, finite, lookup, money, n
                           ratio, table, tok)
 from ..rundir import RunDir, StageError, Timer, atomic_write_text, fmt_seconds, read_jsonl, sha256_file
 from .report_plots import PLOTS, TURNS_PLOT, write_plots
-from .report_quality import compliance_section, quality_section, skills_section
+from .report_quality import compliance_section, labels_section, quality_section, skills_section
 from .report_words import first_paragraph, headline, streamed
 
 # summary.json's `sources`: what each names, in the report's words.
@@ -118,7 +118,7 @@ def build_markdown(summary: dict, rows: list[dict], metrics: list[dict], manifes
     md += [""]
 
     md += quality_section(summary, "quality.png" in plots)
-    md += compliance_section(summary) + skills_section(summary) + judge_section(summary)
+    md += compliance_section(summary) + labels_section(summary) + skills_section(summary) + judge_section(summary)
     md += tokens_section(summary, "tokens_cost.png" in plots)
     md += cost_section(summary, cfg)
     md += latency_section(summary, "latency.png" in plots)

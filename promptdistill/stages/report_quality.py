@@ -1,6 +1,6 @@
 """report.md's sections on quality: every score with its paired CIs and verdict (retained shown
 only where the score can tell), the scores per turn of a conversation, and per rule of
-checks.rules. Pure text from summary.json, as the rest of the report."""
+checks.rules, the labels of checks.labels. Pure text from summary.json, as the rest of the report."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ SCORES = {
                    "the base model WITH the system prompt", "lower"),
     "persona": ("share of answers a classifier calls teacher-style (vs base-style)",
                 "the teacher answering again (another seed)", "higher"),
+    "label_agreement": ("share of test inputs whose answer gives the teacher's label (checks.labels), right or wrong; "
+                        "an answer without a label disagrees", "the teacher answering again (another seed)", "higher"),
 }
 
 
@@ -116,6 +118,27 @@ def compliance_section(summary: dict) -> list[str]:
                "rule that applies.", ""]
         md += table(["Rule", "Applies", "First try", "Kept"],
                     [[n, r["applies"], pct(r["first_try"]), pct(r["kept"])] for n, r in data["rules"].items()]) + [""]
+    return md
+
+
+def labels_section(summary: dict) -> list[str]:
+    """With checks.labels: how often each answerer gave a label at all, why not (parse failures by
+    kind), the labels it gave, and what always giving the teacher's commonest label would agree."""
+    lab = summary.get("labels")
+    if not lab:
+        return []
+    md = ["## Labels", "",
+          f"Each answer's label is the capture group of the last match of `{lab['pattern']}`; allowed: "
+          f"{', '.join(lab['allowed'])}. A parse failure (no match, or a label not allowed) counts as disagreement. "
+          f"The teacher's answers in teacher.jsonl, the reference, gave a label on {lab['teacher_labelled']} of "
+          f"{lab['n']} test inputs; agreement is over those.", ""]
+    rows = [[who, f"{a['labelled']} of {lab['n']}", a["parse_failures"]["no_match"], a["parse_failures"]["not_allowed"],
+             ", ".join(f"{k} {v}" for k, v in a["labels"].items()) or NA] for who, a in lab["answerers"].items()]
+    md += table(["Answerer", "Labelled", "No match", "Not allowed", "Labels given"], rows) + [""]
+    major = lab["teacher_majority"]
+    if major["label"] is not None:
+        md += [f"Always answering the teacher's commonest label, `{major['label']}`, would agree {pct(major['agreement'])}: "
+               "a student at that level may have learnt the format and the teacher's bias, not its judgement.", ""]
     return md
 
 
