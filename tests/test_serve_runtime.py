@@ -15,19 +15,7 @@ import httpx
 import openai
 import pytest
 from test_serve import KEY, RUN_NAME, TOKEN_ENV, ask, start_server
-from test_serve_many import PROMPTS, STUDENTS, many_students
-
-
-@pytest.fixture(scope="module")
-def many(tmp_path_factory, pytestconfig) -> dict:
-    return many_students(tmp_path_factory, pytestconfig)
-
-
-@pytest.fixture
-def client(many) -> openai.OpenAI:
-    """A client of the server started with all three runs."""
-    with openai.OpenAI(base_url=f"{many['server'].url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
+from test_serve_many import PROMPTS, STUDENTS, client, many  # noqa: F401  (fixtures shared with that module)
 
 
 @pytest.fixture(scope="module")
