@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
+
+from . import machine
 
 
 class StageError(RuntimeError):
@@ -180,7 +181,7 @@ class RunDir:
         manifest = self.read_manifest()
         previous = manifest["stages"].get(stage, {})
         manifest["stages"][stage] = {"inputs": inputs, "started": _now(), "seconds_before": previous.get("seconds_total", 0.0)}
-        manifest["versions"] = versions()
+        manifest["versions"] = machine.facts()
         atomic_write_json(self.manifest_path, manifest)
 
     def finish_stage(self, stage: str, outputs: list[Path], seconds: float, summary: str) -> None:
@@ -222,18 +223,6 @@ class RunDir:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("promptdistill", "torch", "transformers", "peft", "tokenizers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 class Timer:

@@ -1,6 +1,7 @@
 """The real pipeline on the real embedded model (SmolLM2-135M), on a tiny budget."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,10 @@ def test_run_end_to_end_then_skip_then_refuse_changed_inputs(tmp_path, capsys):
     assert set(manifest["stages"]) == {"queries", "generate", "train", "eval", "report"}
     assert all(s["seconds"] >= 0 and s["outputs"] for s in manifest["stages"].values())
     assert "torch" in manifest["versions"]
+    # the machine behind the timings: its CPU count, and bf16 units as the kernel lists them
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert manifest["versions"]["cpus"] == len(os.sched_getaffinity(0))
+    assert manifest["versions"]["cpu_bf16_units"] == ("avx512_bf16" in flags or "amx_bf16" in flags)
     for stage in ("queries:", "generate:", "train:", "eval:", "report:"):
         assert stage in out
     summary = json.loads((run / "summary.json").read_text())

@@ -4,11 +4,12 @@ decoder and its output layer (what the sampler, the scorer and the trainer run).
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..machine import cpu_has_bf16_units
 
 def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
@@ -28,18 +29,6 @@ def peft_wrapping():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
         yield
-
-
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 in hardware: AMX tiles (Intel Sapphire Rapids and later)
-    or AVX512_BF16's dot products (AMD Zen 4, Intel Cooper Lake), read from the kernel's CPU
-    flags (only Linux is asked; elsewhere the answer is no). Without them oneDNN emulates bf16
-    and it runs no faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"^flags\s*:.*\b(amx_bf16|avx512_bf16)\b", flags, re.MULTILINE) is not None
 
 
 def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
