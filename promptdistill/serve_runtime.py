@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from .serve_openai import ApiError, parse_body
 
 if TYPE_CHECKING:
-    from .serve import Server
+    from .serve_server import Server
     from .serve_students import Student
 
 RUNTIME_OFF = ("this server does not load or unload students while serving; start `distill serve` with "

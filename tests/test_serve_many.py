@@ -157,7 +157,7 @@ def test_keep_system_prompt_passes_the_distilled_prompt_on(many):
     from promptdistill.config_file import load_config
     from promptdistill.render import prompt_ids
     from promptdistill.rundir import RunDir
-    from promptdistill.serve import Server
+    from promptdistill.serve_server import Server
     from promptdistill.serve_openai import ChatRequest
 
     cfg = load_config(many["runs"][RUN_NAME])
