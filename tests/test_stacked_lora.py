@@ -5,7 +5,7 @@ each row what peft's plain forward gives it alone with its own adapter active.""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_local_backend import SYSTEM, conversations
+from test_local_backend import conversations
 from tiny import tiny_model, tiny_tokenizer
 
 from promptdistill.backends.base import SamplingParams
