@@ -19,8 +19,8 @@ device); the base is loaded once, the first run's adapter with it and every othe
 beside it, and a request's `model` picks the student. Refused at start, naming the run, before
 anything is served: another base, a missing or corrupt adapter, a run name given twice.
 One student decodes through its adapter (peft's LoRA forward); with several, every batch row
-goes through its own student's adapter (peft's mixed-batch LoRA forward), so requests for
-different students decode in one batch.
+goes through its own student's adapter (every adapter stacked, backends/stacked_lora.py), so
+requests for different students decode in one batch.
 
 The student answers WITHOUT a system prompt: the request's messages go through the
 student's chat template exactly as given (the template may add its own default system

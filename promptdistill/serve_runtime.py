@@ -135,8 +135,7 @@ class RuntimeStudents:
 
         s, model = self.server, self.server.models.student
         s.batcher.per_row_adapters = len(model.peft_config) > 1
-        # The cached prefix was computed through the active adapter, which may be another now.
-        s.samplers["student"].forget_prefix()
+        s.samplers["student"].adapters_changed()
         s.adapters = adapter_memory(model)
 
 

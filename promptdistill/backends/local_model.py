@@ -99,31 +99,6 @@ def lora_merged(model):
                 m.get_base_layer().weight.copy_(weight)
 
 
-@contextlib.contextmanager
-def adapters_per_row(model, names: list[str]):
-    """While inside, every LoRA layer of `model` applies to batch row i the adapter `names[i]`
-    (peft's mixed-batch forward: the base matmul for the whole batch, each adapter's A and B on
-    its own rows only). `names` is read at every call, so a caller that drops finished rows
-    updates it in place. Unknown names are refused here: peft would silently skip them."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    known = {name for m in layers for name in m.lora_A}
-    unknown = sorted(set(names) - known)
-    if unknown:
-        raise ValueError(f"no LoRA adapter named {unknown} in this model (it has {sorted(known)})")
-
-    def inject(_module, args, kwargs):
-        return args, kwargs | {"adapter_names": names}
-
-    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class DecoderAndHead:
     """A causal LM (or its peft wrapper) taken apart: the decoder, called directly, and the
     output layer, applied only where logits are wanted, on a 2-D [positions, hidden] tensor.

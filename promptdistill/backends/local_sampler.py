@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from ..render import Message, prompt_ids, stop_token_ids
 from .base import Completion, SamplingParams
 from .local_attention import MIN_SHARED_PREFIX, common_prefix_len, new_cache, prefix_kv, use_shared_prefix_attention
-from .local_model import DecoderAndHead, adapters_per_row, load_causal_lm, lora_merged
+from .local_model import DecoderAndHead, load_causal_lm, lora_merged
+from .stacked_lora import StackedLora
 
 class LocalSampler:
     def __init__(self, model, tokenizer, batch_size: int = 16, merge_lora: bool = False):
@@ -28,6 +29,7 @@ class LocalSampler:
         self._prefix: tuple[tuple[str | None, tuple[int, ...]], list] | None = None
         self.shares_prefix = use_shared_prefix_attention(model)
         self.parts = DecoderAndHead(model)
+        self._stacked: StackedLora | None = None  # the adapters stacked for per-row decoding, at its first batch
 
     def _next_logits(self, **inputs) -> torch.Tensor:
         """[rows, vocab] fp32: the output layer at each row's last position only."""
@@ -67,11 +69,18 @@ class LocalSampler:
     def forget_prefix(self) -> None:
         self._prefix = None
 
+    def adapters_changed(self) -> None:
+        """Forget what was computed from the model's adapters, after one was loaded or deleted:
+        the prefix's keys and values (through the active adapter, which may be another now) and
+        the stacked adapters."""
+        self.forget_prefix()
+        self._stacked = None
+
     def _prefix_kv(self, prefix: list[int], live_adapters: list[str] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prefix's keys and values, reused while batches share the prefix (and adapter).
-        With per-row adapters every row has the same one here: the prefix is one row."""
-        adapter = None if live_adapters is None else live_adapters[0]
-        key = (adapter, tuple(prefix))
+        With per-row adapters every row has the same one here (None: the base): the prefix is one row."""
+        through = "active adapter" if live_adapters is None else ("row adapter", live_adapters[0])
+        key = (through, tuple(prefix))
         if self._prefix is None or self._prefix[0] != key:
             rows = None if live_adapters is None else live_adapters[:]
             if rows is not None:
@@ -88,11 +97,14 @@ class LocalSampler:
                  adapters: list[str] | None = None) -> list[Completion]:
         """Decode a batch. `on_token(row, token_id)` is called as tokens are produced (streaming).
         `adapters` names each row's LoRA adapter (the model holds several: `distill serve` with
-        many runs), so rows of different students decode together; none: the active adapter."""
+        many runs; None: no adapter, the base model), so rows of different students decode
+        together (StackedLora); none: the active adapter."""
         if adapters is None:
             return self._generate(prompts, params, seeds, on_token, None)
+        if self._stacked is None:
+            self._stacked = StackedLora(self.model)
         live = list(adapters)  # each live row's adapter, kept in step as finished rows leave
-        with adapters_per_row(self.model, live):
+        with self._stacked.per_row(live):
             return self._generate(prompts, params, seeds, on_token, live)
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int], on_token,
