@@ -98,15 +98,13 @@ class Batcher:
 
     The thread is the only one that runs the models, so whatever changes them (a student
     loaded or unloaded while serving) is handed to it (`between_batches`) and runs between two
-    batches. With `per_row_adapters` every student row decodes through its own adapter; without
-    (one adapter in the model) through the model's active adapter, the plain LoRA forward."""
+    batches. While the model holds several adapters every student row decodes through its own;
+    with one, through the model's active adapter, the plain LoRA forward."""
 
-    def __init__(self, samplers: dict[str, LocalSampler], models: Models, max_batch: int, max_queue: int,
-                 per_row_adapters: bool = False):
+    def __init__(self, samplers: dict[str, LocalSampler], models: Models, max_batch: int, max_queue: int):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.samplers, self.models, self.max_batch, self.max_queue = samplers, models, max_batch, max_queue
-        self.per_row_adapters = per_row_adapters  # read and set on the decoding thread only
         self.waiting: deque[Job] = deque()
         self.tasks: list[_Task] = []
         self.ready = threading.Condition()
@@ -216,7 +214,8 @@ class Batcher:
                     job.on_text(delta)
 
         with self.models.context(batch[0].who):
-            adapters = [j.adapter for j in batch] if self.per_row_adapters and batch[0].adapter is not None else None
+            per_row = batch[0].adapter is not None and len(self.models.student.peft_config) > 1
+            adapters = [j.adapter for j in batch] if per_row else None
             done = sampler.generate([j.ids for j in batch], batch[0].params, [j.seed for j in batch], on_token=on_token,
                                     adapters=adapters)
         for job, d, completion in zip(batch, deltas, done):

@@ -76,10 +76,7 @@ class RuntimeStudents:
                 student = await asyncio.wrap_future(s.batcher.between_batches(lambda: self._add(cfg, run, adapter)))
             except USER_ERRORS as e:
                 raise ApiError(400, f"cannot load {req.lora_path!r}: {e}", param="lora_path") from None
-            s.students[name] = student
-            added = [name] + ([f"{cfg.name}-teacher"] if s.teacher else [])
-            s.names |= {name: "student"} | {n: "teacher" for n in added[1:]}
-            s.teacher_prompts |= {n: cfg.system_prompt for n in added[1:]}
+            added = s.serve_students([student])
             for n in added:
                 s.metrics.add(n)
         print(f"loaded {', '.join(added)} from {run.root}", file=sys.stderr, flush=True)
@@ -134,7 +131,6 @@ class RuntimeStudents:
         from .serve_students import adapter_memory
 
         s, model = self.server, self.server.models.student
-        s.batcher.per_row_adapters = len(model.peft_config) > 1
         s.samplers["student"].adapters_changed()
         s.adapters = adapter_memory(model)
 

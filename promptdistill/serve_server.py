@@ -7,10 +7,14 @@ from __future__ import annotations
 import random
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .serve_batcher import Batcher, Job
 from .serve_metrics import Metrics
 from .serve_openai import ApiError, ChatRequest, check_supported, text_of
+
+if TYPE_CHECKING:
+    from .serve_students import Student
 
 
 class Server:
@@ -30,12 +34,11 @@ class Server:
         # Without --teacher, never load a separate teacher model: make Models see the student twice.
         models_cfg = cfg if teacher else cfg.model_copy(update={"teacher": cfg.student})
         self.models = Models(models_cfg, run)
-        self.students = load_students(self.models.student, runs)
+        self.students: dict[str, Student] = {}
+        self.names: dict[str, str] = {}  # served name -> "student" | "teacher"
+        self.teacher_prompts: dict[str, str] = {}
+        self.serve_students(list(load_students(self.models.student, runs).values()))
         self.adapters_made = len(runs)  # every adapter gets a new name: the prefix cache is keyed by it
-        self.names = dict.fromkeys(self.students, "student")
-        # The teacher is served under each run's name; the page sends each the system prompt of its run.
-        self.teacher_prompts = {f"{c.name}-teacher": c.system_prompt for c, _ in runs} if teacher else {}
-        self.names |= dict.fromkeys(self.teacher_prompts, "teacher")
         self.samplers = {"student": LocalSampler(self.models.student, self.models.tokenizer, self.models.batch_size)}
         if teacher:
             self.samplers["teacher"] = self.models.sampler("teacher")
@@ -46,7 +49,17 @@ class Server:
         self.adapters = adapter_memory(self.models.student)  # /metrics; updated by the decoding thread
         # One student decodes through its adapter, the active one; several decode together, each
         # row through its own adapter (Job.adapter).
-        self.batcher = Batcher(self.samplers, self.models, max_batch, max_queue, per_row_adapters=len(runs) > 1)
+        self.batcher = Batcher(self.samplers, self.models, max_batch, max_queue)
+
+    def serve_students(self, students: list[Student]) -> list[str]:
+        """Serve `students` under their names and, with --teacher, the teacher under each one's run
+        name ("<run>-teacher", which the page sends its run's system prompt); the names added,
+        the students' first."""
+        teachers = {f"{st.cfg.name}-teacher": st.cfg.system_prompt for st in students} if self.teacher else {}
+        self.students |= {st.name: st for st in students}
+        self.names |= dict.fromkeys((st.name for st in students), "student") | dict.fromkeys(teachers, "teacher")
+        self.teacher_prompts |= teachers
+        return [st.name for st in students] + list(teachers)
 
     def model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": self.started, "owned_by": "promptdistill"}
