@@ -184,6 +184,50 @@ def test_a_conversation_in_one_pass_is_the_sum_of_its_turns(tmp_path, model_dir,
     assert whole == pytest.approx(first + second, rel=1e-5)
 
 
+@pytest.mark.parametrize("objective", ["kl", "sft"])
+def test_a_step_cut_by_length_has_the_gradient_of_one_micro_batch(tmp_path, model_dir, objective):
+    """A step mixing a long conversation with single answers is cut into micro-batches of similar
+    lengths (teacher passes included); the summed gradient is the one padded micro-batch's."""
+    from promptdistill.backends.local_model import load_causal_lm
+    from promptdistill.config import RunConfig
+    from promptdistill.objectives import sft
+    from promptdistill.objectives.step import StepContext
+    from promptdistill.render import render_conversation
+    from promptdistill.teacher import LocalTeacher
+
+    teacher_dir = save_tiny(tmp_path / "teacher", seed=1)
+    cfg = RunConfig.model_validate({"name": "t", "system_prompt": SYSTEM, "queries": {"files": ["q.jsonl"]},
+                                    "teacher": {"model": str(teacher_dir)}, "student": {"model": str(model_dir)},
+                                    "train": {"objective": objective, "topk": None, "steps": 1, "batch_size": 8}})
+    chat = [m for i in range(6) for m in ({"role": "user", "content": f"And the map number {i}, where is it kept?"},
+                                           {"role": "assistant", "content": f"Burnt in the galley fire {i}, arr, every scrap."})]
+    rows = {"conv": {"messages": chat, "trained": {i: True for i in range(1, len(chat), 2)}},
+            **{f"q{i}": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "trained": {1: True}}
+               for i, (q, a) in enumerate([("Hi", "Ahoy!"), ("Who are you?", "Redbeard."), ("Gold?", "Buried, matey.")])}}
+    grads = []
+    for cut in (True, False):
+        trainer = new_trainer(model_dir)
+        with torch.no_grad():  # LoRA B starts at zero; give it weight so A gets a gradient too
+            for p in trainer.params:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
+        examples = [render_conversation(trainer.tokenizer, r["messages"], r["trained"], i) for i, r in rows.items()]
+        teacher_model, teacher_tok = load_causal_lm(teacher_dir, "cpu")
+        ctx = StepContext(cfg, None, trainer, rows=rows, teacher=LocalTeacher(cfg, teacher_model, teacher_tok, base_of_adapter=False))
+        module = kl_objective if objective == "kl" else sft
+        if hasattr(module, "prepare"):
+            module.prepare(ctx, examples)
+        total = sum(e.n_trainable for e in examples)
+        if cut:
+            batches, counted = step_datums(ctx, module, examples, 0)
+            assert counted == total and len(batches) == 2 and sorted(map(len, batches)) == [1, 3]
+        else:
+            batches = [[d.scaled(1.0 / total) for d in module.datums(ctx, examples, 0)]]
+        for batch in batches:
+            trainer.forward_backward(batch, module.loss(ctx))
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.params]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def reverse_kl_to_teacher(cfg, run, adapter: bool) -> float:
     """Mean reverse KL(student || prompted teacher) on greedy answers to the train queries,
     computed outside the trainer: plain forward passes of the teacher and of base or base + adapter."""

@@ -110,8 +110,8 @@ def sample_seed(example_id: str, sample: int, seed: int, step: int) -> int:
 
 def sample_group(ctx: StepContext, step: int, top_logprobs: int | None) -> None:
     """Sample the student's answers for this process's share of `step` and of the rest of its group
-    of sample_ahead steps (those that sample the student too) in one decode; keep them in ctx.samples,
-    in order: each example's samples_per_query answers."""
+    of sample_ahead steps (those that sample the student too) in one decode; keep them in ctx.samples
+    by (example id, sample index): a step's micro-batches take its examples in any order."""
     cfg, op = ctx.cfg, ctx.cfg.train.on_policy
     group = [s for s in range(step, step + op.sample_ahead - step % op.sample_ahead)
              if s == step or (s < ctx.steps and cfg.train.objective_at(s) == cfg.train.objective_at(step))]
@@ -124,20 +124,19 @@ def sample_group(ctx: StepContext, step: int, top_logprobs: int | None) -> None:
     if failed := next((a for a in answers if a.finish_reason == "error"), None):
         raise StageError(f"train: step {step + 1}: the student's sampler failed ({failed.error}); re-run to resume")
     for s in group:
-        ctx.samples[s] = answers[:len(mine[s])]
+        ctx.samples[s] = dict(zip(mine[s], answers))  # an example twice in a step: one seed, one answer
         answers = answers[len(mine[s]):]
 
 
 def samples(ctx: StepContext, examples: list[Example], step: int, top_logprobs: int | None) -> list[tuple[list, object]]:
-    """(the conversation it answers, the student's answer) for each of `examples` (the next of this process's share of
+    """(the conversation it answers, the student's answer) for each of `examples` (some of this process's share of
     `step`) and each of its samples_per_query: sampled with the step's group on first use."""
+    for done in [s for s in ctx.samples if s < step]:  # the steps before this one have used all theirs
+        del ctx.samples[done]
     if step not in ctx.samples:
         sample_group(ctx, step, top_logprobs)
     k = ctx.cfg.train.on_policy.samples_per_query
-    answers, ctx.samples[step] = ctx.samples[step][:len(examples) * k], ctx.samples[step][len(examples) * k:]
-    if not ctx.samples[step]:
-        del ctx.samples[step]
-    return [(ctx.rows[e.id]["prompt"], answers[j * k + i]) for j, e in enumerate(examples) for i in range(k)]
+    return [(ctx.rows[e.id]["prompt"], ctx.samples[step][e.id, i]) for e in examples for i in range(k)]
 
 
 def judged_samples(ctx: StepContext, examples: list[Example], step: int, whole: bool) -> list[Datum]:
