@@ -9,6 +9,7 @@ own calls, a least-squares fit of a forward-backward's seconds against its padde
 intercept over slope is what one more micro-batch costs in padded tokens (MICRO_BATCH_COST).
 
     python bench/length_groups.py runs/beethoven-mixed/config.yaml runs/beethoven-mixed --steps 8
+    python bench/length_groups.py runs/beethoven/config.yaml runs/beethoven --steps 12 --costs 160 --only-cut
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("run_dir")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--costs", default="0,64,256", help="costs per micro-batch, in padded tokens, to compare")
+    ap.add_argument("--only-cut", action="store_true",
+                    help="time only steps that train.MICRO_BATCH_COST cuts (the first --steps of them)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -74,7 +77,10 @@ def main() -> None:
     calls = {v: [] for v in variants}
     names = list(variants)
     timed_step(ctx, objective, loss, train_stage.step_examples(examples, 0, t), 0, ONE, [])  # warm-up, not counted
-    for step in range(args.steps):
+    steps = range(train_stage.total_steps(cfg, len(examples)))
+    if args.only_cut:
+        steps = [s for s in steps if len(train_stage.length_groups(train_stage.step_examples(examples, s, t), t.batch_size)) > 1]
+    for step in steps[:args.steps]:
         chosen = train_stage.step_examples(examples, step, t)
         for name in names[step % len(names):] + names[:step % len(names)]:
             s, p, g = timed_step(ctx, objective, loss, chosen, step, variants[name], calls[name])
@@ -85,7 +91,7 @@ def main() -> None:
     mx, my = statistics.mean(xs), statistics.mean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     intercept = my - slope * mx
-    out = {"steps": args.steps, "batch_size": t.batch_size, "objective": t.objective,
+    out = {"steps": [int(s) for s in steps[:args.steps]], "batch_size": t.batch_size, "objective": t.objective,
            "fit": {"seconds_per_padded_token": slope, "seconds_per_micro_batch": intercept,
                    "micro_batch_cost_in_tokens": intercept / slope, "calls": len(xs)},
            "variants": {n: {"cost": variants[n], "seconds_per_step_median": round(statistics.median(seconds[n]), 2),
