@@ -47,7 +47,7 @@ def main() -> None:
     queries = {q["id"]: q for q in read_jsonl(run.queries)}
     chats: dict[str, dict[int, dict]] = {}
     for r in read_jsonl(run.teacher):
-        if r.get("user") == "simulated" or r.get("turn") == 1 and "follow_ups" in queries.get(r.get("conversation"), {}):
+        if "follow_ups" in queries.get(r.get("conversation"), {}):  # every turn, a fallback user turn's too
             chats.setdefault(r["conversation"], {})[r["turn"]] = r
     prompted = teacher.load(cfg)
     sampler = prompted.sampler()
