@@ -7,6 +7,9 @@ The teacher's rows already hold its earlier answers, so each round starts from t
 `distill generate` gave it; the turns written here are not stored.
 
     python bench/follow_up_rounds.py /tmp/prof/config.yaml --out results/follow-up-rounds.json
+
+`--split-prefill` is the baseline for the joined-keys prefill: every width through the split
+shared-prefix attention, as decoding steps go.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 
 from promptdistill import follow_ups, teacher
 from promptdistill.answerers import sampling_params
+from promptdistill.backends import local_attention
 from promptdistill.config_file import load_config
 from promptdistill.conversations import history, turn_identity
 from promptdistill.rundir import RunDir, read_jsonl
@@ -40,7 +44,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--split-prefill", action="store_true", help="no prefill through the joined keys (the baseline)")
     args = ap.parse_args()
+    if args.split_prefill:
+        local_attention.JOINED_KEYS_WIDTH = 1 << 30
 
     cfg = load_config(args.config, [])
     run = RunDir(cfg.run_path)
@@ -55,7 +62,7 @@ def main() -> None:
     sampler.sample = timed(sampler, calls)
     simulator = follow_ups.Simulator(cfg, sampler)
     shared = sampler.count_prompt_tokens(prompted.with_prompt([]))  # the system prompt, read once a batch
-    out = {"conversations": len(chats), "shared_prompt_tokens": shared, "rounds": []}
+    out = {"conversations": len(chats), "shared_prompt_tokens": shared, "split_prefill": args.split_prefill, "rounds": []}
     for turn in range(max(len(c) for c in chats.values())):
         asks = [(cid, turn_identity(queries[cid], turn), [c[i]["messages"][-1]["content"] for i in range(1, turn + 1)],
                  [c[i]["completion"] for i in range(1, turn + 1)]) for cid, c in chats.items() if turn + 1 in c]

@@ -7,6 +7,7 @@ import torch
 from tiny import save_tiny, tiny_model, tiny_tokenizer
 
 from promptdistill.backends.base import SamplingParams
+from promptdistill.backends.local_attention import JOINED_KEYS_WIDTH, MIN_SHARED_PREFIX, common_prefix_len
 from promptdistill.backends.local import LocalTrainer
 from promptdistill.backends.local_model import lora_merged
 from promptdistill.backends.local_sampler import LocalSampler
@@ -39,6 +40,30 @@ def test_greedy_batch_equals_transformers_generate(sampler, system):
                                      eos_token_id=sampler.stop_ids, pad_token_id=sampler.pad_id)
         assert completion.token_ids == ref[0, ids.shape[1]:].tolist()
         assert completion.prompt_tokens == ids.shape[1]
+
+
+def test_a_carried_on_conversation_decodes_what_a_plain_forward_gives(sampler):
+    """Each row brings a history far longer than JOINED_KEYS_WIDTH after the shared system
+    prompt: its prefill goes through the prefix joined to its keys, its decoding through the
+    split form."""
+    def chat(first: str, *later: str) -> list[dict]:
+        turns = [{"role": "user", "content": first}, {"role": "assistant", "content": "Arr, the wind blew " * 6}]
+        for i, q in enumerate(later):
+            turns += [{"role": "user", "content": q}, {"role": "assistant", "content": "Under the old oak. " * i}]
+        return [{"role": "system", "content": SYSTEM}, *turns[:-1]]
+
+    convs = [chat(QUERIES[3], QUERIES[1], "Why?"), chat(QUERIES[1], "And then?"), chat("Hi", QUERIES[3])]
+    prompts = [prompt_ids(sampler.tokenizer, c) for c in convs]
+    shared = common_prefix_len(prompts)
+    assert shared >= MIN_SHARED_PREFIX and min(len(p) for p in prompts) - shared > JOINED_KEYS_WIDTH
+    got = sampler.sample(convs, SamplingParams(temperature=0, max_tokens=12, top_logprobs=0), seeds=[0] * len(convs))
+    for prompt, completion in zip(prompts, got):
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():  # every position's log-probabilities, the whole row in one plain forward
+            logp = torch.log_softmax(sampler.model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+        assert completion.token_ids == logp.argmax(-1).tolist()
+        want = logp.gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor([e["logprob"] for e in completion.logprobs]), want, atol=1e-5, rtol=0)
 
 
 def test_shared_prefix_attention_samples_what_per_row_prompts_sample(sampler):

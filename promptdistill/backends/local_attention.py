@@ -12,6 +12,10 @@ import functools
 import torch
 
 MIN_SHARED_PREFIX = 16  # below this, sharing a prefix is not worth a second attention term
+# From this many query positions a row (a prefill: a long history, a whole conversation scored),
+# the prefix is joined to each row's keys for SDPA's fused kernel instead: the split form builds
+# [rows x width x width] scores unfused, 6x slower at width 1024 (bench/README.md).
+JOINED_KEYS_WIDTH = 32
 CACHE_HEADROOM = 128  # tokens of spare KV-cache capacity allocated at a time
 
 
@@ -62,7 +66,8 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     scored per row with their padding mask, and one softmax spans both parts without
     concatenating them (a shared maximum, then the two sums). Query heads stay grouped by
     their key/value head throughout, so no key or value is ever repeated or copied.
-    Without `shared_prefix` this is plain SDPA."""
+    That split form pays off while a row brings few queries (decoding); a prefill of many
+    (JOINED_KEYS_WIDTH) goes to `joined_keys_attention`. Without `shared_prefix` this is plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if shared_prefix is None:
@@ -70,14 +75,16 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     prefix_keys, prefix_values = shared_prefix[module.layer_idx]
     batch, heads, width, dim = query.shape
     kv_heads, own_len = key.shape[1], key.shape[2]
+    if attention_mask is None:  # the mask builder left causality to the kernel: apply it here
+        attention_mask = torch.ones(width, own_len, dtype=torch.bool, device=query.device).tril(own_len - width)
+    if width >= JOINED_KEYS_WIDTH:
+        return joined_keys_attention(module, query, key, value, attention_mask, prefix_keys, prefix_values, scaling)
     rows = heads // kv_heads * width  # query rows per key/value head and batch row
     scale = scaling if scaling is not None else dim ** -0.5
     grouped = query.reshape(batch, kv_heads, rows, dim)
     stacked = grouped.transpose(0, 1).reshape(kv_heads, batch * rows, dim)
     prefix_scores = (stacked @ prefix_keys.transpose(1, 2)) * scale  # [kv_heads, batch*rows, P]
     own_scores = (grouped @ key.transpose(2, 3)) * scale  # [batch, kv_heads, rows, S]
-    if attention_mask is None:  # the mask builder left causality to the kernel: apply it here
-        attention_mask = torch.ones(width, own_len, dtype=torch.bool, device=query.device).tril(own_len - width)
     per_head = own_scores.view(batch, kv_heads, heads // kv_heads, width, own_len)
     mask = attention_mask.reshape(-1, 1, 1, width, own_len)  # [batch or 1, 1, 1, width, S]
     if mask.dtype == torch.bool:
@@ -95,6 +102,21 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     out = own_weights @ value + by_row(prefix_weights @ prefix_values)  # [batch, kv_heads, rows, d]
     out = out / total[..., None]
     return out.view(batch, heads, width, dim).transpose(1, 2).contiguous(), None
+
+
+def joined_keys_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
+                          scaling: float | None):
+    """SDPA over [the prefix ; the row's own keys], the prefix viewed into every row (copied
+    once per layer by the concatenation, a few MB for a batch) and always visible."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, prefix_len = query.shape[0], prefix_keys.shape[1]
+    keys = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], 2)
+    values = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], 2)
+    mask = attention_mask.expand(batch, 1, *attention_mask.shape[-2:])
+    visible = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)(*mask.shape[:-1], prefix_len)
+    return sdpa_attention_forward(module, query, keys, values, torch.cat([visible, mask], -1), scaling=scaling)
 
 
 def use_shared_prefix_attention(model) -> bool:
