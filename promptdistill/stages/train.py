@@ -132,8 +132,7 @@ def step_datums(ctx: StepContext, objective, examples: list[Example], step: int)
 
 def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
     nll = tokens = 0
-    by_length = sorted(examples, key=lambda e: len(e.tokens))  # batches of similar lengths: less padding
-    for batch in micro_batches(distributed.my_share(by_length), batch_size):
+    for batch in length_groups(distributed.my_share(examples), batch_size):
         result = trainer.forward([to_datum(e) for e in batch], CROSS_ENTROPY)
         nll += result.nll_sum
         tokens += result.tokens
