@@ -2,7 +2,8 @@
 
 A batch of rows that all begin with the same long system prompt runs that prefix through the
 model once; every row then attends to the one copy of its keys and values (`shared_prefix`)
-beside its own, growing cache. The sampler and the scorer both use it.
+beside its own, growing cache. A prefill of many positions a row joins that copy to each row's
+keys instead, for SDPA's fused kernel. The sampler and the scorer both use it.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     into one matmul against it. The rows' own keys (the cache: query and answer so far) are
     scored per row with their padding mask, and one softmax spans both parts without
     concatenating them (a shared maximum, then the two sums). Query heads stay grouped by
-    their key/value head throughout, so no key or value is ever repeated or copied.
-    That split form pays off while a row brings few queries (decoding); a prefill of many
-    (JOINED_KEYS_WIDTH) goes to `joined_keys_attention`. Without `shared_prefix` this is plain SDPA."""
+    their key/value head throughout, so this split form never repeats or copies a key or value.
+    It pays off while a row brings few queries (decoding); a prefill of JOINED_KEYS_WIDTH or
+    more goes to `joined_keys_attention`, which copies the prefix into every row. Without `shared_prefix` this is plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if shared_prefix is None:
@@ -107,8 +108,10 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
 def joined_keys_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
                           scaling: float | None):
-    """SDPA over [the prefix ; the row's own keys], the prefix viewed into every row (copied
-    once per layer by the concatenation, a few MB for a batch) and always visible."""
+    """SDPA over [the prefix ; the row's own keys], the prefix always visible. The prefix is
+    copied into every row by the concatenation (and its key/value heads repeated for the query
+    heads by transformers' SDPA path), a few MB a layer for a batch, which a prefill's fused
+    kernel repays many times over."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, prefix_len = query.shape[0], prefix_keys.shape[1]
