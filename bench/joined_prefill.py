@@ -35,8 +35,8 @@ def main() -> None:
 
     cfg = load_config(args.config, [])
     rows = read_jsonl(RunDir(cfg.run_path).teacher)
-    last = max(r["turn"] for r in rows)
-    chats = [r for r in rows if r["turn"] == last and r["split"] == "train"][:args.rows]
+    last = max(r.get("turn", 1) for r in rows)  # single queries carry no turn
+    chats = [r for r in rows if r.get("turn", 1) == last and r["split"] == "train"][:args.rows]
     prompted = teacher.load(cfg)
     sampler, tok = prompted.sampler(), prompted.tokenizer
     histories = [r["messages"] for r in chats]  # WITH the system prompt, ending with the last user turn
