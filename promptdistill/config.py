@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
@@ -203,6 +203,11 @@ class TrainConfig(Strict):
     sft_weight: float = Field(0.0, ge=0, le=1, description="kl: share of the loss on the teacher's sampled token "
                               "(hard label); the rest on its top-k distribution")
     on_policy: OnPolicyConfig = OnPolicyConfig()
+    turn_weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="the loss weight of a conversation's answers by turn: its first answer's "
+        "tokens weigh the first value, its second the second, and the last value holds for every later answer "
+        "(e.g. [1, 2] weighs turns 2 and later twice); the step's loss stays a weighted token mean. null: all 1. "
+        "Objectives that learn whole conversations (sft, kl, jsd off-policy)")
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -253,6 +258,12 @@ class TrainConfig(Strict):
         """Objective `name`'s options: its `train.<name>` section, or its defaults."""
         options = self.objective_options.get(name)
         return options if options is not None else registry.load(name).Options()
+
+    @model_validator(mode="after")
+    def _some_turn_weighs(self) -> "TrainConfig":
+        if self.turn_weights is not None and not any(w > 0 for w in self.turn_weights):
+            raise ValueError("train.turn_weights: every weight is 0, so nothing would be learnt; give a turn a weight above 0")
+        return self
 
     @model_validator(mode="after")
     def _one_budget(self) -> "TrainConfig":

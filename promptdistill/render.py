@@ -70,6 +70,18 @@ class Datum:
         advantages = None if self.advantages is None else [a * factor for a in self.advantages]
         return replace(self, weights=weights, advantages=advantages)
 
+    def reweighted(self, factors: list[float]) -> "Datum":
+        """The same datum with position i's weight (or K weights) times `factors[i]`, one factor a
+        target position (per-turn loss weights)."""
+        if len(factors) != len(self.weights):
+            raise ValueError(f"{len(factors)} factors for a datum of {len(self.weights)} positions")
+        if self.soft:
+            weights = [[w * f for w in ws] for ws, f in zip(self.weights, factors)]
+        else:
+            weights = [w * f for w, f in zip(self.weights, factors)]
+        advantages = None if self.advantages is None else [a * f for a, f in zip(self.advantages, factors)]
+        return replace(self, weights=weights, advantages=advantages)
+
 
 def render_text(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):

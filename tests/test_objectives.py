@@ -353,3 +353,66 @@ def test_a_schedule_runs_its_phases_in_order(tmp_path, model_dir):
 def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, model_dir, objective):
     a, b = killed_and_resumed(tmp_path, model_dir, SYSTEM, {"objective": objective, "topk": 8})
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_turn_weights_weigh_each_answer_by_its_turn(model_dir):
+    """train.turn_weights [1, 2, 4]: a conversation's first answer weighs 1, its second 2, its third
+    and fourth 4, a query asked alone 1; the step's loss is sum(w * nll) / sum(w) over its trained
+    tokens, each token's nll from one plain forward pass."""
+    from promptdistill.config import RunConfig
+    from promptdistill.loss import CROSS_ENTROPY
+    from promptdistill.objectives import sft
+    from promptdistill.objectives.step import StepContext, trained_runs
+    from promptdistill.render import render_conversation
+
+    cfg = RunConfig.model_validate({"name": "t", "system_prompt": SYSTEM, "queries": {"files": ["q.jsonl"]},
+                                    "teacher": {"model": str(model_dir)}, "student": {"model": str(model_dir)},
+                                    "train": {"objective": "sft", "steps": 1, "batch_size": 8, "turn_weights": [1, 2, 4]}})
+    chat = [m for i in range(4) for m in ({"role": "user", "content": f"Where is chest {i}?"},
+                                           {"role": "assistant", "content": f"Sunk off cape {i}, arr."})]
+    rows = {"conv": {"messages": chat, "trained": {i: True for i in range(1, len(chat), 2)}},
+            "q": {"messages": [{"role": "user", "content": "Gold?"}, {"role": "assistant", "content": "Buried, matey."}],
+                  "trained": {1: True}}}
+    trainer = new_trainer(model_dir)
+    examples = [render_conversation(trainer.tokenizer, r["messages"], r["trained"], i) for i, r in rows.items()]
+    batches, total = step_datums(StepContext(cfg, None, trainer, rows=rows), sft, examples, 0)
+    got = sum(trainer.forward(batch, CROSS_ENTROPY).loss for batch in batches)
+
+    weighted = weight_sum = 0.0
+    for e, turn_weights in zip(examples, ([1, 2, 4, 4], [1])):
+        assert len(trained_runs(e)) == len(turn_weights)
+        with torch.no_grad():
+            logp = torch.log_softmax(trainer.model(input_ids=torch.tensor([e.tokens[:-1]])).logits[0].double(), -1)
+        nll = -logp.gather(-1, torch.tensor(e.tokens[1:])[:, None])[:, 0]
+        runs = iter(turn_weights)
+        w, previous = 0, 0
+        for i, m in enumerate(e.mask[1:]):
+            w = next(runs) if m and not previous else w
+            if m:
+                weighted, weight_sum = weighted + w * float(nll[i]), weight_sum + w
+            previous = m
+    assert total == sum(e.n_trainable for e in examples)
+    assert got == pytest.approx(weighted / weight_sum, rel=1e-5)
+
+
+def test_turn_weights_reject_all_zero_and_turn_by_turn_objectives(tmp_path, model_dir):
+    from pydantic import ValidationError
+
+    from promptdistill.config import TrainConfig
+    from promptdistill.rundir import StageError
+
+    with pytest.raises(ValidationError, match="turn_weights: every weight is 0"):
+        TrainConfig.model_validate({"turn_weights": [0, 0]})
+    with pytest.raises(StageError, match="train.turn_weights weighs the answers of whole conversations; on_policy learns "
+                                         "one sampled turn at a time"):
+        trained_tiny_run(tmp_path, model_dir, 8, train={"objective": "on_policy", "steps": 1, "turn_weights": [1, 2]})
+
+
+def test_reweighting_a_soft_datum_scales_each_positions_k_weights():
+    from promptdistill.render import Datum
+
+    d = Datum([1, 2, 3], [[4, 5], [6, 7], [8, 9]], [[0.0, 0.0], [0.75, 0.25], [0.5, 0.5]])
+    assert d.reweighted([1.0, 2.0, 0.0]).weights == [[0.0, 0.0], [1.5, 0.5], [0.0, 0.0]]
+    assert d.reweighted([1.0, 2.0, 0.0]).trained_positions() == 1
+    with pytest.raises(ValueError, match="2 factors for a datum of 3 positions"):
+        d.reweighted([1.0, 2.0])

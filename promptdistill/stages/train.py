@@ -119,15 +119,40 @@ def length_groups(examples: list[Example], most: int, cost: int = MICRO_BATCH_CO
     return groups[::-1]
 
 
+def turn_factors(e: Example, row: dict, weights: list[float]) -> list[float]:
+    """train.turn_weights at each target position of `e`: the weight of the answer the position
+    trains (a conversation's k-th answer weighs weights[k-1], the last weight every later one), 0
+    where nothing is trained. `row`: the example's train row (its messages, its trained turns)."""
+    answers = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
+    per_turn = iter([weights[min(answers.index(i), len(weights) - 1)] for i in sorted(row["trained"])])
+    factors, weight, previous = [], 0.0, 0
+    for m in e.mask[1:]:
+        if m and not previous:
+            weight = next(per_turn)
+        factors.append(weight if m else 0.0)
+        previous = m
+    return factors
+
+
 def step_datums(ctx: StepContext, objective, examples: list[Example], step: int) -> tuple[list[list[Datum]], int]:
     """This process's micro-batches of optimiser step `step` and the step's trained tokens (in
     every process). The objective turns each micro-batch of examples (of similar lengths) into
     datums at unit weight; each trained token then weighs 1/total over the whole step: a token
-    mean, however the step is split into micro-batches or processes."""
-    size = ctx.cfg.train.batch_size
-    grouped = [objective.datums(ctx, group, step) for group in length_groups(distributed.my_share(examples), size)]
+    mean, however the step is split into micro-batches or processes. With train.turn_weights a
+    token weighs its turn's weight / the step's summed weights: a weighted token mean."""
+    size, weights = ctx.cfg.train.batch_size, ctx.cfg.train.turn_weights
+    groups = length_groups(distributed.my_share(examples), size)
+    grouped = [objective.datums(ctx, group, step) for group in groups]
+    norm = None
+    if weights is not None:
+        factors = [[turn_factors(e, ctx.rows[e.id], weights) for e in group] for group in groups]
+        grouped = [[d.reweighted(f) for d, f in zip(datums, fs, strict=True)] for datums, fs in zip(grouped, factors)]
+        norm, = distributed.sum_across([sum(sum(f) for fs in factors for f in fs)])
+        if norm == 0:
+            raise StageError(f"train.turn_weights {weights}: every answer of step {step + 1} weighs 0")
     total, = distributed.sum_across([sum(d.trained_positions() for datums in grouped for d in datums)])
-    return [chunk for datums in grouped for chunk in micro_batches([d.scaled(1.0 / total) for d in datums], size)], int(total)
+    norm = total if norm is None else norm
+    return [chunk for datums in grouped for chunk in micro_batches([d.scaled(1.0 / norm) for d in datums], size)], int(total)
 
 
 def validation_loss(trainer, examples: list[Example], batch_size: int) -> float:
@@ -227,6 +252,8 @@ def asks_teacher(t: TrainConfig) -> bool:
 def stage_inputs(cfg: RunConfig, run: RunDir) -> dict:
     data = [(r["key"], r["completion"]) for r in read_jsonl(run.teacher) if r.get("split") in ("train", "val")]
     not_trained_by = {"eval_every", "save_every", "keep_checkpoints"}
+    if cfg.train.turn_weights is None:  # so the runs trained before turn weights existed keep their fingerprint
+        not_trained_by.add("turn_weights")
     if not asks_teacher(cfg.train) and cfg.train.phases is None:
         not_trained_by |= OBJECTIVE_FIELDS
     inputs = {"data": sha256_text(repr(sorted(data)))[:16], "student_model": cfg.student.model,
@@ -306,6 +333,9 @@ def run(cfg: RunConfig, run: RunDir) -> str:
     train, too_long = render_all(trainer.tokenizer, whole["train"], t.max_seq_len)
     val, val_too_long = render_all(trainer.tokenizer, whole["val"], t.max_seq_len)
     on_turns = {name for name, objective in used.items() if trains_on_turns(objective, cfg)}
+    if t.turn_weights is not None and on_turns:
+        raise StageError(f"train.turn_weights weighs the answers of whole conversations; {', '.join(sorted(on_turns))} "
+                         f"learns one sampled turn at a time: leave train.turn_weights out for it")
     turns, _ = render_all(trainer.tokenizer, splits["train"], t.max_seq_len) if on_turns else ([], 0)
     examples = {name: turns if name in on_turns else train for name in used}
     if not all(examples.values()):
