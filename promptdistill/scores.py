@@ -285,6 +285,24 @@ def summarise(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray, n_boot
                                  out["ceiling_minus_base"]["mean"])
 
 
+def most_influential(student: np.ndarray, base: np.ndarray, ceiling: np.ndarray) -> tuple[int, float] | None:
+    """The query whose leaving out moves quality retained (a ratio of means) furthest, and retained
+    without it: whether a score rests on its queries broadly or on one of them. Rows with a NaN are
+    left out, as summarise leaves them; the index is into the arrays given. None below 3 queries."""
+    s, b, c = (np.asarray(a, dtype=np.float64) for a in (student, base, ceiling))
+    at = np.flatnonzero(~(np.isnan(s) | np.isnan(b) | np.isnan(c)))
+    if at.size < 3:
+        return None
+    n, sums = at.size, [a[at].sum() for a in (s, b, c)]
+    full = quality_retained(*(x / n for x in sums))
+    without = np.array([quality_retained(*((x - a[i]) / (n - 1) for x, a in zip(sums, (s, b, c)))) for i in at])
+    moved = np.abs(without - full)
+    if np.isnan(moved).all():
+        return None
+    j = int(np.nanargmax(moved))
+    return int(at[j]), float(without[j])
+
+
 def paired_verdicts(student_minus_base: list[float], ceiling_minus_base: list[float], headroom: float) -> dict:
     """The one rule for every score (docs/summary.md, "Paired rule"), from the 95% CIs of the
     per-query paired differences: a score can tell when the CI of ceiling - base excludes 0

@@ -245,9 +245,26 @@ def test_eval_scores_fidelity_per_turn_and_the_verdict_names_the_weakest(project
             s, b = (np.mean([r[field][who] for r in at]) for who in ("student", "base"))
             assert per_turn[label]["n"] == len(at)
             assert per_turn[label]["retained"]["mean"] == pytest.approx((s - b) / (0 - b), rel=1e-9)
+    checked = 0
+    for label, t in (("1", 1), ("2", 2), ("3+", 3)):  # the answer a turn's fidelity rests on most, found by leaving each out
+        at = [r for r in rows if min(r["turn"], 3) == t]
+        if len(at) < 3:  # too few answers to leave one out
+            assert "weightiest" not in summary["quality"]["fidelity"]["per_turn"][label]
+            continue
+        kls = [(r["fidelity_kl"]["student"], r["fidelity_kl"]["base"]) for r in at]
+        total_s, total_b = sum(s for s, _ in kls), sum(b for _, b in kls)
+        left_out = {r["id"]: 1 - (total_s - s) / (total_b - b) for r, (s, b) in zip(at, kls)}
+        full = 1 - total_s / total_b
+        w = summary["quality"]["fidelity"]["per_turn"][label]["weightiest"]
+        assert w["id"] == max(left_out, key=lambda i: abs(left_out[i] - full))
+        assert w["retained_without"] == pytest.approx(left_out[w["id"]], rel=1e-9)
+        assert w["token"] == max(next(r for r in at if r["id"] == w["id"])["divergent_tokens"], key=lambda x: x["kl"])
+        checked += 1
+    assert checked >= 1
     words = {t: f"{t} {summary['quality']['fidelity']['per_turn'][t]['retained']['mean']:.0%}" for t in ("1", "2", "3+")}
     assert f"by turn: {words['1']}, {words['2']}, {words['3+']}, weakest at turn" in summary["verdict"]
     report = (run / "report.md").read_text()
+    assert "the answer whose leaving out moves retained most" in report
     assert "### By turn of the conversation" in report and (run / "turns.png").stat().st_size > 10_000
     # whole conversations resampled: the pooled CI differs from a row-by-row bootstrap of the same values
     from promptdistill.scores import summarise

@@ -340,3 +340,15 @@ def test_paired_verdicts_follow_the_ceilings_side():
     assert scores.paired_verdicts([0.1, 0.3], [-0.1, 0.8], 0.3) == {"can_tell": False, "won": True}
     nan = float("nan")
     assert scores.paired_verdicts([nan, nan], [nan, nan], nan) == {"can_tell": False, "won": False}
+
+
+def test_the_most_influential_query_is_the_one_whose_leaving_out_moves_retained_most():
+    """Retained = 1 - mean(student) / mean(base) with a ceiling of 0: leaving out query 3 (student
+    KL 0.5, base 0.2) gives 1 - 0.3/1.4 = 0.786 against 1 - 0.8/1.6 = 0.5 with it; a NaN row is skipped."""
+    from promptdistill.scores import most_influential
+
+    student = np.array([0.1, 0.1, 0.1, 0.5, np.nan])
+    base = np.array([0.5, 0.5, 0.4, 0.2, 0.3])
+    i, without = most_influential(student, base, np.zeros(5))
+    assert i == 3 and without == pytest.approx(1 - 0.3 / 1.4)
+    assert most_influential(student[:2], base[:2], np.zeros(2)) is None

@@ -102,6 +102,26 @@ def per_turn(turns: np.ndarray, kl: dict[str, np.ndarray], ceiling: np.ndarray, 
                          for t, label in TURNS.items() if (turn == t).any()}}
 
 
+def weightiest_by_turn(per_turn: dict, ids: list[str], turns: np.ndarray, kl: dict[str, np.ndarray],
+                       worst_tokens: list[list[dict] | None]) -> None:
+    """Beside each turn's fidelity in `per_turn`: the answer whose leaving out moves its retained most
+    (a ratio of summed KLs, so one answer the student gets badly wrong can carry a turn), its KLs,
+    its share of the student's KL at that turn, its largest-KL token, and retained without it. A
+    reading aid next to the score, never instead of it."""
+    turn = np.minimum(turns, 3)
+    for t, label in TURNS.items():
+        at = np.flatnonzero(turn == t)
+        found = scores.most_influential(kl["student"][at], kl["base"][at], np.zeros(len(at)))
+        if found is None or label not in per_turn:
+            continue
+        j, without = found
+        i = at[j]
+        per_turn[label]["weightiest"] = {
+            "id": ids[i], "student": float(kl["student"][i]), "base": float(kl["base"][i]),
+            "student_share": float(kl["student"][i] / np.nansum(kl["student"][at])), "retained_without": without,
+            "token": max(worst_tokens[i] or [], key=lambda w: w["kl"], default=None)}
+
+
 def _num(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
@@ -227,8 +247,11 @@ def run(cfg: RunConfig, run: RunDir) -> str:
         turns = np.array([r["turn"] for r in test])
         groups = np.array([r["conversation"] for r in test]) if turns.max() > 1 else None
         summarise = functools.partial(scores.summarise, n_boot=cfg.eval.bootstrap, groups=groups)
+        worst_tokens = [divergent_tokens(models.tokenizer, forced, i) for i in range(len(test))]
         if kl is not None:
             quality["fidelity"] = summarise(kl["student"], kl["base"], zero) | per_turn(turns, kl, zero, cfg.eval.bootstrap)
+            if "per_turn" in quality["fidelity"]:
+                weightiest_by_turn(quality["fidelity"]["per_turn"], [r["id"] for r in test], turns, kl, worst_tokens)
             quality["fidelity"]["source"] = ("full vocabulary" if models.full_vocab else
                                              f"{'endpoint' if not models.teacher.local else 'teacher'}'s top-{topk_k(topk)} "
                                              f"log-probabilities, renormalised")
@@ -296,7 +319,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
                          "nll": {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in nll.items()},
                          "fidelity_kl": {k: _num(v[i]) for k, v in kl.items()} if kl else None,
                          "on_policy_kl": {k: _num(v[i]) for k, v in on_policy.items()} if on_policy else None,
-                         "divergent_tokens": divergent_tokens(models.tokenizer, forced, i),
+                         "divergent_tokens": worst_tokens[i],
                          **({"failed_checks": failed[i]} if cfg.checks.rules else {}),
                          **(label_rows[i] if cfg.checks.labels else {})})
         atomic_write_text(run.root / "eval.jsonl", "".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in rows))

@@ -4,7 +4,7 @@ checks.rules, the labels of checks.labels. Pure text from summary.json, as the r
 
 from __future__ import annotations
 
-from ..formatting import NA, finite, lookup, mean_ci, pct, pct_ci, table
+from ..formatting import NA, cell, finite, lookup, mean_ci, num, pct, pct_ci, table
 from ..verdict import tells
 from .report_plots import TURNS_PLOT, scored_by_turn
 
@@ -91,7 +91,29 @@ def turns_section(summary: dict, plot: bool) -> list[str]:
     md += table(["Score", "Turn", "n", "Base", "Student", "Quality retained"], rows) + [""]
     if plot:
         md += [f"![Quality retained by turn, with 95% CIs]({TURNS_PLOT})", ""]
-    return md
+    return md + weightiest_section(by_turn.get("fidelity", {}))
+
+
+def weightiest_section(turns: dict) -> list[str]:
+    """Per turn, the test answer fidelity's retained rests on most (eval's `weightiest`)."""
+    rows = []
+    for turn, q in turns.items():
+        w = q.get("weightiest")
+        if not w:
+            continue
+        token = w.get("token") or {}
+        rows.append([turn, f"`{w['id']}`", f"{num(w['student'])} / {num(w['base'])}", pct(w["student_share"]),
+                     f"{num(token.get('kl'), '.1f')}: `…{cell(token.get('before', '')).strip()}` → `{cell(token.get('token', ''))}`"
+                     if token else NA, pct_ci(q.get("retained")), pct(w["retained_without"])])
+    if not rows:
+        return []
+    return ["A turn's fidelity retained is 1 - (the student's summed KL) / (the base's) over that turn's answers, and "
+            "at later turns the base's KL is small, so one answer the student gets badly wrong can carry a turn. Per "
+            "turn, the answer whose leaving out moves retained most: its KL (student / base), its share of the "
+            "student's KL at that turn, its token of largest KL (the text before it → the teacher's token), and "
+            "retained without it. A reading aid: the score above counts every answer.", ""] + table(
+        ["Turn", "Answer", "KL student / base", "Share of the student's KL", "Largest token", "Retained",
+         "Retained without it"], rows) + [""]
 
 
 def compliance_section(summary: dict) -> list[str]:
