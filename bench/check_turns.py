@@ -75,23 +75,13 @@ def main() -> int:
         turn = min(r.get("turn", 1), 3)
         if args.limit and len(kl.get(turn, {}).get("student", [])) >= args.limit:
             continue
-        t = teacher_rows[r["id"]]
-        answer = trained_text(t)
-        if answer is None or not r.get("fidelity_kl") or r["fidelity_kl"]["student"] is None:
+        if not r.get("fidelity_kl") or r["fidelity_kl"]["student"] is None:
             continue
-        plain = [m for m in t["messages"] if m["role"] != "system"]
-        prompted = [{"role": "system", "content": config["system_prompt"]}] + plain
-        ids_t, start_t = answer_positions(tokenizer, prompted, answer)
-        ids_s, start_s = answer_positions(tokenizer, plain, answer)
-        n = trained_length(tokenizer, ids_t, start_t)
-        if ids_t[start_t:start_t + n] != ids_s[start_s:start_s + n]:
-            continue  # the answer tokenised differently after the two prompts: not compared token for token
-        with model.disable_adapter():
-            teacher = F.log_softmax(scored_logits(model, ids_t, start_t, n), -1)
-            base = F.log_softmax(scored_logits(model, ids_s, start_s, n), -1)
-        student = F.log_softmax(scored_logits(model, ids_s, start_s, n), -1)
-        for who, lp in (("student", student), ("base", base)):
-            kl.setdefault(turn, {}).setdefault(who, []).append(float((teacher.exp() * (teacher - lp)).sum(-1).mean()))
+        kls = answer_kl(model, tokenizer, config["system_prompt"], teacher_rows[r["id"]])
+        if kls is None:
+            continue
+        for who, value in kls.items():
+            kl.setdefault(turn, {}).setdefault(who, []).append(value)
             kl[turn].setdefault(f"{who}_eval", []).append(r["fidelity_kl"][who])
     summary = json.loads((run / "summary.json").read_text())["quality"]["fidelity"]
     worst = 0.0
@@ -107,6 +97,26 @@ def main() -> int:
               f"retained here {mine:.1%}, eval's on the same answers {same_rows:.1%}, eval's summary {theirs:.1%}")
     print(f"largest relative difference on the same answers: {worst:.1%}")
     return 0 if worst <= 0.10 else 1
+
+
+def answer_kl(model, tokenizer, system_prompt: str, row: dict) -> dict[str, float] | None:
+    """The mean forward KL(teacher WITH the prompt || student, base WITHOUT it) per token of a
+    teacher.jsonl row's answer as trained, after the teacher's conversation; None when nothing of
+    it is trained or it tokenises differently after the two prompts (not comparable token for token)."""
+    answer = trained_text(row)
+    if answer is None:
+        return None
+    plain = [m for m in row["messages"] if m["role"] != "system"]
+    ids_t, start_t = answer_positions(tokenizer, [{"role": "system", "content": system_prompt}] + plain, answer)
+    ids_s, start_s = answer_positions(tokenizer, plain, answer)
+    n = trained_length(tokenizer, ids_t, start_t)
+    if ids_t[start_t:start_t + n] != ids_s[start_s:start_s + n]:
+        return None
+    with model.disable_adapter():
+        teacher = F.log_softmax(scored_logits(model, ids_t, start_t, n), -1)
+        base = F.log_softmax(scored_logits(model, ids_s, start_s, n), -1)
+    student = F.log_softmax(scored_logits(model, ids_s, start_s, n), -1)
+    return {who: float((teacher.exp() * (teacher - lp)).sum(-1).mean()) for who, lp in (("student", student), ("base", base))}
 
 
 def trained_length(tokenizer, ids: list[int], start: int) -> int:
