@@ -4,7 +4,7 @@ checks.rules, the labels of checks.labels. Pure text from summary.json, as the r
 
 from __future__ import annotations
 
-from ..formatting import NA, cell, finite, lookup, mean_ci, num, pct, pct_ci, table
+from ..formatting import NA, finite, lookup, mean_ci, num, pct, pct_ci, table
 from ..verdict import tells
 from .report_plots import TURNS_PLOT, scored_by_turn
 
@@ -103,7 +103,7 @@ def weightiest_section(turns: dict) -> list[str]:
             continue
         token = w.get("token") or {}
         rows.append([turn, f"`{w['id']}`", f"{num(w['student'])} / {num(w['base'])}", pct(w["student_share"]),
-                     f"{num(token.get('kl'), '.1f')}: `…{cell(token.get('before', '')).strip()}` → `{cell(token.get('token', ''))}`"
+                     f"{num(token.get('kl'), '.1f')}: `…{token.get('before', '').strip()}` → `{token.get('token', '')}`"
                      if token else NA, pct_ci(q.get("retained")), pct(w["retained_without"])])
     if not rows:
         return []
