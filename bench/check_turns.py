@@ -59,15 +59,7 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="answers per turn index (default all)")
     args = p.parse_args()
     run = Path(args.run_dir)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    adapter = json.loads((run / "student" / "adapter_config.json").read_text())
-    base_dir = adapter["base_model_name_or_path"]
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                      str(run / "student")).eval()
+    config, tokenizer, model = load_run(run)
     teacher_rows = {r["id"]: r for r in map(json.loads, (run / "teacher.jsonl").read_text().splitlines())}
     rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     kl: dict[int, dict[str, list[float]]] = {}
@@ -97,6 +89,17 @@ def main() -> int:
               f"retained here {mine:.1%}, eval's on the same answers {same_rows:.1%}, eval's summary {theirs:.1%}")
     print(f"largest relative difference on the same answers: {worst:.1%}")
     return 0 if worst <= 0.10 else 1
+
+
+def load_run(run: Path):
+    """(config.yaml, tokenizer, the adapter's base in fp32 with the student's adapter) of a finished run."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    base_dir = json.loads((run / "student" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return config, AutoTokenizer.from_pretrained(base_dir), PeftModel.from_pretrained(model, str(run / "student")).eval()
 
 
 def answer_kl(model, tokenizer, system_prompt: str, row: dict) -> dict[str, float] | None:

@@ -19,11 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from check_turns import answer_kl  # noqa: E402
+from check_turns import answer_kl, load_run  # noqa: E402
 
 
 def main() -> int:
@@ -33,14 +31,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="write the figures as JSON here too")
     args = p.parse_args()
     run = Path(args.run_dir)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    base_dir = json.loads((run / "student" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                      str(run / "student")).eval()
+    config, tokenizer, model = load_run(run)
     train = [q["id"] for q in map(json.loads, (run / "queries.jsonl").read_text().splitlines())
              if q["split"] == "train"][: args.conversations]
     teacher_rows = [json.loads(line) for line in (run / "teacher.jsonl").read_text().splitlines()]

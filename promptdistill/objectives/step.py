@@ -31,16 +31,26 @@ def answer_tokens(e: Example) -> list[int]:
     return [t for t, m in zip(e.tokens[1:], e.mask[1:]) if m]
 
 
-def trained_runs(e: Example) -> list[list[int]]:
-    """The tokens an example is trained to predict, one list per trained turn (a conversation's
-    turns are apart: a user turn lies between any two)."""
-    runs, previous = [], 0
-    for t, m in zip(e.tokens[1:], e.mask[1:]):
+def trained_run_of(e: Example) -> list[int | None]:
+    """Per target position of `e`, which of its trained turns it trains (0, 1, ... in order), or
+    None: a conversation's trained turns are apart, a user turn lies between any two."""
+    out, run, previous = [], -1, 0
+    for m in e.mask[1:]:
         if m and not previous:
-            runs.append([])
-        if m:
-            runs[-1].append(t)
+            run += 1
+        out.append(run if m else None)
         previous = m
+    return out
+
+
+def trained_runs(e: Example) -> list[list[int]]:
+    """The tokens an example is trained to predict, one list per trained turn."""
+    runs: list[list[int]] = []
+    for t, run in zip(e.tokens[1:], trained_run_of(e)):
+        if run is not None:
+            if run == len(runs):
+                runs.append([])
+            runs[run].append(t)
     return runs
 
 

@@ -34,7 +34,7 @@ from .. import distributed, registry, teacher, tracking
 from ..backends import make_trainer
 from ..config import RunConfig, TrainConfig
 from ..loss import CROSS_ENTROPY
-from ..objectives.step import StepContext
+from ..objectives.step import StepContext, trained_run_of
 from ..render import Datum, Example, RenderError, render_conversation, student_view, to_datum
 from ..rundir import (RunDir, StageError, Timer, append_jsonl, atomic_write_text, fingerprint, fmt_seconds,
                       read_jsonl, sha256_text)
@@ -124,14 +124,8 @@ def turn_factors(e: Example, row: dict, weights: list[float]) -> list[float]:
     trains (a conversation's k-th answer weighs weights[k-1], the last weight every later one), 0
     where nothing is trained. `row`: the example's train row (its messages, its trained turns)."""
     answers = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
-    per_turn = iter([weights[min(answers.index(i), len(weights) - 1)] for i in sorted(row["trained"])])
-    factors, weight, previous = [], 0.0, 0
-    for m in e.mask[1:]:
-        if m and not previous:
-            weight = next(per_turn)
-        factors.append(weight if m else 0.0)
-        previous = m
-    return factors
+    per_run = [weights[min(answers.index(i), len(weights) - 1)] for i in sorted(row["trained"])]
+    return [0.0 if run is None else per_run[run] for run in trained_run_of(e)]
 
 
 def step_datums(ctx: StepContext, objective, examples: list[Example], step: int) -> tuple[list[list[Datum]], int]:
