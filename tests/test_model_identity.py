@@ -63,4 +63,7 @@ def test_a_named_model_keeps_the_seeds_of_its_row_keys():
     queries = [json.loads(line)["query"] for line in (REPO / "examples" / "beethoven" / "queries.jsonl").open()][:2]
     assert model_identity(cfg.teacher.model) == "smollm2-135m"
     assert row_seeds(cfg, queries, 0) == [row_seed(row_key(cfg, q), 0) for q in queries]
-    assert row_seeds(cfg, queries, 1) == [93569809368822, 79651995677237]  # eval's teacher-again seeds, pinned
+    assert row_seeds(cfg, queries, 1) == [250782735430648, 129197328871321]  # eval's teacher-again seeds, pinned
+    # The sampling settings are part of a row's key: the demo before max_tokens 64 drew these.
+    before = load_config(REPO / "examples" / "beethoven" / "config.yaml", ["sampling.max_tokens=96"])
+    assert row_seeds(before, queries, 1) == [93569809368822, 79651995677237]

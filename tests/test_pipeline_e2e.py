@@ -14,7 +14,8 @@ EXAMPLE = str(Path(__file__).parents[1] / "examples" / "beethoven" / "config.yam
 TINY = ["queries.limit=16", "queries.train=0.5", "queries.val=0.25", "queries.test=0.25", "sampling.max_tokens=32",
         "eval.latency_queries=2", "eval.bootstrap=200", "sampling.batch_size=6", "train.epochs=null", "train.steps=3",
         "train.batch_size=4", "train.eval_every=3", "train.save_every=2", "train.warmup_steps=0",
-        "eval.skills=none"]  # kept skills (290 questions x 3 answerers on this model) are test_kept_skills's
+        "eval.skills=none",  # kept skills (290 questions x 3 answerers on this model) are test_kept_skills's
+        "queries.follow_ups.share=0"]  # single queries here; the demo's simulated chats are test_conversations's
 
 
 def distill(*args: str, run_dir: Path, extra: list[str] = ()) -> int:

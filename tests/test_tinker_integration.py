@@ -33,7 +33,8 @@ STUDENT = [f"student.model={LOCAL_MODEL}", "student.backend=tinker", f"student.a
            "student.api_key_env=TINKER_API_KEY", f"student.base_url={os.environ.get('TINKER_BASE_URL')}"]
 TINY = ["queries.limit=16", "queries.train=0.5", "queries.val=0.25", "queries.test=0.25", "sampling.max_tokens=64",
         "eval.latency_queries=2", "eval.bootstrap=200", "sampling.batch_size=6", "train.epochs=null", "train.steps=3",
-        "train.batch_size=4", "train.eval_every=3", "train.save_every=2", "train.warmup_steps=0"]
+        "train.batch_size=4", "train.eval_every=3", "train.save_every=2", "train.warmup_steps=0",
+        "queries.follow_ups.share=0"]  # single queries: the demo's simulated chats are test_conversations's
 
 
 def student() -> ModelConfig:
