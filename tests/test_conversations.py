@@ -357,6 +357,13 @@ def test_own_history_fidelity_scores_conversations_the_models_carry_themselves(p
                 assert r["history"] == [*before["history"], {"role": "user", "content": before["user"]},
                                         {"role": "assistant", "content": before["answer"]}]
     assert own["n"] == len(rows) // 2
+    # a conversation opens with the very answer eval drew and scored for its first turn: not drawn twice
+    openings = {r["conversation"]: r for r in rows_of(run / "eval.jsonl") if r["turn"] == 1}
+    reused = [r for r in rows if r["turn"] == 1 and r["conversation"] in openings]
+    assert reused
+    for r in reused:
+        assert r["answer"] == openings[r["conversation"]][r["who"]]
+        assert r["reverse_kl"] == openings[r["conversation"]]["on_policy_kl"][r["who"]]
     student = np.array([r["reverse_kl"] for r in rows if r["who"] == "student"])
     base = np.array([r["reverse_kl"] for r in rows if r["who"] == "base"])
     assert own["retained"]["mean"] == pytest.approx((student.mean() - base.mean()) / (0 - base.mean()), rel=1e-9)

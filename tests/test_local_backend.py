@@ -2,6 +2,8 @@
 cache, rows leaving the batch, output layer only at answer positions) must give the
 same results as plain transformers."""
 
+import contextlib
+
 import pytest
 import torch
 from tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -9,7 +11,7 @@ from tiny import save_tiny, tiny_model, tiny_tokenizer
 from promptdistill.backends.base import SamplingParams
 from promptdistill.backends.local_attention import JOINED_KEYS_WIDTH, MIN_SHARED_PREFIX, common_prefix_len
 from promptdistill.backends.local import LocalTrainer
-from promptdistill.backends.local_model import lora_merged
+from promptdistill.backends.local_model import lora_at_base_precision, lora_merged
 from promptdistill.backends.local_sampler import LocalSampler
 from promptdistill.render import prompt_ids, render_example, to_datum
 
@@ -308,6 +310,37 @@ def test_a_bf16_trainer_keeps_lora_and_losses_in_fp32_and_learns_what_fp32_learn
     sampler = trainer.sampler()
     sampler.sample([[{"role": "user", "content": "Where is the gold?"}]], SamplingParams(temperature=0, max_tokens=4), [0])
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_lora_at_base_precision_rounds_no_worse_than_peft_and_leaves_the_base_bit_for_bit(tmp_path):
+    """Over bf16 weights the scorer runs LoRA's matmuls in bf16 (lora_at_base_precision): the
+    student's hidden states are then as close to an fp32 model's (same weights) as peft's own
+    fp32-adapter path gets; with the adapter off, and over fp32 weights, nothing changes at all."""
+    model_dir = save_tiny(tmp_path)
+    made = {dtype: LocalTrainer(model_dir, rank=4, alpha=8, dropout=0.0, target_modules="all-linear", dtype=dtype, seed=0)
+            for dtype in ("float32", "bfloat16")}
+    lora = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05
+            for i, (n, p) in enumerate(made["float32"].model.named_parameters()) if "lora_" in n}
+    ids = torch.tensor([prompt_ids(made["float32"].tokenizer, c) for c in conversations()[:1]] * 3)
+
+    def hidden(trainer, lowered: bool, adapter: bool = True) -> torch.Tensor:
+        with (contextlib.nullcontext() if adapter else trainer.model.disable_adapter()), \
+                (lora_at_base_precision(trainer.model) if lowered else contextlib.nullcontext()):
+            return trainer.scorer.parts.decoder(input_ids=ids).last_hidden_state.float()
+
+    with torch.no_grad():
+        for trainer in made.values():
+            for n, p in trainer.model.named_parameters():
+                if n in lora:
+                    p.copy_(lora[n])
+        exact, bf16 = made["float32"], made["bfloat16"]
+        assert torch.equal(hidden(exact, True), hidden(exact, False))
+        assert torch.equal(hidden(bf16, True, adapter=False), hidden(bf16, False, adapter=False))
+        reference = hidden(exact, False)
+        off = {lowered: float((hidden(bf16, lowered) - reference).norm() / reference.norm()) for lowered in (False, True)}
+        delta = float((reference - hidden(exact, False, adapter=False)).norm() / reference.norm())
+    assert delta > 10 * off[False]  # the adapter moves the states far more than bf16 rounds them
+    assert off[True] < 1.5 * off[False]
 
 
 def test_the_sampler_gives_the_frozen_output_layer_two_dimensional_states(trainer):

@@ -14,7 +14,7 @@ from .. import divergence
 from ..render import Datum
 from . import output_loss
 from .local_attention import MIN_SHARED_PREFIX, common_prefix_len, prefix_kv, use_shared_prefix_attention
-from .local_model import DecoderAndHead
+from .local_model import DecoderAndHead, lora_at_base_precision
 
 @dataclass
 class Scored:
@@ -97,7 +97,9 @@ class AnswerScorer:
             weights[r, :n] = torch.tensor(d.weights[shared:])
         ids, attention, targets, weights = (t.to(self.device) for t in (ids, attention, targets, weights))
         positions = (shared + torch.arange(width, device=self.device)).expand(len(batch), -1)
-        hidden = self.parts.decoder(input_ids=ids, attention_mask=attention, position_ids=positions, **extra).last_hidden_state
+        with lora_at_base_precision(self.model):  # the decoder only: the output layer and the losses stay as they are
+            hidden = self.parts.decoder(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                        **extra).last_hidden_state
         scored = (weights > 0).any(-1) if soft else weights > 0
         rows = torch.arange(len(batch), device=self.device)[:, None].expand(-1, width)[scored]
         return Scored(hidden[scored], targets[scored], weights[scored], rows, self.parts, self.fused)

@@ -88,6 +88,16 @@ def local_timings(models: Models, who: str, rows: list[dict], params: SamplingPa
     return ttft, total
 
 
+def openings(test: list[dict], answers: dict[str, list[Completion]], on_policy: dict[str, np.ndarray]
+             ) -> dict[str, dict[str, tuple[Completion, float]]]:
+    """Each model's answer to the first turn of each test conversation and its on-policy KL, by
+    conversation id: its own-history play-out opens with this very answer (the same prompt, the
+    same seed), so it is neither sampled nor scored twice."""
+    return {who: {r["conversation"]: (answers[who][i], float(on_policy[who][i]))
+                  for i, r in enumerate(test) if r["turn"] == 1}
+            for who in ("student", "base")}
+
+
 TURNS = {1: "1", 2: "2", 3: "3+"}  # the turn indices scored apart; the third holds every later turn too
 
 
@@ -235,7 +245,7 @@ def run(cfg: RunConfig, run: RunDir) -> str:
             with Timer() as on_policy_time:
                 on_policy = on_policy_kl(models, test, answers) if models.full_vocab else None
             with Timer() as own_time:
-                own = own_history_kl(cfg, models, run) if models.full_vocab else None
+                own = own_history_kl(cfg, models, run, openings(test, answers, on_policy)) if models.full_vocab else None
         print(f"eval: teacher-forced scores and fidelity in {fmt_seconds(fidelity_time.seconds)}"
               + (f" (on-policy fidelity {fmt_seconds(on_policy_time.seconds)})" if on_policy is not None else "")
               + (f" (conversations carried by the models themselves {fmt_seconds(own_time.seconds)})" if own else ""),
