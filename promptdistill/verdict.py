@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kept_skills import lost_categories
+
 # The score the verdict leads with, first available and able to tell: fidelity asks the
 # product's own question (does the student, without the prompt, predict what the prompted
 # teacher predicts?); the others are evidence about parts of that behaviour.
@@ -48,18 +50,25 @@ def by_turn_words(q: dict) -> str:
 
 def skills_warning(summary: dict) -> str:
     """' Warning: ...' when the student lost skills the base had (kept_skills: the paired CI of
-    student - base wholly below 0, overall or in a category), naming the categories; else ''."""
+    student - base wholly below 0, overall or in a category), with the figures of what was lost
+    first: a category can be lost while the whole set is kept, or even gained; else ''."""
     ks = summary.get("kept_skills")
     if not ks:
         return ""
-    lost = [c for c, s in ks.get("per_category", {}).items() if s["lost"]]
+    lost = lost_categories(ks)
     if not ks["lost"] and not lost:
         return ""
-    d = ks["student_minus_base"]
-    return (f" Warning: the student lost skills the base model had: kept-skills accuracy {ks['student']['accuracy']:.0%} "
-            f"against the base's {ks['base']['accuracy']:.0%}, student - base {d['mean']:+.0%} (95% CI "
-            f"{d['ci95'][0]:+.0%} to {d['ci95'][1]:+.0%})"
-            + (f"; lost in {', '.join(lost)}" if lost else "") + ".")
+
+    def figures(s: dict) -> str:
+        d = s["student_minus_base"]
+        return (f"accuracy {s['student']['accuracy']:.0%} against the base's {s['base']['accuracy']:.0%}, "
+                f"student - base {d['mean']:+.0%} (95% CI {d['ci95'][0]:+.0%} to {d['ci95'][1]:+.0%}, n={s['n']})")
+
+    parts = ([f"over the whole set, {figures(ks)}"] if ks["lost"] else []) + [f"in {c}, {figures(ks['per_category'][c])}"
+                                                                             for c in lost]
+    if not ks["lost"]:  # a category lost while the whole set is kept: the whole set's figures beside it
+        parts.append(f"over the whole set (not lost), {figures(ks)}")
+    return f" Warning: the student lost skills the base model had: {'; '.join(parts)}."
 
 
 def verdict(summary: dict) -> str:

@@ -183,12 +183,18 @@ def test_verdict_warns_when_the_student_lost_skills():
     assert lost_words["kept_skills"]["lost"] and lost_words["kept_skills"]["per_category"]["words"]["lost"]
     assert not lost_words["kept_skills"]["per_category"]["maths"]["lost"]
     said = verdict(lost_words)
-    assert "Warning: the student lost skills the base model had" in said and "lost in words." in said
-    assert "maths" not in said
+    assert "Warning: the student lost skills the base model had: over the whole set, accuracy 65% against the base's 100%" in said
+    assert "; in words, accuracy 30% against the base's 100%" in said and "maths" not in said
     kept = summary_with([1] * 19 + [0] + [1] * 19 + [0], base)  # one slip per category: within noise
     assert not kept["kept_skills"]["lost"] and "Warning" not in verdict(kept)
     better = summary_with([1] * 40, [0] * 40)
     assert "Warning" not in verdict(better)
+    # words lost while the whole set is gained (maths from 0 to all): the warning leads with words
+    gained = summary_with([1] * 20 + [0] * 14 + [1] * 6, [0] * 20 + [1] * 20)
+    said = verdict(gained)
+    assert not gained["kept_skills"]["lost"] and gained["kept_skills"]["per_category"]["words"]["lost"]
+    assert ("Warning: the student lost skills the base model had: in words, accuracy 30% against the base's 100%" in said
+            and "; over the whole set (not lost), accuracy 65% against the base's 50%" in said)
 
 
 def test_distill_compare_shows_kept_skills_per_run():

@@ -62,7 +62,7 @@ def played_out(cfg: RunConfig, models: Models, conversations: list[dict], who: s
         sampled = []
         with models.context(who):
             for start in tqdm(range(0, len(todo), models.batch_size), desc=f"eval: {who} carries turn {turn + 1}",
-                              unit="batch", leave=False):
+                              unit="batch", leave=False, disable=not todo):
                 sampled += sampler.sample([prompts[i] for i in todo[start:start + models.batch_size]], params,
                                           seeds[start:start + models.batch_size])
         if failed := next((c.error for c in sampled if c.finish_reason == "error"), None):
