@@ -105,8 +105,8 @@ def lora_at_base_precision(model):
     base's dtype, its fp32 weights cast for them (autocast), as mixed-precision training does: the
     weights, their gradients and AdamW's state stay fp32. peft would otherwise copy every layer's
     input to fp32 and add an fp32 delta at the layer's full width, 210 times a pass on
-    smollm2-135m: a kl step's student forward and backward took 2.33 s instead of 2.90 on 2 Xeon
-    cores (bench/README.md). The scorer runs its decoder in it, so training, validation and eval's
+    smollm2-135m: a kl-sized forward and backward took 2.15 s instead of 2.58 on 2 Xeon cores
+    (bench/lora_precision.py). The scorer runs its decoder in it, so training, validation and eval's
     teacher-forced scores read the student alike. Nothing changes over fp32 weights (the exact
     path), nor for a model whose adapter is off or merged (over bf16, autocast finds nothing else
     to cast: the base's matmuls are bf16 already, and its norms and rotary embeddings keep fp32
