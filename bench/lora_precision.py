@@ -77,13 +77,11 @@ def main() -> None:
             for i, (n, p) in enumerate(bf16.model.named_parameters()) if "lora_B" in n}
     ids = torch.tensor([d.input_tokens[:args.tokens - 10 * (args.rows - 1)] for d in data])
     with torch.no_grad():
+        lora |= {n: p.detach().clone() for n, p in bf16.model.named_parameters() if "lora_A" in n}  # the same A's
         for trainer in trainers.values():
             for n, p in trainer.model.named_parameters():
                 if n in lora:
                     p.copy_(lora[n])
-            for n, p in trainer.model.named_parameters():  # the same A's too (each trainer drew its own)
-                if "lora_A" in n:
-                    p.copy_(dict(bf16.model.named_parameters())[n])
         reference = trainers["float32"].scorer.parts.decoder(input_ids=ids).last_hidden_state
         with trainers["float32"].model.disable_adapter():
             base = trainers["float32"].scorer.parts.decoder(input_ids=ids).last_hidden_state

@@ -94,9 +94,9 @@ def own_history_kl(cfg: RunConfig, models: Models, run: RunDir, openings: dict[s
     for who in ("student", "base"):
         given = openings.get(who, {})
         rows = played_out(cfg, models, conversations, who, {cid: answer for cid, (answer, _) in given.items()})
-        todo = [i for i, r in enumerate(rows) if r["turn"] > 1 or r["conversation"] not in given]
-        kl[who] = np.array([given[r["conversation"]][1] if r["turn"] == 1 and r["conversation"] in given else np.nan
-                            for r in rows])
+        reused = [r["turn"] == 1 and r["conversation"] in given for r in rows]
+        kl[who] = np.array([given[r["conversation"]][1] if hit else np.nan for r, hit in zip(rows, reused)])
+        todo = [i for i, hit in enumerate(reused) if not hit]
         kl[who][todo] = on_policy_kl(models, [rows[i] for i in todo], {who: [rows[i]["answer"] for i in todo]},
                                      whos=(who,))[who]
         written += [{"conversation": r["conversation"], "turn": r["turn"], "who": who, "history": r["prompt"][:-1],
